@@ -1,0 +1,47 @@
+"""kvagents: the KV cache an LLM builds while decoding, used as a free representation.
+
+Example:
+    >>> from kvagents import KVModel, SamplingParams, KVPooling, KVEmbedding
+    >>> llm = KVModel.from_pretrained("smollm2-135m")  # lazy: loads on first use
+"""
+
+from .components import (
+    Component,
+    FinishView,
+    ForceTokens,
+    KVEmbedding,
+    LayerInfo,
+    PrefillView,
+    StepView,
+    StopSequence,
+)
+from .engine import DecodeEngine, NonFiniteLogitsError
+from .model import GenerationStream, KVModel
+from .params import SamplingParams
+from .pooling import KVPooling, RunningPool, pool_cache_rows
+from .results import GenerationResult, GenerationStats, SampleResult, StreamEvent
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Component",
+    "DecodeEngine",
+    "FinishView",
+    "ForceTokens",
+    "GenerationResult",
+    "GenerationStats",
+    "GenerationStream",
+    "KVEmbedding",
+    "KVModel",
+    "KVPooling",
+    "LayerInfo",
+    "NonFiniteLogitsError",
+    "PrefillView",
+    "RunningPool",
+    "SampleResult",
+    "SamplingParams",
+    "StepView",
+    "StopSequence",
+    "StreamEvent",
+    "pool_cache_rows",
+]

@@ -1,0 +1,189 @@
+"""Components: pluggable observers of the decode loop, and the views and actions they exchange with it.
+
+Lifecycle, per ``generate`` call (batch-level, like vLLM's logits processors):
+
+1. ``on_prefill(PrefillView)``: once, after the prompts were prefilled (one row per *prompt*; expand your state
+   with ``view.expand`` to one row per *sample*);
+2. ``on_step(StepView)``: after every decode step, with device tensors only; return ``None`` or a list of
+   :class:`StopSequence` / :class:`ForceTokens` actions;
+3. ``on_finish(FinishView)``: once; return a list with one output per sequence (it lands in
+   ``SampleResult.outputs[component.name]``) or ``None``.
+
+Reading a view never synchronises with the host. A component that needs host values (to decide on an action)
+should batch them, e.g. look every k steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .pooling import KVPooling, RunningPool, stack_layer_rows
+
+
+@dataclass(frozen=True)
+class StopSequence:
+    """Finish sequence ``index`` after the current token (finish reason ``"component"``)."""
+
+    index: int
+    reason: str = "component"
+
+
+@dataclass(frozen=True)
+class ForceTokens:
+    """Make ``token_ids`` the next tokens of sequence ``index`` (overriding sampling), one per step."""
+
+    index: int
+    token_ids: list[int]
+
+
+Action = StopSequence | ForceTokens
+
+
+@dataclass
+class LayerInfo:
+    """Which decoder layers carry KV and their cache geometry."""
+
+    num_layers: int
+    attention_layers: list[int]
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class PrefillView:
+    """State after prefill. Rows are prompts (``P``), not samples: ``view.expand(x)`` repeats to ``P * n``.
+
+    ``cache`` is the prefill cache (left-padded rows, ``attention_mask`` ``[P, T]`` marks real tokens).
+    """
+
+    cache: Any
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    n: int
+    layers: LayerInfo
+
+    def kv_rows(self, layers: list[int], part: str = "kv") -> torch.Tensor:
+        """Stacked prompt rows ``[P, nL, parts, H, T, d]`` of the given absolute layer indices."""
+        return stack_layer_rows(self.cache, layers, part)
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(self.n, dim=0)
+
+
+@dataclass
+class StepView:
+    """One decode step, all device tensors over the ``B = P * n`` sequences.
+
+    * ``token_ids`` ``[B]``: the token chosen this step (after forcing); it counts for sequence i iff ``alive[i]``.
+    * ``logprobs`` ``[B]``: its log-probability under the model's raw distribution; ``logits`` ``[B, V]`` that
+      distribution (float32, before temperature / top-k / top-p).
+    * ``forced`` ``[B]``: the token was forced by a component.
+    * ``alive`` ``[B]``: sequence was running when this token was chosen; ``finished`` ``[B]``: after it.
+    * ``kv``: K/V rows of ``fed_ids``, the tokens fed in the forward pass that produced ``logits`` (the previous
+      step's tokens; ``None`` at step 0, whose logits come from prefill). ``fed_valid`` ``[B]`` marks rows that
+      belong to running sequences; ``positions`` ``[B]`` their positions.
+    """
+
+    step: int
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor
+    logits: torch.Tensor
+    forced: torch.Tensor
+    alive: torch.Tensor
+    finished: torch.Tensor
+    fed_ids: torch.Tensor | None
+    fed_valid: torch.Tensor | None
+    positions: torch.Tensor | None
+    cache: Any
+    layers: LayerInfo
+
+    @property
+    def has_kv(self) -> bool:
+        return self.fed_ids is not None
+
+    def kv_rows(self, layers: list[int], part: str = "kv") -> torch.Tensor:
+        """The fed tokens' rows ``[B, nL, parts, H, d]`` of the given absolute layer indices (views, no copy)."""
+        if self.fed_ids is None:
+            raise RuntimeError("step 0 has no fed token: its logits come from prefill (see on_prefill)")
+        return stack_layer_rows(self.cache, layers, part, rows=-1)
+
+
+@dataclass
+class FinishView:
+    """End of generation: host-side results per sequence."""
+
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    prompt_index: list[int]
+
+
+class Component:
+    """Base class; override any of the hooks. ``name`` keys the output in ``SampleResult.outputs``."""
+
+    name: str = "component"
+
+    def on_prefill(self, view: PrefillView) -> None:  # pragma: no cover - default no-op
+        pass
+
+    def on_step(self, view: StepView) -> list[Action] | None:  # pragma: no cover - default no-op
+        return None
+
+    def on_finish(self, view: FinishView) -> list[Any] | None:  # pragma: no cover - default no-op
+        return None
+
+
+@dataclass
+class KVEmbedding(Component):
+    """Pooled KV embedding of each sequence, computed incrementally in the decode loop.
+
+    O(1) work per step per selected layer: the step's new K/V row is added to running state (see
+    :class:`~kvagents.pooling.RunningPool`); the cache is never re-read after prefill. Output per sample: a
+    float32 CPU tensor ``[D]`` (``[nL, D]`` for ``layer_agg="stack"``).
+
+    Example:
+        >>> comp = KVEmbedding(KVPooling(segment="generated"))
+        >>> # model.generate("Hi", params, components=[comp]); result.samples[0][0].outputs["kv_embedding"]
+    """
+
+    pooling: KVPooling = field(default_factory=KVPooling)
+    name: str = "kv_embedding"
+    _pool: RunningPool | None = field(default=None, init=False, repr=False)
+    _layers: list[int] = field(default_factory=list, init=False, repr=False)
+
+    def on_prefill(self, view: PrefillView) -> None:
+        p = self.pooling
+        info = view.layers
+        self._layers = p.resolve_layers(info.attention_layers, info.num_layers)
+        b = view.input_ids.shape[0] * view.n
+        shape = (b, len(self._layers), p.parts, info.kv_heads, info.head_dim)
+        self._pool = RunningPool(p, shape, device=view.input_ids.device)
+        if p.segment in ("prompt", "all"):
+            rows = view.kv_rows(self._layers, p.part)
+            mask = view.attention_mask.bool()
+            mask = mask[:, -rows.shape[4] :]
+            prompt_pool = RunningPool(p, (view.input_ids.shape[0], *shape[1:]), device=view.input_ids.device)
+            prompt_pool.init_rows(rows, mask)
+            for name in ("sum", "first", "last", "ring", "count"):
+                t = getattr(prompt_pool, name)
+                if t is not None:
+                    setattr(self._pool, name, view.expand(t).clone())
+
+    def on_step(self, view: StepView) -> None:
+        if self.pooling.segment == "prompt" or not view.has_kv:
+            return None
+        self._pool.update(view.kv_rows(self._layers, self.pooling.part), view.fed_valid)
+        return None
+
+    def embeddings(self) -> torch.Tensor:
+        """Current pooled vectors ``[B, D]`` on the device."""
+        return self._pool.finish()
+
+    def on_finish(self, view: FinishView) -> list[torch.Tensor]:
+        if self.pooling.segment == "generated" and bool((self._pool.count == 0).any()):
+            out = self._pool.finish().cpu()
+            empty = (self._pool.count == 0).cpu()
+            return [None if empty[i] else out[i] for i in range(out.shape[0])]
+        return list(self._pool.finish().cpu().unbind(0))

@@ -1,0 +1,355 @@
+"""The decode loop: prefill each prompt once, share its cache among n samples, hand every step to components.
+
+Read it like gpt-fast's ``generate.py``: :func:`prefill` and :func:`decode_one_token` are the only model calls;
+:meth:`DecodeEngine.run` is the loop. Device state (tokens, finish reasons, counts) never syncs with the host
+inside a step; host work (stop strings, streaming text, "all finished?") happens every ``sync_every`` steps, or
+every step when stop strings or streaming need it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from .components import Component, FinishView, ForceTokens, LayerInfo, PrefillView, StepView, StopSequence
+from .params import SamplingParams
+from .results import GenerationResult, GenerationStats, SampleResult, StreamEvent
+from .sampling import sample
+
+RUNNING, EOS, STOP, LENGTH, COMPONENT = 0, 1, 2, 3, 4
+_REASONS = {EOS: "eos", STOP: "stop", LENGTH: "length"}
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model produced NaN logits (overflow in low precision, broken weights)."""
+
+
+def _cache_kwarg(model) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def layer_info(cache, config) -> LayerInfo:
+    """Which cache layers hold keys, and their (KV heads, head dim)."""
+    attn = [
+        i
+        for i, layer in enumerate(cache.layers)
+        if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 and layer.keys.numel() > 0
+    ]
+    if not attn:
+        return LayerInfo(len(cache.layers), [], 0, 0)
+    k = cache.layers[attn[0]].keys
+    return LayerInfo(len(cache.layers), attn, k.shape[1], k.shape[3])
+
+
+class _TextTracker:
+    """Host-side text of one sequence: incremental decode, stop-string search, stream deltas."""
+
+    def __init__(self, tokenizer, stops: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = list(stops)
+        self.max_stop = max((len(s) for s in stops), default=0)
+        self.ids: list[int] = []
+        self.text = ""
+        self.searched = 0  # text[:searched] holds no stop string start
+        self.emitted = 0
+        self.cut: int | None = None  # text length after a stop string match
+
+    def add(self, ids: list[int]) -> bool:
+        """Append ids; return True when a stop string completed."""
+        self.ids.extend(ids)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not self.stops:
+            return False
+        best = None
+        for s in self.stops:
+            k = self.text.find(s, self.searched)
+            if k >= 0 and (best is None or k < best):
+                best = k
+        if best is not None:
+            self.cut = best
+            return True
+        self.searched = max(0, len(self.text) - self.max_stop + 1)
+        return False
+
+    @property
+    def final_text(self) -> str:
+        return self.text if self.cut is None else self.text[: self.cut]
+
+    def delta(self, final: bool) -> str:
+        """New text safe to show: holds back an incomplete UTF-8 tail and a possible stop-string prefix."""
+        end = len(self.final_text)
+        if not final:
+            t = self.final_text
+            while end > self.emitted and t[end - 1] == "\ufffd":
+                end -= 1
+            for s in self.stops:
+                for j in range(min(len(s) - 1, end - self.emitted), 0, -1):
+                    if t[end - j : end] == s[:j]:
+                        end = min(end, end - j)
+                        break
+        out = self.final_text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return out
+
+
+class DecodeEngine:
+    """Runs a Hugging Face causal LM with kvagents' own decode loop.
+
+    Example:
+        >>> engine = DecodeEngine(model, tokenizer)  # doctest: +SKIP
+        >>> result = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=8, temperature=0))  # doctest: +SKIP
+    """
+
+    def __init__(self, model, tokenizer, *, sync_every: int = 8, eos_token_ids: Sequence[int] | None = None) -> None:
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sync_every = sync_every
+        self._cache_kw = _cache_kwarg(model)
+        if eos_token_ids is None:
+            eos = getattr(model.generation_config, "eos_token_id", None)
+            if eos is None:
+                eos = tokenizer.eos_token_id
+            eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.eos_token_ids = list(eos_token_ids)
+        pad = tokenizer.pad_token_id if tokenizer is not None else None
+        self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+        self.forward_calls = 0
+
+    # -- model calls -------------------------------------------------------------------------------------------
+    def prefill(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """Forward the whole (left-padded) prompts once; return float32 logits of the last position ``[P, V]``."""
+        self.forward_calls += 1
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: cache},
+        )
+        return out.logits[:, -1].float()
+
+    def decode_one_token(self, token_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """Feed one token per sequence; return float32 logits ``[B, V]``. The cache gains one row per layer."""
+        self.forward_calls += 1
+        out = self.model(
+            input_ids=token_ids[:, None],
+            attention_mask=attention_mask,
+            position_ids=position_ids[:, None],
+            use_cache=True,
+            **{self._cache_kw: cache},
+        )
+        return out.logits[:, -1].float()
+
+    # -- public ------------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        components: Sequence[Component] = (),
+        on_text: Callable[[StreamEvent], None] | None = None,
+    ) -> GenerationResult:
+        """Decode every prompt; ``on_text`` (optional) receives per-sequence text deltas as they appear."""
+        gen = self.run(prompt_ids, params, components, stream=on_text is not None)
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            on_text(event)
+
+    @torch.inference_mode()
+    def run(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        components: Sequence[Component] = (),
+        stream: bool = False,
+    ) -> Generator[StreamEvent, None, GenerationResult]:
+        """The loop, as a generator of :class:`StreamEvent` (only when ``stream``) returning the result."""
+        model, dev = self.model, self.model.device
+        n, P = params.n, len(prompt_ids)
+        if P == 0:
+            raise ValueError("no prompts given")
+        for i, p in enumerate(prompt_ids):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty (0 tokens)")
+        B = P * n
+        lengths = [len(p) for p in prompt_ids]
+        T = max(lengths)
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        max_new = params.max_new_tokens if ctx is None else min(params.max_new_tokens, max(ctx - T, 0))
+        stats = GenerationStats(prompts=P, sequences=B)
+        calls0 = self.forward_calls
+
+        # ---- prefill (left-padded) -----------------------------------------------------------------------
+        t0 = time.perf_counter()
+        ids = torch.full((P, T), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((P, T), dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            ids[i, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, T - len(p) :] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = DynamicCache(config=model.config)
+        logits = self.prefill(ids, mask, pos, cache)
+        stats.prefill_tokens = int(sum(lengths))
+        info = layer_info(cache, model.config)
+        pview = PrefillView(cache=cache, input_ids=ids, attention_mask=mask, n=n, layers=info)
+        for c in components:
+            c.on_prefill(pview)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits = logits.repeat_interleave(n, dim=0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        stats.prefill_s = time.perf_counter() - t0
+
+        # ---- decode state (device) -------------------------------------------------------------------------
+        t1 = time.perf_counter()
+        attn = torch.zeros((B, T + max_new), dtype=torch.long, device=dev)
+        attn[:, :T] = mask.repeat_interleave(n, dim=0)
+        next_pos = torch.as_tensor(lengths, device=dev).repeat_interleave(n)
+        reason = torch.zeros(B, dtype=torch.long, device=dev)
+        n_gen = torch.zeros(B, dtype=torch.long, device=dev)
+        n_forced = torch.zeros(B, dtype=torch.long, device=dev)
+        nan_seen = torch.zeros(B, dtype=torch.bool, device=dev)
+        out_tokens = torch.full((B, max(max_new, 1)), self.pad_token_id, dtype=torch.long, device=dev)
+        stop_ids = sorted(set(([] if params.ignore_eos else self.eos_token_ids)) | set(params.stop_token_ids))
+        stop_ids_t = torch.as_tensor(stop_ids, dtype=torch.long, device=dev)
+        eos_t = torch.as_tensor(self.eos_token_ids if not params.ignore_eos else [], dtype=torch.long, device=dev)
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+
+        # ---- host state ---------------------------------------------------------------------------------------
+        host_every_step = stream or bool(params.stop)
+        trackers = [_TextTracker(self.tokenizer, params.stop) for _ in range(B)] if host_every_step else None
+        force_queues: dict[int, deque[int]] = {}
+        custom_reason: dict[int, str] = {}
+        host_reason = [RUNNING] * B
+        fed_ids = fed_valid = fed_pos = None
+        steps = 0
+
+        for t in range(max_new):
+            # 1. choose token t for every sequence
+            tok = sample(logits, params, gen)
+            forced = torch.zeros(B, dtype=torch.bool, device=dev)
+            if force_queues:
+                idx = [i for i, q in force_queues.items() if q]
+                vals = [force_queues[i].popleft() for i in idx]
+                force_queues = {i: q for i, q in force_queues.items() if q}
+                if idx:
+                    idx_t = torch.as_tensor(idx, device=dev)
+                    forced[idx_t] = True
+                    tok = tok.index_put((idx_t,), torch.as_tensor(vals, device=dev))
+            alive = reason == RUNNING
+            forced &= alive
+            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+            nan_seen |= torch.isnan(logits).any(dim=-1) & alive
+            tok = torch.where(alive, tok, self.pad_token_id)
+            out_tokens[:, t] = tok
+            n_gen += alive.long()
+            n_forced += forced.long()
+            # 2. finish checks, on device
+            if stop_ids:
+                hit = torch.isin(tok, stop_ids_t) & alive
+                code = torch.where(torch.isin(tok, eos_t), EOS, STOP) if len(eos_t) else STOP
+                reason = torch.where(hit, code, reason)
+            if t == max_new - 1:
+                reason = torch.where(reason == RUNNING, LENGTH, reason)
+            # 3. components (one line per step)
+            view = StepView(t, tok, logprobs, logits, forced, alive, reason != RUNNING, fed_ids, fed_valid, fed_pos, cache, info)
+            for c in components:
+                for action in c.on_step(view) or ():
+                    if isinstance(action, StopSequence):
+                        reason[action.index] = torch.where(reason[action.index] == RUNNING, COMPONENT, reason[action.index])
+                        custom_reason.setdefault(action.index, action.reason)
+                    elif isinstance(action, ForceTokens):
+                        force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
+                    else:
+                        raise TypeError(f"component {c.name!r} returned an unknown action {action!r}")
+            steps = t + 1
+            # 4. host work, batched
+            if host_every_step or steps % self.sync_every == 0 or t == max_new - 1:
+                if bool(nan_seen.any()):
+                    bad = nan_seen.nonzero().flatten().tolist()
+                    raise NonFiniteLogitsError(
+                        f"NaN logits at step {t} for sequences {bad}; try dtype=float32 or check the weights"
+                    )
+                if trackers is not None:
+                    counts, toks, host_reason = n_gen.tolist(), out_tokens[:, steps - 1].tolist(), reason.tolist()
+                    for i, tr in enumerate(trackers):
+                        if len(tr.ids) < counts[i]:  # token t counts for sequence i
+                            if tr.add([toks[i]]) and host_reason[i] in (RUNNING, LENGTH):
+                                reason[i] = STOP
+                                host_reason[i] = STOP
+                            if stream:
+                                done = host_reason[i] != RUNNING
+                                d = tr.delta(final=done)
+                                fr = self._reason_name(host_reason[i], custom_reason.get(i)) if done else None
+                                if d or done:
+                                    yield StreamEvent(i // n, i % n, d, fr)
+                    if all(r != RUNNING for r in host_reason):
+                        break
+                elif not bool((reason == RUNNING).any()):
+                    break
+            # 5. feed token t (its K/V rows are what the next step's components read)
+            attn[:, T + t] = 1
+            fed_ids, fed_valid, fed_pos = tok, reason == RUNNING, next_pos + t
+            logits = self.decode_one_token(tok, attn[:, : T + t + 1], fed_pos, cache)
+
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        stats.decode_s = time.perf_counter() - t1
+        stats.decode_steps = steps
+
+        # ---- results -------------------------------------------------------------------------------------------
+        counts = n_gen.tolist()
+        reasons = reason.tolist() if max_new > 0 else [LENGTH] * B
+        forced_counts = n_forced.tolist()
+        all_tokens = out_tokens.tolist()
+        token_lists = [all_tokens[i][: counts[i]] for i in range(B)]
+        names = [self._reason_name(r, custom_reason.get(i)) for i, r in enumerate(reasons)]
+        fview = FinishView(token_ids=token_lists, finish_reasons=names, prompt_index=[i // n for i in range(B)])
+        outputs = {c.name: c.on_finish(fview) for c in components}
+        samples: list[list[SampleResult]] = [[] for _ in range(P)]
+        for i in range(B):
+            if trackers is not None:
+                text = trackers[i].final_text
+            else:
+                text = self.tokenizer.decode(token_lists[i], skip_special_tokens=True) if self.tokenizer else ""
+            res = SampleResult(
+                prompt_index=i // n,
+                sample_index=i % n,
+                text=text,
+                token_ids=token_lists[i],
+                finish_reason=names[i],
+                prompt_tokens=lengths[i // n],
+                generated_tokens=counts[i],
+                forced_tokens=forced_counts[i],
+                outputs={k: v[i] for k, v in outputs.items() if v is not None},
+            )
+            samples[i // n].append(res)
+        if stream and trackers is not None:
+            for i, tr in enumerate(trackers):  # sequences whose last event was not sent yet (length, early break)
+                if host_reason[i] == RUNNING or (tr.emitted < len(tr.final_text)):
+                    yield StreamEvent(i // n, i % n, tr.delta(final=True), names[i])
+        stats.forward_calls = self.forward_calls - calls0
+        stats.generated_tokens = sum(counts)
+        return GenerationResult(samples=samples, stats=stats)
+
+    @staticmethod
+    def _reason_name(code: int, custom: str | None) -> str:
+        if code == COMPONENT:
+            return custom or "component"
+        return _REASONS.get(code, "length")

@@ -1,0 +1,307 @@
+"""``KVModel``: a causal LM + tokenizer, loaded lazily, with kvagents' decode loop and KV embeddings."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from .components import Component
+from .engine import DecodeEngine, layer_info
+from .params import SamplingParams
+from .pooling import KVPooling, pool_cache_rows
+from .results import GenerationResult, StreamEvent
+
+Message = dict[str, Any]
+Prompt = Union[str, Sequence[int], Sequence[Message]]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[dtype]
+
+
+class KVModel:
+    """A Hugging Face causal LM with kvagents' decode loop, components and KV embeddings.
+
+    Weights load on first use (``.model``, ``.generate``, ``.embed``), not at construction.
+
+    Example:
+        >>> llm = KVModel.from_pretrained("qwen2.5-coder-0.5b", dtype="bfloat16")  # nothing loaded yet
+        >>> out = llm.generate("What is 2+3?", SamplingParams(max_new_tokens=16, temperature=0))  # doctest: +SKIP
+        >>> out.samples[0][0].text  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model=None,
+        tokenizer=None,
+        *,
+        source: str | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = "auto",
+        attn_implementation: str | None = None,
+        sync_every: int = 8,
+        progress: bool = True,
+    ) -> None:
+        if model is None and source is None:
+            raise ValueError("KVModel needs a model (and tokenizer) or a source name/path to load lazily")
+        self.source = source
+        self._model = model
+        self._tokenizer = tokenizer
+        self.device = model.device if model is not None else resolve_device(device)
+        self.dtype = model.dtype if model is not None else resolve_dtype(dtype, self.device)
+        self.attn_implementation = attn_implementation
+        self.sync_every = sync_every
+        self.progress = progress
+        self._engine: DecodeEngine | None = None
+        self._lock = threading.RLock()
+        self.load_s: float | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = "auto",
+        attn_implementation: str | None = None,
+        progress: bool = True,
+        **kwargs,
+    ) -> KVModel:
+        """A lazily-loading model from a registry name (``smollm2-135m``, ``qwen2.5-coder-0.5b``), a hub id,
+        a local folder or a ``.gguf`` file. ``dtype="auto"``: bfloat16 on CUDA, float32 on CPU."""
+        from .registry import REGISTRY
+
+        name = str(name_or_path)
+        if name not in REGISTRY and not Path(name).exists() and "/" not in name:
+            from .registry import UnknownModelError
+
+            raise UnknownModelError(
+                f"unknown model {name!r}: not a registry name ({', '.join(sorted(REGISTRY))}), "
+                "a local folder or .gguf file, or a hub id like 'Qwen/Qwen3-8B'"
+            )
+        return cls(source=name, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                   progress=progress, **kwargs)
+
+    # -- lazy loading -------------------------------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def load(self) -> KVModel:
+        with self._lock:
+            if self._model is not None:
+                return self
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from .registry import resolve_model_source
+
+            t0 = time.perf_counter()
+            path = resolve_model_source(self.source, progress=self.progress)
+            kw = {"dtype": self.dtype}
+            if self.attn_implementation:
+                kw["attn_implementation"] = self.attn_implementation
+            model = AutoModelForCausalLM.from_pretrained(path, **kw).to(self.device).eval()
+            self._tokenizer = AutoTokenizer.from_pretrained(path)
+            self._model = model
+            self.load_s = time.perf_counter() - t0
+        return self
+
+    @property
+    def model(self):
+        return self.load()._model
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self.load()
+        return self._tokenizer
+
+    @property
+    def engine(self) -> DecodeEngine:
+        if self._engine is None:
+            self._engine = DecodeEngine(self.model, self.tokenizer, sync_every=self.sync_every)
+        return self._engine
+
+    @property
+    def name(self) -> str:
+        if self.source:
+            return self.source
+        return getattr(self._model.config, "_name_or_path", None) or type(self._model).__name__
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    # -- prompts ------------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt, index: int = 0) -> list[int]:
+        """Token ids of a prompt: text (tokenized as is), token ids, or chat messages (chat template applied,
+        generation prompt added)."""
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise ValueError(f"prompt {index} is empty ('')")
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        elif isinstance(prompt, torch.Tensor):
+            ids = prompt.flatten().tolist()
+        elif len(prompt) > 0 and isinstance(prompt[0], dict):
+            if self.tokenizer.chat_template is None:
+                raise ValueError(f"prompt {index} is a message list but the tokenizer of {self.name!r} has no chat template")
+            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        else:
+            ids = [int(x) for x in prompt]
+        if len(ids) == 0:
+            raise ValueError(f"prompt {index} is empty (0 tokens)")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        bad = [x for x in ids if not 0 <= x < vocab]
+        if bad:
+            raise ValueError(f"prompt {index} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        ctx = self.context_length
+        if ctx is not None and len(ids) >= ctx:
+            raise ValueError(
+                f"prompt {index} has {len(ids)} tokens, the model's context is {ctx}: shorten the prompt"
+            )
+        return list(ids)
+
+    def _batch(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], (int, dict))
+        ):
+            prompts = [prompts]
+        if len(prompts) == 0:
+            raise ValueError("no prompts given (empty list)")
+        return [self.encode_prompt(p, i) for i, p in enumerate(prompts)]
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | None = None,
+        *,
+        components: Sequence[Component] = (),
+        on_text: Callable[[StreamEvent], None] | None = None,
+        **param_overrides,
+    ) -> GenerationResult:
+        """Sample ``params.n`` continuations of each prompt (one prefill per prompt).
+
+        ``param_overrides`` build or update ``params`` (``generate("Hi", max_new_tokens=8, temperature=0)``).
+        """
+        params = _params(params, param_overrides)
+        ids = self._batch(prompts)
+        with self._lock:
+            return self.engine.generate(ids, params, components, on_text=on_text)
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | None = None,
+        *,
+        components: Sequence[Component] = (),
+        **param_overrides,
+    ) -> GenerationStream:
+        """Iterate over :class:`StreamEvent` text deltas; ``.result`` holds the full result afterwards."""
+        params = _params(params, param_overrides)
+        ids = self._batch(prompts)
+        return GenerationStream(self, self.engine.run(ids, params, components, stream=True))
+
+    # -- embeddings ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed(
+        self,
+        texts: str | Sequence[Prompt],
+        pooling: KVPooling | None = None,
+        *,
+        batch_size: int = 16,
+        show_progress_bar: bool | None = None,
+    ) -> torch.Tensor:
+        """Pooled KV embeddings of ``texts`` from one prefill each (batched), ``[N, D]`` float32 on CPU.
+
+        Only the ``prompt`` segment exists here (nothing is generated).
+        """
+        from tqdm.auto import tqdm
+        from transformers import DynamicCache
+
+        pooling = pooling or KVPooling()
+        if pooling.segment != "prompt":
+            raise ValueError(f"embed() pools prompts only; got segment={pooling.segment!r} (use segment='prompt')")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        single = isinstance(texts, str)
+        items = [texts] if single else list(texts)
+        if not items:
+            raise ValueError("embed() got no texts")
+        ids = [self.encode_prompt(t, i) for i, t in enumerate(items)]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # length-sorted batches waste less padding
+        out: list[torch.Tensor | None] = [None] * len(ids)
+        show = show_progress_bar if show_progress_bar is not None else len(ids) > 4 * batch_size
+        engine = self.engine
+        with self._lock:
+            for start in tqdm(range(0, len(ids), batch_size), desc="embed", disable=not show):
+                chunk = order[start : start + batch_size]
+                T = max(len(ids[i]) for i in chunk)
+                x = torch.full((len(chunk), T), engine.pad_token_id, dtype=torch.long)
+                m = torch.zeros((len(chunk), T), dtype=torch.long)
+                for r, i in enumerate(chunk):
+                    x[r, T - len(ids[i]) :] = torch.as_tensor(ids[i])
+                    m[r, T - len(ids[i]) :] = 1
+                x, m = x.to(self.device), m.to(self.device)
+                pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 0)
+                cache = DynamicCache(config=self.model.config)
+                engine.prefill(x, m, pos, cache)
+                info = layer_info(cache, self.model.config)
+                layers = pooling.resolve_layers(info.attention_layers, info.num_layers)
+                vec = pool_cache_rows(cache, layers, m.bool(), pooling).cpu()
+                for r, i in enumerate(chunk):
+                    out[i] = vec[r]
+        res = torch.stack(out)
+        return res[0] if single else res
+
+    def __repr__(self) -> str:
+        state = "loaded" if self.loaded else "not loaded"
+        return f"KVModel({self.name!r}, dtype={self.dtype}, device={self.device}, {state})"
+
+
+def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:
+    if params is None:
+        return SamplingParams(**overrides)
+    if overrides:
+        return SamplingParams(**{**params.model_dump(), **overrides})
+    return params
+
+
+class GenerationStream:
+    """Iterator of :class:`StreamEvent`; after exhaustion ``result`` holds the :class:`GenerationResult`."""
+
+    def __init__(self, llm: KVModel, gen) -> None:
+        self._llm = llm
+        self._gen = gen
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        with self._llm._lock:
+            while True:
+                try:
+                    yield next(self._gen)
+                except StopIteration as stop:
+                    self.result = stop.value
+                    return
