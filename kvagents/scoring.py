@@ -371,14 +371,14 @@ class ProbabilityScores(Component):
         entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
         conf = -top.mean(-1)
         stats = torch.stack([max_logp.exp(), max_logp, chosen, entropy, conf], dim=-1)  # [B, 5]
-        alive = torch.ones_like(view.alive)
+        alive = view.alive
         self._sums += torch.where(alive[:, None], stats, torch.zeros_like(stats))
         b = torch.arange(alive.shape[0], device=alive.device)
         slot = self._count % self.window
         self._ring[b, slot] = torch.where(alive, conf, self._ring[b, slot])
         self._count += alive.long()
         group = self._ring.sum(-1) / self.window  # exact per step: no drift from add/subtract
-        full = alive & (self._count >= self.window)
+        full = alive & (self._count >= self.window - 1)
         self._lowest = torch.where(full, torch.minimum(self._lowest, group), self._lowest)
         return None
 

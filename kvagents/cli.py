@@ -1,0 +1,117 @@
+"""``kvagents`` command line: ``demo``, ``embed``, ``models``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+
+
+def _read_texts(path: str, field: str | None) -> list[str]:
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"error: input file {path!r} does not exist")
+    lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if p.suffix == ".jsonl":
+        rows = [json.loads(line) for line in lines]
+        if field is None:
+            field = next((k for k in ("text", "question", "problem", "en") if k in rows[0]), None)
+            if field is None:
+                raise SystemExit(f"error: {path!r}: no text field found; pass --field (keys: {sorted(rows[0])})")
+        return [str(r[field]) for r in rows]
+    return lines
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(model=args.model, n=args.n, max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
+             seed=args.seed, temperature=args.temperature)
+    return 0
+
+
+def cmd_embed(args) -> int:
+    import numpy as np
+
+    from . import KVModel, KVPooling
+
+    texts = _read_texts(args.input, args.field)
+    if args.limit:
+        texts = texts[: args.limit]
+    layers = [int(x) for x in args.layers.split(",")] if "," in args.layers or args.layers.startswith("-") else int(
+        args.layers
+    )
+    pooling = KVPooling(layers=layers, part=args.part, positions=args.positions, heads=args.heads,
+                        layer_agg=args.layer_agg, normalize=not args.no_normalize)
+    llm = KVModel.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    vecs = llm.embed(texts, pooling, batch_size=args.batch_size, show_progress_bar=True).numpy()
+    np.save(args.output, vecs)
+    print(f"wrote {vecs.shape[0]} x {vecs.shape[1:]} float32 to {args.output}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .registry import REGISTRY, cache_dir, fetch_model
+
+    if args.action == "list":
+        for name, spec in REGISTRY.items():
+            ready = (cache_dir() / "models" / name).exists()
+            print(f"{name:22s} {'cached' if ready else 'not fetched':12s} {spec.description}")
+        return 0
+    if not args.name:
+        raise SystemExit("error: `kvagents models fetch NAME` needs a NAME; see `kvagents models list`")
+    path = fetch_model(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvagents", description="Use the KV cache an LLM builds anyway: KV embeddings, "
+                                 "chain-of-embedding best-of-N, KV-classifier reasoning control.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="sample answers to built-in questions on the embedded model and show KV stats")
+    d.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, hub id or path (default {DEFAULT_MODEL})")
+    d.add_argument("--n", type=int, default=4, help="samples per question (default 4)")
+    d.add_argument("--max-new-tokens", type=int, default=192)
+    d.add_argument("--temperature", type=float, default=0.7)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA and on CPU for the demo), float32, bfloat16")
+    d.add_argument("--device", default="auto")
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("embed", help="texts (.txt lines or .jsonl) -> KV embeddings (.npy)")
+    e.add_argument("input")
+    e.add_argument("output")
+    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--field", default=None, help="JSONL field holding the text (default: text/question/problem/en)")
+    e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--layers", default="4", help="last-n count (4) or comma list of indices (-1,-2)")
+    e.add_argument("--part", default="kv", choices=["k", "v", "kv"])
+    e.add_argument("--positions", default="mean", choices=["mean", "sum", "last", "first", "window"])
+    e.add_argument("--heads", default="mean", choices=["mean", "flatten"])
+    e.add_argument("--layer-agg", default="mean", choices=["mean", "sum", "flatten", "last", "stack"])
+    e.add_argument("--no-normalize", action="store_true")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_embed)
+
+    m = sub.add_parser("models", help="list or fetch the embedded models")
+    m.add_argument("action", choices=["list", "fetch"])
+    m.add_argument("name", nargs="?")
+    m.add_argument("--force", action="store_true", help="fetch and convert again")
+    m.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
