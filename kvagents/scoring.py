@@ -274,10 +274,10 @@ class TokenCoE(Component):
         cap = self._step_norm.shape[1]
         if need <= cap:
             return
-        extra = max(cap, need - cap)
-        pad = lambda x: torch.cat([x, x.new_zeros((x.shape[0], extra))], dim=1)  # noqa: E731
-        self._step_norm, self._step_angle, self._step_valid = (
-            pad(self._step_norm), pad(self._step_angle), pad(self._step_valid))
+        extra = max(cap, need - cap)  # at least double: amortised O(1) per token
+        for name in self.PER_TOKEN_STATE:
+            x = getattr(self, name)
+            setattr(self, name, torch.cat([x, x.new_zeros((x.shape[0], extra))], dim=1))
 
     def on_step(self, view: StepView) -> None:
         if not view.has_kv:
@@ -378,7 +378,7 @@ class ProbabilityScores(Component):
         self._ring[b, slot] = torch.where(alive, conf, self._ring[b, slot])
         self._count += alive.long()
         group = self._ring.sum(-1) / self.window  # exact per step: no drift from add/subtract
-        full = alive & (self._count >= self.window - 1)
+        full = alive & (self._count >= self.window)
         self._lowest = torch.where(full, torch.minimum(self._lowest, group), self._lowest)
         return None
 
