@@ -10,8 +10,10 @@ Cases (both sides generate exactly ``--new-tokens`` tokens per sequence):
   ``SamplingParams(n=8)`` (one prefill shared by the 8 samples); HF: ``do_sample=True, num_return_sequences=8``
   (``top_k=0`` explicitly: HF fills in top_k=50 otherwise). Only token counts are compared (different RNGs).
 
-Each case: one warm-up call per side, then the median of ``--repeats`` timed calls (``time.perf_counter`` around
-the whole call, ``torch.cuda.synchronize`` on CUDA).
+Each case: one warm-up call per side, then the median of ``--repeats`` timed calls per side, engine and HF calls
+alternating (``time.perf_counter`` around the whole call, ``torch.cuda.synchronize`` on CUDA). Torch threads are
+the same for both sides (torch's default unless ``--threads``); on a shared CPU where other processes keep a core
+busy, OpenMP with threads = cores can be an order of magnitude slower than ``--threads 1``.
 
     .venv/bin/python bench/decode.py --model smollm2-135m --dtype float32
     .venv/bin/python bench/decode.py --model qwen2.5-coder-0.5b --dtype bfloat16 --new-tokens 64 --write
@@ -81,19 +83,29 @@ def device_name(dev: torch.device) -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def timed(fn, dev: torch.device, repeats: int):
-    """One warm-up call, then the median wall time of ``repeats`` calls; returns (median_s, last output, times)."""
-    fn()
-    times, out = [], None
-    for _ in range(repeats):
+def timed_pair(engine_fn, hf_fn, dev: torch.device, repeats: int):
+    """One warm-up call of each, then ``repeats`` rounds alternating engine and HF (so load drift on a shared
+    machine hits both alike); returns (engine median s, engine output, engine times, HF median s, HF output,
+    HF times)."""
+
+    def once(fn):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         out = fn()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out, times
+        return time.perf_counter() - t0, out
+
+    engine_fn()
+    hf_fn()
+    e_times, h_times, e_out, h_out = [], [], None, None
+    for _ in range(repeats):
+        t, e_out = once(engine_fn)
+        e_times.append(t)
+        t, h_out = once(hf_fn)
+        h_times.append(t)
+    return statistics.median(e_times), e_out, e_times, statistics.median(h_times), h_out, h_times
 
 
 def main(argv=None) -> int:
@@ -106,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=8, help="samples per prompt in the sampling case")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (chat template applied)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch.set_num_threads (0: leave torch's default; the same for both sides either way)")
     ap.add_argument("--write", action="store_true", help=f"append rows to {RESULTS.relative_to(ROOT)}")
     args = ap.parse_args(argv)
 
@@ -113,6 +127,8 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     llm = load(args.model, args.dtype, args.device)
     model, tok = llm.model, llm.tokenizer
     dev = model.device
@@ -135,9 +151,9 @@ def main(argv=None) -> int:
     # (a) greedy, B = 1 ------------------------------------------------------------------------------------------
     sp_g = SamplingParams(max_new_tokens=N, temperature=0, ignore_eos=True)
     gc_g = GenerationConfig(max_new_tokens=N, do_sample=False, eos_token_id=[], pad_token_id=pad)
-    e_s, e_out, e_times = timed(lambda: llm.generate([prompt_ids], sp_g), dev, args.repeats)
-    h_s, h_out, h_times = timed(lambda: model.generate(x, attention_mask=am, generation_config=gc_g), dev,
-                                args.repeats)
+    e_s, e_out, e_times, h_s, h_out, h_times = timed_pair(
+        lambda: llm.generate([prompt_ids], sp_g),
+        lambda: model.generate(x, attention_mask=am, generation_config=gc_g), dev, args.repeats)
     e_tok = e_out.samples[0][0].token_ids
     h_tok = h_out[0, len(prompt_ids):].tolist()
     assert len(e_tok) == N and len(h_tok) == N, (len(e_tok), len(h_tok))
@@ -157,8 +173,8 @@ def main(argv=None) -> int:
         torch.manual_seed(args.seed)
         return model.generate(x, attention_mask=am, generation_config=gc_s)
 
-    e_s, e_out, e_times = timed(lambda: llm.generate([prompt_ids], sp_s), dev, args.repeats)
-    h_s, h_out, h_times = timed(hf_sample, dev, args.repeats)
+    e_s, e_out, e_times, h_s, h_out, h_times = timed_pair(
+        lambda: llm.generate([prompt_ids], sp_s), hf_sample, dev, args.repeats)
     e_counts = [len(s.token_ids) for s in e_out.samples[0]]
     h_counts = [h_out.shape[1] - len(prompt_ids)] * h_out.shape[0]
     assert e_counts == [N] * n and h_counts == [N] * n, (e_counts, h_counts)
@@ -178,6 +194,9 @@ def main(argv=None) -> int:
     if args.write:
         date = dt.date.today().isoformat()
         dname = device_name(dev)
+        if dev.type == "cpu":
+            th = torch.get_num_threads()
+            dname += f", {th} torch thread{'s' if th != 1 else ''}"
         dtype = str(model.dtype).removeprefix("torch.")
         new = not RESULTS.exists() or RESULTS.stat().st_size == 0
         with RESULTS.open("a") as f:

@@ -1,0 +1,25 @@
+"""The README's quickstart runs as written (on the real smollm2-135m)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_starts_with_the_two_commands():
+    lines = README.read_text().splitlines()
+    block = lines[lines.index("```bash") + 1 : lines.index("```bash") + 3]
+    assert block[0].startswith("./kv demo") and block[1].startswith("./kv test")
+
+
+@pytest.mark.real_model
+def test_readme_quickstart_runs(capsys):
+    code = re.search(r"## Quickstart\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
+    ns: dict = {}
+    exec(compile(code, "README-quickstart", "exec"), ns)
+    assert len(ns["result"].samples[0]) == 4
+    assert ns["vectors"].shape[0] == 2
+    out = capsys.readouterr().out
+    assert out.count("torch.Size") == 4

@@ -1,0 +1,65 @@
+"""The engine on a real embedded model (smollm2-135m, float32, CPU)."""
+
+import pytest
+import torch
+
+from kvagents import SamplingParams
+
+pytestmark = pytest.mark.real_model
+
+QUESTIONS = ["What is 12 times 7?", "Name three colours.", "Write a haiku about the sea, please, in English."]
+
+
+def _chat_ids(llm, q):
+    return llm.encode_prompt([{"role": "user", "content": q}])
+
+
+def test_greedy_matches_hf_generate_smollm(smollm):
+    tok, model = smollm.tokenizer, smollm.model
+    prompts = [_chat_ids(smollm, q) for q in QUESTIONS]
+    params = SamplingParams(max_new_tokens=16, temperature=0)
+    eos = smollm.engine.eos_token_ids
+    T = max(len(p) for p in prompts)
+    pad = smollm.engine.pad_token_id
+    ids = torch.full((3, T), pad)
+    mask = torch.zeros((3, T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p) :], mask[i, T - len(p) :] = torch.tensor(p), 1
+    hf = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=16, pad_token_id=pad,
+                        eos_token_id=eos)[:, T:].tolist()
+
+    def cut(r):
+        k = next((i for i, t in enumerate(r) if t in eos), None)
+        return r if k is None else r[: k + 1]
+
+    got = [g[0].token_ids for g in smollm.generate(prompts, params)]
+    assert got == [cut(r) for r in hf]  # left-padded batch of 3
+    single = smollm.generate([prompts[0]], params).samples[0][0].token_ids
+    hf1 = model.generate(torch.tensor([prompts[0]]), do_sample=False, max_new_tokens=16, pad_token_id=pad,
+                         eos_token_id=eos)[0, len(prompts[0]) :].tolist()
+    assert single == cut(hf1)
+    assert tok.decode(single, skip_special_tokens=True) == smollm.generate([prompts[0]], params).samples[0][0].text
+
+
+def test_stop_string_across_real_token_boundaries(smollm):
+    """Force a known text whose stop string spans several real tokens; output is cut exactly before it."""
+    from kvagents import Component, ForceTokens
+
+    text = " The answer is forty-two. Done."
+    ids = smollm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    class Force(Component):
+        name = "force"
+
+        def on_step(self, view):
+            return [ForceTokens(0, ids)] if view.step == 0 else None
+
+    stop = "forty-two"
+    pieces = [smollm.tokenizer.decode([i]) for i in ids]
+    assert not any(stop in p for p in pieces)  # the stop string really spans tokens
+    res = smollm.generate([_chat_ids(smollm, "Say something.")],
+                          SamplingParams(max_new_tokens=40, temperature=0, stop=[stop]), components=[Force()])
+    s = res.samples[0][0]
+    assert s.finish_reason == "stop"
+    assert s.text.endswith("The answer is ") and stop not in s.text
+    assert s.forced_tokens == s.generated_tokens - 1
