@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 __all__ = [
     "PARSERS",
@@ -269,9 +269,12 @@ _CHOICE_MARK = re.compile(
 
 
 def _check_letters(letters: str) -> str:
-    if not isinstance(letters, str) or not letters or not all("A" <= c <= "Z" for c in letters.upper()) or len(
-        set(letters.upper())
-    ) != len(letters):
+    if (
+        not isinstance(letters, str)
+        or not letters
+        or not all("A" <= c <= "Z" for c in letters.upper())
+        or len(set(letters.upper())) != len(letters)
+    ):
         raise ValueError(f"letters must be distinct ASCII letters like 'ABCDE', got {letters!r}")
     return letters.upper()
 
@@ -285,7 +288,8 @@ def parse_choice(text: object, letters: str = "ABCDE") -> str | None:
     1. After ``answer`` / ``choice`` / ``option`` followed by ``:`` or ``is`` (case-insensitive; ``**`` bold
        allowed): ``Answer: C``, ``The answer is (C)``, ``The correct option is C.``, ``**Answer:** (c)``;
        the first such marker followed by a letter.
-    2. A letter at the very start: ``C``, ``C.``, ``C)``, ``(C)``, ``C:`` (``A bank`` is not a letter answer).
+    2. A letter at the very start: ``C``, ``C.``, ``C)``, ``(C)``, ``C:`` (``A bank`` is not a letter answer),
+       unless the text holds several distinct ``(X)`` letters (the options restated).
     3. Parenthesised letters anywhere: if exactly one distinct letter appears as ``(X)``, that one; several
        (e.g. the options restated) -> ``None``.
 
@@ -305,11 +309,11 @@ def parse_choice(text: object, letters: str = "ABCDE") -> str | None:
         m2 = after_mark.match(text, m.end())
         if m2:
             return (m2.group(1) or m2.group(2)).upper()
+    found = {x.upper() for x in re.findall(rf"\(\s*({paren})\s*\)", text)}
     start = text.lstrip(" \t\r\n*#>")
     m = re.match(rf"(?:\(\s*({paren})\s*\)|({upper})(?:[.):\]]|\s*$|\s*\n))", start)
-    if m:
+    if m and len(found) <= 1:
         return (m.group(1) or m.group(2)).upper()
-    found = {x.upper() for x in re.findall(rf"\(\s*({paren})\s*\)", text)}
     if len(found) == 1:
         return found.pop()
     return None

@@ -68,6 +68,25 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _rows(spec: str) -> tuple[int, int]:
+    a, _, b = spec.partition(":")
+    try:
+        return int(a or 0), int(b)
+    except ValueError:
+        raise SystemExit(f"error: rows {spec!r} must look like START:END (e.g. 0:500)") from None
+
+
+def cmd_eval_selection(args) -> int:
+    from .eval_selection import run
+
+    rows = _rows(args.rows) if args.rows else (0, args.limit)
+    run(args.data, args.model, args.n, rows, _rows(args.probe_train) if args.probe_train else None, Path(args.out),
+        device=args.device, dtype=args.dtype, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, batch_prompts=args.batch_prompts, hidden=not args.no_hidden_coe,
+        seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvagents", description="Use the KV cache an LLM builds anyway: KV embeddings, "
                                  "chain-of-embedding best-of-N, KV-classifier reasoning control.")
@@ -99,6 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_embed)
+
+    ev = sub.add_parser("eval", help="evaluations (selection)")
+    evs = ev.add_subparsers(dest="what", required=True)
+    s = evs.add_parser("selection", help="best-of-N selection and correctness prediction of every score")
+    s.add_argument("--data", default="../shared/data/gsm8k.jsonl")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--n", type=int, default=8)
+    s.add_argument("--limit", type=int, default=500, help="evaluate rows 0..limit-1 (or use --rows)")
+    s.add_argument("--rows", default=None, help="START:END evaluation rows")
+    s.add_argument("--probe-train", default=None, help="START:END rows to train the KV probe on (disjoint)")
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--max-new-tokens", type=int, default=384)
+    s.add_argument("--batch-prompts", type=int, default=32)
+    s.add_argument("--no-hidden-coe", action="store_true", help="skip the hidden-state CoE baseline (extra forward)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", default="out/selection")
+    s.set_defaults(func=cmd_eval_selection)
 
     m = sub.add_parser("models", help="list or fetch the embedded models")
     m.add_argument("action", choices=["list", "fetch"])

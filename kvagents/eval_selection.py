@@ -1,0 +1,266 @@
+"""``kvagents eval selection``: best-of-N selection and correctness prediction on GSM8K-style data.
+
+One sampled pass (n samples per problem, one prefill each) computes every in-loop score; a greedy pass gives the
+greedy baseline; the hidden-state CoE baseline takes one extra forward per sample (``--hidden-coe``). A trained
+KV probe is fitted on a *different* slice of rows (``--probe-train``) and evaluated on the evaluation rows.
+Score directions come from :data:`kvagents.scoring.SCORE_DIRECTIONS` (fixed before any row is seen).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .answers import normalize_number, parse_gsm8k
+from .metrics import aupr, auroc, fpr_at_95_tpr
+from .model import KVModel
+from .params import SamplingParams
+from .probe import KVProbe, KVProbeScore, probe_pooling
+from .scoring import SCORE_DIRECTIONS, LayerCoE, ProbabilityScores, TokenCoE, hidden_coe_from_forward
+
+INSTRUCTION = "Solve the problem step by step. End with a final line of the form 'Answer: <number>'."
+
+
+def load_rows(path: str | Path, rows: tuple[int, int]) -> list[dict]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    out = []
+    for i in range(rows[0], min(rows[1], len(lines))):
+        r = json.loads(lines[i])
+        q = r.get("question") or r.get("problem")
+        gold = r["answer"].split("####")[-1] if "####" in str(r["answer"]) else r["answer"]
+        out.append({"row": i, "question": q, "gold": normalize_number(gold)})
+    if not out:
+        raise ValueError(f"no rows {rows[0]}:{rows[1]} in {path} ({len(lines)} lines)")
+    return out
+
+
+def _prompt(q: str) -> list[dict]:
+    return [{"role": "user", "content": f"{q}\n\n{INSTRUCTION}"}]
+
+
+def sample_rows(llm: KVModel, rows: list[dict], params: SamplingParams, batch_prompts: int, *, with_features: bool,
+                hidden: bool, probe: KVProbe | None = None, desc: str = "sample") -> list[dict]:
+    """Generate n samples per row with every scorer on; one record per sample."""
+    from .components import KVEmbedding
+
+    info_layers = None
+    records = []
+    for start in tqdm(range(0, len(rows), batch_prompts), desc=desc):
+        chunk = rows[start : start + batch_prompts]
+        comps = [LayerCoE(), LayerCoE(part="v", name="kv_coe_layer_v"), TokenCoE(), ProbabilityScores()]
+        if with_features:
+            if info_layers is None:
+                info_layers = len(_attention_layers(llm))
+            comps.append(KVEmbedding(probe_pooling(info_layers), name="features"))
+        if probe is not None:
+            comps.append(KVProbeScore(probe))
+        res = llm.generate([_prompt(r["question"]) for r in chunk], params, components=comps)
+        for p, group in enumerate(res.samples):
+            for s in group:
+                scores = {}
+                for name, out in s.outputs.items():
+                    if name == "features":
+                        continue
+                    if name == "kv_coe_layer_v":
+                        out = {k.replace("kv_coe_layer", "kv_coe_layer_v"): v for k, v in out.items()}
+                    scores.update(out)
+                if hidden:
+                    ids = llm.encode_prompt(_prompt(chunk[p]["question"]))
+                    scores.update(hidden_coe_from_forward(llm.model, ids + s.token_ids[:-1], len(ids)))
+                ans = parse_gsm8k(s.text)
+                rec = {"row": chunk[p]["row"], "sample": s.sample_index, "answer": ans, "gold": chunk[p]["gold"],
+                       "correct": ans is not None and ans == chunk[p]["gold"], "tokens": s.generated_tokens,
+                       "finish": s.finish_reason, "scores": scores}
+                if with_features:
+                    f = s.outputs["features"]
+                    rec["features"] = None if f is None else f.numpy().astype(np.float32)
+                records.append(rec)
+    return records
+
+
+def _attention_layers(llm: KVModel) -> list[int]:
+    from transformers import DynamicCache
+
+    from .engine import layer_info
+
+    cache = DynamicCache(config=llm.model.config)
+    ids = torch.tensor([[llm.engine.pad_token_id]], device=llm.device)
+    llm.engine.prefill(ids, torch.ones_like(ids), torch.zeros_like(ids), cache)
+    return layer_info(cache, llm.model.config).attention_layers
+
+
+def _groups(records: list[dict]) -> dict[int, list[dict]]:
+    g: dict[int, list[dict]] = {}
+    for r in records:
+        g.setdefault(r["row"], []).append(r)
+    return g
+
+
+def _score_of(rec: dict, name: str) -> float:
+    v = rec["scores"].get(name, float("nan"))
+    return float("nan") if v is None else float(v) * SCORE_DIRECTIONS.get(name, 1)
+
+
+def best_of_n(groups: dict[int, list[dict]], name: str) -> float:
+    hits = []
+    for recs in groups.values():
+        vals = [_score_of(r, name) for r in recs]
+        vals = [-math.inf if math.isnan(v) else v for v in vals]
+        hits.append(recs[int(np.argmax(vals))]["correct"])
+    return float(np.mean(hits))
+
+
+def majority(groups: dict[int, list[dict]], weight: str | None = None) -> float:
+    """Majority (or score-weighted) vote over parsed answers; weights are min-max normalised within a group."""
+    hits = []
+    for recs in groups.values():
+        if weight is None:
+            w = [1.0] * len(recs)
+        else:
+            v = np.array([_score_of(r, weight) for r in recs])
+            v = np.where(np.isnan(v), np.nanmin(v) if np.isfinite(v).any() else 0.0, v)
+            span = v.max() - v.min()
+            w = list((v - v.min()) / span + 1e-3) if span > 0 else [1.0] * len(recs)
+        votes: Counter = Counter()
+        for r, wi in zip(recs, w):
+            if r["answer"] is not None:
+                votes[r["answer"]] += wi
+        if not votes:
+            hits.append(False)
+            continue
+        hits.append(votes.most_common(1)[0][0] == recs[0]["gold"])
+    return float(np.mean(hits))
+
+
+def summarize(records: list[dict], greedy: list[dict] | None) -> dict:
+    groups = _groups(records)
+    names = sorted({k for r in records for k in r["scores"] if k in SCORE_DIRECTIONS or k == "kv_probe"})
+    labels = np.array([r["correct"] for r in records])
+    out = {
+        "rows": len(groups),
+        "samples": len(records),
+        "greedy_accuracy": float(np.mean([r["correct"] for r in greedy])) if greedy else None,
+        "single_sample_accuracy": float(labels.mean()),
+        "majority_vote": majority(groups),
+        "oracle_any_correct": float(np.mean([any(r["correct"] for r in g) for g in groups.values()])),
+        "mean_generated_tokens": float(np.mean([r["tokens"] for r in records])),
+        "parse_failures": float(np.mean([r["answer"] is None for r in records])),
+        "scores": {},
+    }
+    for name in names:
+        s = np.array([_score_of(r, name) for r in records])
+        out["scores"][name] = {
+            "direction": SCORE_DIRECTIONS.get(name, 1),
+            "best_of_n": best_of_n(groups, name),
+            "weighted_vote": majority(groups, weight=name),
+            "auroc": auroc(s, labels),
+            "fpr95": fpr_at_95_tpr(s, labels),
+            "aupr": aupr(s, labels),
+        }
+    return out
+
+
+def markdown_table(summary: dict) -> str:
+    lines = [
+        f"rows {summary['rows']}, samples {summary['samples']}, mean generated tokens "
+        f"{summary['mean_generated_tokens']:.1f}, unparsed answers {100 * summary['parse_failures']:.1f} %",
+        "",
+        "| selection | accuracy % |",
+        "|---|---|",
+    ]
+    if summary["greedy_accuracy"] is not None:
+        lines.append(f"| greedy | {100 * summary['greedy_accuracy']:.1f} |")
+    lines += [
+        f"| single sample (random pick) | {100 * summary['single_sample_accuracy']:.1f} |",
+        f"| majority vote | {100 * summary['majority_vote']:.1f} |",
+        f"| oracle (any sample right) | {100 * summary['oracle_any_correct']:.1f} |",
+        "",
+        "| score | dir | best-of-N % | weighted vote % | AUROC | FPR@95 | AUPR |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in summary["scores"].items():
+        lines.append(
+            f"| {name} | {'+' if m['direction'] > 0 else '-'} | {100 * m['best_of_n']:.1f} | "
+            f"{100 * m['weighted_vote']:.1f} | {m['auroc']:.3f} | {m['fpr95']:.3f} | {m['aupr']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], summary: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional
+        return
+    names = list(summary["scores"])
+    cols = 4
+    rows = math.ceil(len(names) / cols) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows))
+    axes = axes.flatten()
+    for ax, name in zip(axes, names):
+        s = np.array([_score_of(r, name) for r in records])
+        y = np.array([r["correct"] for r in records])
+        ok = np.isfinite(s)
+        ax.hist([s[ok & y], s[ok & ~y]], bins=30, density=True, label=["correct", "wrong"], alpha=0.7)
+        ax.set_title(f"{name} AUROC {summary['scores'][name]['auroc']:.2f}", fontsize=8)
+    axes[0].legend(fontsize=7)
+    ax = axes[len(names)]
+    for extra in axes[len(names) + 1 :]:
+        extra.axis("off")
+    labels = ["single", "majority", "oracle"] + [f"bo{n}" for n in names]
+    vals = [summary["single_sample_accuracy"], summary["majority_vote"], summary["oracle_any_correct"]] + [
+        summary["scores"][n]["best_of_n"] for n in names
+    ]
+    ax.barh(range(len(vals)), [100 * v for v in vals])
+    ax.set_yticks(range(len(vals)), labels, fontsize=6)
+    ax.set_xlabel("accuracy %")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def run(data: str, model: str, n: int, rows: tuple[int, int], probe_rows: tuple[int, int] | None, out_dir: Path,
+        *, device: str = "auto", dtype: str = "auto", temperature: float = 0.7, top_p: float = 0.95,
+        max_new_tokens: int = 384, batch_prompts: int = 32, hidden: bool = True, seed: int = 0) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    llm = KVModel.from_pretrained(model, dtype=dtype, device=device).load()
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    eval_rows = load_rows(data, rows)
+    t0 = time.perf_counter()
+    greedy = sample_rows(llm, eval_rows, SamplingParams(max_new_tokens=max_new_tokens, temperature=0),
+                         batch_prompts * n, with_features=False, hidden=False, desc="greedy")
+    probe = None
+    probe_note = None
+    if probe_rows is not None:
+        train = sample_rows(llm, load_rows(data, probe_rows), params, batch_prompts, with_features=True, hidden=False,
+                            desc="probe-train")
+        feats = [r for r in train if r.get("features") is not None]
+        x = np.stack([r["features"] for r in feats])
+        y = np.array([r["correct"] for r in feats], dtype=float)
+        probe = KVProbe.fit(x, y, probe_pooling(len(_attention_layers(llm))))
+        probe.save(out_dir / "probe")
+        probe_note = f"probe trained on rows {probe_rows[0]}-{probe_rows[1] - 1} ({len(feats)} samples, {y.mean():.3f} correct)"
+    records = sample_rows(llm, eval_rows, params, batch_prompts, with_features=False, hidden=hidden, probe=probe,
+                          desc="sample")
+    summary = summarize(records, greedy)
+    summary.update({"model": model, "data": str(data), "rows": f"{rows[0]}-{rows[1] - 1}", "n": n,
+                    "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                    "device": torch.cuda.get_device_name() if llm.device.type == "cuda" else "cpu",
+                    "dtype": str(llm.dtype), "probe": probe_note, "seconds": time.perf_counter() - t0,
+                    "date": time.strftime("%Y-%m-%d")})
+    (out_dir / "selection.json").write_text(json.dumps(summary, indent=2))
+    with open(out_dir / "samples.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps({k: v for k, v in r.items() if k != "features"}) + "\n")
+    (out_dir / "selection.md").write_text(markdown_table(summary) + "\n")
+    plot(records, summary, out_dir / "selection.png")
+    print(markdown_table(summary))
+    return summary
