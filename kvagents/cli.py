@@ -77,7 +77,18 @@ def _rows(spec: str) -> tuple[int, int]:
 
 
 def cmd_eval_selection(args) -> int:
-    from .eval_selection import run
+    from .eval_selection import combine, run, run_shard
+
+    if args.combine:
+        combine([Path(p) for p in args.combine], [Path(p) for p in args.train_shards], Path(args.out),
+                args.num_attention_layers)
+        return 0
+    if args.shard:
+        run_shard(args.data, args.model, args.n, _rows(args.rows), Path(args.out), greedy=not args.no_greedy,
+                  hidden=not args.no_hidden_coe, features=args.features, device=args.device, dtype=args.dtype,
+                  temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                  batch_prompts=args.batch_prompts, seed=args.seed)
+        return 0
 
     rows = _rows(args.rows) if args.rows else (0, args.limit)
     run(args.data, args.model, args.n, rows, _rows(args.probe_train) if args.probe_train else None, Path(args.out),
@@ -137,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto")
     s.add_argument("--device", default="auto")
     s.add_argument("--out", default="out/selection")
+    s.add_argument("--shard", action="store_true", help="only sample --rows into --out (records, features)")
+    s.add_argument("--no-greedy", action="store_true", help="with --shard: skip the greedy pass")
+    s.add_argument("--features", action="store_true", help="with --shard: save probe features")
+    s.add_argument("--combine", nargs="*", default=None, help="eval shard folders to summarise")
+    s.add_argument("--train-shards", nargs="*", default=[], help="shard folders with features to train the probe")
+    s.add_argument("--num-attention-layers", type=int, default=24)
     s.set_defaults(func=cmd_eval_selection)
 
     m = sub.add_parser("models", help="list or fetch the embedded models")

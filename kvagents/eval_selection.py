@@ -264,3 +264,93 @@ def run(data: str, model: str, n: int, rows: tuple[int, int], probe_rows: tuple[
     plot(records, summary, out_dir / "selection.png")
     print(markdown_table(summary))
     return summary
+
+
+# ---- sharded runs (long evaluations split across calls) --------------------------------------------------------
+
+
+def run_shard(data: str, model: str, n: int, rows: tuple[int, int], out_dir: Path, *, greedy: bool, hidden: bool,
+              features: bool, device: str = "auto", dtype: str = "auto", temperature: float = 0.7,
+              top_p: float = 0.95, max_new_tokens: int = 384, batch_prompts: int = 32, seed: int = 0,
+              llm: KVModel | None = None) -> None:
+    """Sample rows ``rows`` and write ``records.jsonl`` (+ ``features.npy``, ``greedy.jsonl``) to ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    llm = llm or KVModel.from_pretrained(model, dtype=dtype, device=device).load()
+    data_rows = load_rows(data, rows)
+    t0 = time.perf_counter()
+    if greedy:
+        g = sample_rows(llm, data_rows, SamplingParams(max_new_tokens=max_new_tokens, temperature=0),
+                        batch_prompts * n, with_features=False, hidden=False, desc="greedy")
+        with open(out_dir / "greedy.jsonl", "w") as f:
+            for r in g:
+                f.write(json.dumps(r) + "\n")
+    t1 = time.perf_counter()
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                            seed=seed + rows[0])
+    recs = sample_rows(llm, data_rows, params, batch_prompts, with_features=features, hidden=hidden, desc="sample")
+    t2 = time.perf_counter()
+    if features:
+        np.save(out_dir / "features.npy", np.stack([r.pop("features") for r in recs]).astype(np.float16))
+    with open(out_dir / "records.jsonl", "w") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+    meta = {"rows": list(rows), "greedy_s": t1 - t0, "sample_s": t2 - t1, "samples": len(recs),
+            "tokens": int(sum(r["tokens"] for r in recs)), "model": model, "n": n, "temperature": temperature,
+            "top_p": top_p, "max_new_tokens": max_new_tokens, "dtype": str(llm.dtype),
+            "device": torch.cuda.get_device_name() if llm.device.type == "cuda" else "cpu"}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    print(json.dumps(meta))
+
+
+def _read_shard(d: Path) -> tuple[list[dict], list[dict], np.ndarray | None]:
+    recs = [json.loads(x) for x in (d / "records.jsonl").read_text().splitlines()]
+    greedy = [json.loads(x) for x in (d / "greedy.jsonl").read_text().splitlines()] if (d / "greedy.jsonl").exists() else []
+    feats = np.load(d / "features.npy").astype(np.float32) if (d / "features.npy").exists() else None
+    return recs, greedy, feats
+
+
+def combine(eval_dirs: list[Path], train_dirs: list[Path], out_dir: Path, num_attention_layers: int) -> dict:
+    """Train the KV probe on ``train_dirs`` features, score the eval shards with it, summarise everything."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records, greedy, eval_feats = [], [], []
+    for d in eval_dirs:
+        r, g, f = _read_shard(d)
+        records += r
+        greedy += g
+        eval_feats.append(f)
+    probe_note = None
+    if train_dirs:
+        tr, xs = [], []
+        for d in train_dirs:
+            r, _, f = _read_shard(d)
+            tr += r
+            xs.append(f)
+        x = np.concatenate(xs)
+        y = np.array([r["correct"] for r in tr], dtype=float)
+        ok = np.isfinite(x).all(1)
+        rows = sorted({r["row"] for r in tr})
+        try:
+            probe = KVProbe.fit(x[ok], y[ok], probe_pooling(num_attention_layers))
+        except ValueError as e:
+            probe, probe_note = None, f"KV probe not trained: {e}"
+        else:
+            probe.save(out_dir / "probe")
+            probe_note = (f"KV probe trained on rows {rows[0]}-{rows[-1]} of the same file ({int(ok.sum())} "
+                          f"samples, {100 * y[ok].mean():.1f} % correct)")
+        if probe is not None and all(f is not None for f in eval_feats):
+            p = probe.predict(np.concatenate(eval_feats))
+            for r, v in zip(records, p):
+                r["scores"]["kv_probe"] = float(v)
+    summary = summarize(records, greedy)
+    metas = [json.loads((d / "meta.json").read_text()) for d in eval_dirs]
+    rows = sorted({r["row"] for r in records})
+    summary.update({k: metas[0][k] for k in ("model", "n", "temperature", "top_p", "max_new_tokens", "dtype", "device")})
+    summary.update({"rows_used": f"{rows[0]}-{rows[-1]}", "probe": probe_note,
+                    "seconds": sum(m["greedy_s"] + m["sample_s"] for m in metas), "date": time.strftime("%Y-%m-%d")})
+    (out_dir / "selection.json").write_text(json.dumps(summary, indent=2))
+    table = markdown_table(summary)
+    (out_dir / "selection.md").write_text(table + "\n")
+    plot(records, summary, out_dir / "selection.png")
+    print(table)
+    print(probe_note or "")
+    return summary
