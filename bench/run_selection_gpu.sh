@@ -24,7 +24,7 @@ run_one() {
     --rows "$s:$e" --batch-prompts "$STEP" --max-new-tokens 384 --out "$d.tmp" > "$WORK/log-$kind-$s.txt" 2>&1 \
     && mv "$d.tmp" "$d"
 }
-export -f run_one; export MODEL DATA WORK
+export -f run_one; export MODEL DATA WORK STEP
 mkdir -p "$WORK"
 printf '%s\n' "${jobs[@]}" | timeout "$BUDGET" xargs -P "$PAR" -L 1 bash -c 'run_one $0 $1 $2'
 done_eval=$(ls -d "$WORK"/eval-*[0-9] 2>/dev/null | wc -l); done_train=$(ls -d "$WORK"/train-*[0-9] 2>/dev/null | wc -l)
