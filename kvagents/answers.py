@@ -147,7 +147,9 @@ def parse_gsm8k(text: object) -> str | None:
     2. ``Answer: N``, ``The answer is N``, ``answer is: N``, ``**Answer:** N`` (case-insensitive): the first such
        marker whose line holds a number; on that line, the first number after its last ``=`` (``The answer is
        16 - 3 - 4 = 9`` -> ``9``), else the first number.
-    3. The last number of the text.
+    3. ``\boxed{N}``: the first number in the last complete box holding one (Qwen models box their answer even
+       when asked for ``Answer:``; ``pay \boxed{80} for the 16 glasses`` -> ``80``).
+    4. The last number of the text.
 
     Example:
         >>> parse_gsm8k("16 - 3 - 4 = 9 eggs, 9 * 2 = 18 dollars. The answer is $18.")
@@ -168,6 +170,11 @@ def parse_gsm8k(text: object) -> str | None:
         line = _answer_line(text, m.end())
         tail = line.rsplit("=", 1)[-1] if "=" in line else line
         v = _first_number(tail)
+        if v is not None:
+            return v
+    for m in reversed(list(_BOXED.finditer(text))):
+        content = _boxed_content(text, m.end())
+        v = _first_number(_TEXT_WRAP.sub(r"\1", content)) if content is not None else None
         if v is not None:
             return v
     return _last_number(text)

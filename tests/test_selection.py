@@ -50,6 +50,10 @@ GSM8K_CASES = [
     ("Answer: 18\n\nQuestion: Tom has 3 apples and eats one. How many are left?\nAnswer: 2", "18"),  # ran on
     ("Final Answer: The final answer is $\\boxed{18}$. I hope it is correct.", "18"),
     ("Answer: forty-two. He drove 60 km/h for 2.5 hours = 150 km", "150"),  # marker without number: last number
+    # boxed (real qwen2.5-coder-0.5b outputs)
+    ("Thus, Kylar needs to pay \\boxed{80} for the 16 glasses.", "80"),
+    ("the total is:\n\\[ \\boxed{\\$1,280 \\text{ dollars}} \\]\nfor 16 glasses", "1280"),
+    ("so \\boxed{18} and then \\boxed{", "18"),
     # last number
     ("A train goes 60 km per hour for 2.5 hours, so 60 * 2.5 = 150.0 km.", "150"),
     ("She has 16-3 = 13 left", "13"),
