@@ -68,6 +68,34 @@ def load(name: str, dtype: str, device: str) -> KVModel:
         return KVModel(model, AutoTokenizer.from_pretrained(folder))
 
 
+SECTION = (
+    "### Decode: kvagents engine vs `model.generate`\n\n"
+    "Written by `bench/decode.py --write`. tok/s counts all generated tokens of the call (n x new tokens when "
+    "sampling) over the whole call's wall time (prefill included); median of the timed repeats after one warm-up, "
+    "engine and HF calls alternating; time ratio = engine s / HF s (< 1: engine faster). Greedy B=1: one "
+    "chat-templated prompt, EOS ignored on both sides; sample 1x8: the same prompt, n=8, temperature 0.7, "
+    "top_p 0.95.\n\n"
+)
+
+
+def append_rows(lines: list[str]) -> None:
+    """Add rows to the decode table of RESULTS.md: right after its last row when the table exists (other
+    sections of the file stay where they are), else a new section at the end."""
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    if HEADER not in text:
+        sep = "" if not text else ("\n" if text.endswith("\n") else "\n\n")
+        RESULTS.write_text(text + sep + SECTION + HEADER + "".join(lines))
+        return
+    at = text.index(HEADER) + len(HEADER)
+    while at < len(text) and text.startswith("|", at):
+        nl = text.find("\n", at)
+        at = len(text) if nl < 0 else nl + 1
+    if at == len(text) and not text.endswith("\n"):
+        text += "\n"
+        at += 1
+    RESULTS.write_text(text[:at] + "".join(lines) + text[at:])
+
+
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -198,18 +226,9 @@ def main(argv=None) -> int:
             th = torch.get_num_threads()
             dname += f", {th} torch thread{'s' if th != 1 else ''}"
         dtype = str(model.dtype).removeprefix("torch.")
-        new = not RESULTS.exists() or RESULTS.stat().st_size == 0
-        with RESULTS.open("a") as f:
-            if new:
-                f.write("# Decode benchmark: kvagents engine vs `model.generate`\n\n"
-                        "Written by `bench/decode.py --write`. tok/s counts all generated tokens of the call "
-                        "(n x new tokens for sampling) over the whole call's wall time (prefill included), "
-                        "median of the timed repeats after one warm-up; time ratio = engine s / HF s "
-                        "(< 1: engine faster).\n\n")
-                f.write(HEADER)
-            for case, nt, es, hs, total, same, *_ in rows:
-                f.write(f"| {date} | {dname} | {args.model} | {dtype} | {case} | {nt} | {total / es:.1f} | "
-                        f"{total / hs:.1f} | {es / hs:.3f} | {same} |\n")
+        lines = [f"| {date} | {dname} | {args.model} | {dtype} | {case} | {nt} | {total / es:.1f} | "
+                 f"{total / hs:.1f} | {es / hs:.3f} | {same} |\n" for case, nt, es, hs, total, same, *_ in rows]
+        append_rows(lines)
         print(f"appended {len(rows)} rows to {RESULTS}")
     return 0
 

@@ -12,6 +12,9 @@ for ((s=0; s<EVAL_END; s+=STEP)); do
   e=$((s+STEP<EVAL_END ? s+STEP : EVAL_END))
   jobs+=("eval $s $e")
 done
+for ((s=0; s<${ES_END:-200}; s+=STEP)); do
+  jobs+=("es $s $((s+STEP))")
+done
 for ((s=TRAIN_START; s<TRAIN_END; s+=STEP)); do
   e=$((s+STEP<TRAIN_END ? s+STEP : TRAIN_END))
   jobs+=("train $s $e")
@@ -19,7 +22,11 @@ done
 run_one() {
   kind=$1; s=$2; e=$3; d="$WORK/$kind-$s-$e"
   [ -f "$d/meta.json" ] && exit 0
-  if [ "$kind" = eval ]; then extra="--features"; else extra="--features --no-greedy --no-hidden-coe"; fi
+  case "$kind" in
+    eval) extra="--features" ;;
+    train) extra="--features --no-greedy --no-hidden-coe" ;;
+    es) extra="--early-stop-only" ;;
+  esac
   OMP_NUM_THREADS=2 python3 -m kvagents.cli eval selection --shard $extra --data "$DATA" --model "$MODEL" --n 8 \
     --rows "$s:$e" --batch-prompts "$STEP" --max-new-tokens 384 --out "$d.tmp" > "$WORK/log-$kind-$s.txt" 2>&1 \
     && mv "$d.tmp" "$d"

@@ -87,7 +87,7 @@ def cmd_eval_selection(args) -> int:
         run_shard(args.data, args.model, args.n, _rows(args.rows), Path(args.out), greedy=not args.no_greedy,
                   hidden=not args.no_hidden_coe, features=args.features, device=args.device, dtype=args.dtype,
                   temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                  batch_prompts=args.batch_prompts, seed=args.seed)
+                  batch_prompts=args.batch_prompts, seed=args.seed, early_stop_only=args.early_stop_only)
         return 0
 
     rows = _rows(args.rows) if args.rows else (0, args.limit)
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="out/selection")
     s.add_argument("--shard", action="store_true", help="only sample --rows into --out (records, features)")
     s.add_argument("--no-greedy", action="store_true", help="with --shard: skip the greedy pass")
+    s.add_argument("--early-stop-only", action="store_true", help="with --shard: one pass with EarlyStopWeak")
     s.add_argument("--features", action="store_true", help="with --shard: save probe features")
     s.add_argument("--combine", nargs="*", default=None, help="eval shard folders to summarise")
     s.add_argument("--train-shards", nargs="*", default=[], help="shard folders with features to train the probe")

@@ -77,7 +77,7 @@ def sample_rows(llm: KVModel, rows: list[dict], params: SamplingParams, batch_pr
                 ans = parse_gsm8k(s.text)
                 rec = {"row": chunk[p]["row"], "sample": s.sample_index, "answer": ans, "gold": chunk[p]["gold"],
                        "correct": ans is not None and ans == chunk[p]["gold"], "tokens": s.generated_tokens,
-                       "finish": s.finish_reason, "scores": scores}
+                       "finish": s.finish_reason, "scores": scores, "text": s.text}
                 if with_features:
                     f = s.outputs["features"]
                     rec["features"] = None if f is None else f.numpy().astype(np.float32)
@@ -181,6 +181,20 @@ def markdown_table(summary: dict) -> str:
         f"| single sample (random pick) | {100 * summary['single_sample_accuracy']:.1f} |",
         f"| majority vote | {100 * summary['majority_vote']:.1f} |",
         f"| oracle (any sample right) | {100 * summary['oracle_any_correct']:.1f} |",
+    ]
+    if summary.get("probe_weighted_vote"):
+        t = summary["probe_weighted_vote"]
+        lines.append(f"| KV-probe-weighted vote (tau={t['tau']} chosen on the training rows) | "
+                     f"{100 * t['eval_accuracy']:.1f} |")
+    if summary.get("early_stop"):
+        e = summary["early_stop"]
+        lines.append(
+            f"| majority vote with early stop of weak samples (rows {e['rows']}; {e['stopped']}/{e['samples']} "
+            f"stopped, mean tokens {e['mean_tokens_with_early_stop']:.0f} vs {e['mean_tokens_without_on_same_rows']:.0f}"
+            f", majority without early stop on these rows {100 * e['majority_vote_without_on_same_rows']:.1f}) | "
+            f"{100 * e['majority_vote_with_early_stop']:.1f} |"
+        )
+    lines += [
         "",
         "| score | dir | best-of-N % | weighted vote % | AUROC | FPR@95 | AUPR |",
         "|---|---|---|---|---|---|---|",
@@ -272,11 +286,36 @@ def run(data: str, model: str, n: int, rows: tuple[int, int], probe_rows: tuple[
 def run_shard(data: str, model: str, n: int, rows: tuple[int, int], out_dir: Path, *, greedy: bool, hidden: bool,
               features: bool, device: str = "auto", dtype: str = "auto", temperature: float = 0.7,
               top_p: float = 0.95, max_new_tokens: int = 384, batch_prompts: int = 32, seed: int = 0,
-              llm: KVModel | None = None) -> None:
-    """Sample rows ``rows`` and write ``records.jsonl`` (+ ``features.npy``, ``greedy.jsonl``) to ``out_dir``."""
+              llm: KVModel | None = None, early_stop_only: bool = False) -> None:
+    """Sample rows ``rows`` and write ``records.jsonl`` (+ ``features.npy``, ``greedy.jsonl``) to ``out_dir``.
+
+    ``early_stop_only``: instead, one sampled pass with :class:`EarlyStopWeak` on; writes ``early_stop.json``
+    (majority vote over the samples that were not stopped, generated and saved tokens)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     llm = llm or KVModel.from_pretrained(model, dtype=dtype, device=device).load()
     data_rows = load_rows(data, rows)
+    if early_stop_only:
+        from .early_stop import EarlyStopWeak, early_stop_summary
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                seed=seed + rows[0])
+        hits, summaries = [], []
+        for start in tqdm(range(0, len(data_rows), batch_prompts), desc="early-stop"):
+            chunk = data_rows[start : start + batch_prompts]
+            es = EarlyStopWeak()
+            res = llm.generate([_prompt(r["question"]) for r in chunk], params, components=[es])
+            summaries.append(early_stop_summary(res, es.name))
+            for row, group in zip(chunk, res.samples):
+                kept = [s for s in group if not s.outputs[es.name]["stopped_early"]] or group
+                votes = Counter(a for a in (parse_gsm8k(s.text) for s in kept) if a is not None)
+                hits.append(bool(votes) and votes.most_common(1)[0][0] == row["gold"])
+        out = {k: sum(x[k] for x in summaries) for k in ("samples", "stopped", "generated_tokens", "tokens_saved_est")}
+        out.update({"rows": list(rows), "majority_correct": int(sum(hits)), "problems": len(hits),
+                    "settings": repr(EarlyStopWeak())})
+        (out_dir / "early_stop.json").write_text(json.dumps(out, indent=2))
+        (out_dir / "meta.json").write_text(json.dumps({"rows": list(rows), "early_stop": True}))
+        print(json.dumps(out))
+        return
     t0 = time.perf_counter()
     if greedy:
         g = sample_rows(llm, data_rows, SamplingParams(max_new_tokens=max_new_tokens, temperature=0),
@@ -309,6 +348,37 @@ def _read_shard(d: Path) -> tuple[list[dict], list[dict], np.ndarray | None]:
     return recs, greedy, feats
 
 
+TAU_GRID = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 10.0, 20.0)
+
+
+def probe_vote(groups: dict[int, list[dict]], tau: float) -> float:
+    """Vote where each sample weighs ``exp(logit(p_probe) / tau)`` (tau -> inf: majority vote)."""
+    hits = []
+    for recs in groups.values():
+        p = np.clip(np.array([r["scores"].get("kv_probe", np.nan) for r in recs], float), 1e-6, 1 - 1e-6)
+        logit = np.log(p / (1 - p))
+        logit = np.where(np.isnan(logit), np.nanmin(logit) if np.isfinite(logit).any() else 0.0, logit)
+        w = np.exp((logit - logit.max()) / tau)
+        votes: dict = {}
+        for r, wi in zip(recs, w):
+            if r["answer"] is not None:
+                votes[r["answer"]] = votes.get(r["answer"], 0.0) + wi
+        hits.append(bool(votes) and max(votes, key=votes.get) == recs[0]["gold"])
+    return float(np.mean(hits))
+
+
+def cross_fitted_probe_scores(records: list[dict], x: np.ndarray, num_attention_layers: int, folds: int = 5):
+    """Out-of-fold probe P(correct) for training rows (folds split by problem, never by sample)."""
+    y = np.array([r["correct"] for r in records], dtype=float)
+    rows = np.array([r["row"] for r in records])
+    out = np.full(len(records), np.nan)
+    for part in np.array_split(np.unique(rows), folds):
+        test = np.isin(rows, part)
+        fit = ~test & np.isfinite(x).all(1)
+        out[test] = KVProbe.fit(x[fit], y[fit], probe_pooling(num_attention_layers)).predict(np.nan_to_num(x[test]))
+    return out
+
+
 def combine(eval_dirs: list[Path], train_dirs: list[Path], out_dir: Path, num_attention_layers: int) -> dict:
     """Train the KV probe on ``train_dirs`` features, score the eval shards with it, summarise everything."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -319,6 +389,7 @@ def combine(eval_dirs: list[Path], train_dirs: list[Path], out_dir: Path, num_at
         greedy += g
         eval_feats.append(f)
     probe_note = None
+    probe = None
     if train_dirs:
         tr, xs = [], []
         for d in train_dirs:
@@ -338,10 +409,35 @@ def combine(eval_dirs: list[Path], train_dirs: list[Path], out_dir: Path, num_at
             probe_note = (f"KV probe trained on rows {rows[0]}-{rows[-1]} of the same file ({int(ok.sum())} "
                           f"samples, {100 * y[ok].mean():.1f} % correct)")
         if probe is not None and all(f is not None for f in eval_feats):
-            p = probe.predict(np.concatenate(eval_feats))
+            p = probe.predict(np.nan_to_num(np.concatenate(eval_feats)))
             for r, v in zip(records, p):
                 r["scores"]["kv_probe"] = float(v)
+            # choose the vote temperature on the training rows only (cross-fitted probe scores), then apply it once
+            oof = cross_fitted_probe_scores(tr, x, num_attention_layers)
+            for r, v in zip(tr, oof):
+                r["scores"]["kv_probe"] = float(v)
+            train_groups = _groups(tr)
+            tuning = {tau: probe_vote(train_groups, tau) for tau in TAU_GRID}
+            tau = max(tuning, key=tuning.get)
+            tuned = {"tau": tau, "train_majority": majority(train_groups), "train_accuracy_by_tau": tuning,
+                     "eval_accuracy": probe_vote(_groups(records), tau)}
     summary = summarize(records, greedy)
+    es_dirs = [d for d in eval_dirs[0].parent.glob("es-*") if (d / "early_stop.json").exists()]
+    if es_dirs:
+        es = [json.loads((d / "early_stop.json").read_text()) for d in es_dirs]
+        es_rows = sorted(r for e in es for r in e["rows"])
+        tot = {k: sum(e[k] for e in es) for k in ("samples", "stopped", "generated_tokens", "tokens_saved_est",
+                                                   "majority_correct", "problems")}
+        same = [r for r in records if es_rows[0] <= r["row"] < es_rows[-1]]
+        summary["early_stop"] = {
+            **tot, "rows": f"{es_rows[0]}-{es_rows[-1] - 1}", "settings": es[0]["settings"],
+            "majority_vote_with_early_stop": tot["majority_correct"] / tot["problems"],
+            "majority_vote_without_on_same_rows": majority(_groups(same)) if same else None,
+            "mean_tokens_with_early_stop": tot["generated_tokens"] / tot["samples"],
+            "mean_tokens_without_on_same_rows": float(np.mean([r["tokens"] for r in same])) if same else None,
+        }
+    if train_dirs and probe is not None:
+        summary["probe_weighted_vote"] = tuned
     metas = [json.loads((d / "meta.json").read_text()) for d in eval_dirs]
     rows = sorted({r["row"] for r in records})
     summary.update({k: metas[0][k] for k in ("model", "n", "temperature", "top_p", "max_new_tokens", "dtype", "device")})
