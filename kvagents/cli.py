@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=192)
     d.add_argument("--temperature", type=float, default=0.7)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA and on CPU for the demo), float32, bfloat16")
+    d.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA and on CPUs with bf16 instructions, else float32), float32, bfloat16")
     d.add_argument("--device", default="auto")
     d.set_defaults(func=cmd_demo)
 

@@ -26,17 +26,23 @@ def run_demo(model: str = "qwen2.5-coder-0.5b", n: int = 4, max_new_tokens: int 
     from .model import resolve_device
 
     dev = resolve_device(device)
-    if dtype == "auto":  # bf16 is 2-3x faster than fp32 on CPUs with bf16 instructions, and the GPU default
-        dtype = "bfloat16"
+    if dtype == "auto":  # bf16 on GPUs and on CPUs with bf16 instructions (2-3x faster there); else float32
+        from .model import fast_dtype
+
+        dtype = fast_dtype(dev)
     llm = KVModel.from_pretrained(model, dtype=dtype, device=dev)
     t0 = time.perf_counter()
     llm.load()
     print(f"model {model} loaded in {time.perf_counter() - t0:.1f}s on {dev} ({llm.dtype})")
     prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=seed)
+    from .scoring import LayerCoE, ProbabilityScores, TokenCoE
+    from .selection import candidates_from_samples, select
+
     gen_emb = KVEmbedding(KVPooling(segment="generated"), name="kv_generated")
     prompt_emb = KVEmbedding(KVPooling(segment="prompt"), name="kv_prompt")
-    res = llm.generate(prompts, params, components=[gen_emb, prompt_emb])
+    scorers = [LayerCoE(), TokenCoE(), ProbabilityScores()]
+    res = llm.generate(prompts, params, components=[gen_emb, prompt_emb, *scorers])
     st = res.stats
     print(
         f"{len(prompts)} prompts x n={n}: prefill {st.prefill_tokens} tokens in {st.prefill_s:.2f}s "
@@ -44,7 +50,10 @@ def run_demo(model: str = "qwen2.5-coder-0.5b", n: int = 4, max_new_tokens: int 
         f"= {st.tokens_per_s:.1f} tokens/s, {st.forward_calls} forward calls"
     )
     print("KV columns: cos(prompt) = cosine of the sample's generated-segment KV embedding to its prompt's; "
-          "agree = mean cosine to its sibling samples (higher = the sample resembles the others).")
+          "agree = mean cosine to its sibling samples (higher = the sample resembles the others); entropy = mean "
+          "token entropy (lower = more confident); KV-CoE-C = layer-axis chain-of-embedding, tokCoE-R = the paper's "
+          "token-axis form (higher = more likely correct). * = chosen: majority vote over parsed answers, ties "
+          "broken by the lowest entropy.")
     for p, group in enumerate(res.samples):
         print(f"\nQ{p + 1}: {QUESTIONS[p]}")
         gen = torch.stack([s.outputs["kv_generated"] for s in group])
@@ -52,8 +61,14 @@ def run_demo(model: str = "qwen2.5-coder-0.5b", n: int = 4, max_new_tokens: int 
         cos_prompt = (gen * prm).sum(-1)
         sims = gen @ gen.T
         agree = (sims.sum(-1) - sims.diagonal()) / max(len(group) - 1, 1)
-        print(f"  {'#':>2} {'tokens':>6} {'finish':>7} {'cos(prompt)':>11} {'agree':>6}  answer")
+        cands = candidates_from_samples(group, "gsm8k")
+        choice = select(cands, rule="majority", score="mean_entropy")
+        print(f"  {'#':>2} {'tokens':>6} {'finish':>7} {'cos(prompt)':>11} {'agree':>6} {'entropy':>7} "
+              f"{'KV-CoE-C':>8} {'tokCoE-R':>8} {'answer':>8}  text end")
         for j, s in enumerate(group):
-            tail = s.text.split("Answer:")[-1] if "Answer:" in s.text else s.text[-80:]
-            print(f"  {j:>2} {s.generated_tokens:>6} {s.finish_reason:>7} {cos_prompt[j]:>11.3f} {agree[j]:>6.3f}  "
-                  f"{_clip(tail, 60)}")
+            sc = {**s.outputs["kv_coe_layer"], **s.outputs["kv_coe_token"], **s.outputs["probability"]}
+            mark = "*" if j == choice.chosen.index else " "
+            print(f"{mark} {j:>2} {s.generated_tokens:>6} {s.finish_reason:>7} {cos_prompt[j]:>11.3f} {agree[j]:>6.3f} "
+                  f"{sc['mean_entropy']:>7.3f} {sc['kv_coe_layer_c']:>8.3f} {sc['kv_coe_token_r']:>8.3f} "
+                  f"{str(cands[j].answer):>8}  {_clip(s.text[-60:], 50)}")
+        print(f"  chosen: sample {choice.chosen.index} (answer {choice.answer}) by {choice.rule}: {choice.note}")

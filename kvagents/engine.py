@@ -223,7 +223,7 @@ class DecodeEngine:
         n_forced = torch.zeros(B, dtype=torch.long, device=dev)
         nan_step = torch.full((B,), -1, dtype=torch.long, device=dev)  # first step with NaN logits
         out_tokens = torch.full((B, max(max_new, 1)), self.pad_token_id, dtype=torch.long, device=dev)
-        stop_ids = sorted(set(([] if params.ignore_eos else self.eos_token_ids)) | set(params.stop_token_ids))
+        stop_ids = sorted(set([] if params.ignore_eos else self.eos_token_ids) | set(params.stop_token_ids))
         stop_ids_t = torch.as_tensor(stop_ids, dtype=torch.long, device=dev)
         eos_t = torch.as_tensor(self.eos_token_ids if not params.ignore_eos else [], dtype=torch.long, device=dev)
         gen = None

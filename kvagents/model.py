@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -17,7 +17,7 @@ from .pooling import KVPooling, pool_cache_rows
 from .results import GenerationResult, StreamEvent
 
 Message = dict[str, Any]
-Prompt = Union[str, Sequence[int], Sequence[Message]]
+Prompt = str | Sequence[int] | Sequence[Message]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -27,6 +27,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bfloat16 matrix instructions (AVX512-BF16 or AMX); without them bf16 is
+    emulated and several times slower than float32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def fast_dtype(device: torch.device) -> torch.dtype:
+    """The fastest sensible dtype: bf16 on CUDA and on CPUs with bf16 instructions, else float32."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16()):
+        return torch.bfloat16
+    return torch.float32
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -63,3 +63,25 @@ def test_stop_string_across_real_token_boundaries(smollm):
     assert s.finish_reason == "stop"
     assert s.text.endswith("The answer is ") and stop not in s.text
     assert s.forced_tokens == s.generated_tokens - 1
+
+
+def test_demo_runs_and_shows_the_choice(capsys):
+    from kvagents.demo import QUESTIONS, run_demo
+
+    run_demo(model="smollm2-135m", n=2, max_new_tokens=12, dtype="float32", device="cpu")
+    out = capsys.readouterr().out
+    assert out.count("chosen: sample") == len(QUESTIONS)
+    assert "KV-CoE-C" in out and "forward calls" in out
+
+
+def test_cli_embed_writes_npy(tmp_path):
+    import numpy as np
+
+    from kvagents.cli import main
+
+    src = tmp_path / "t.jsonl"
+    src.write_text('{"text": "first"}\n{"text": "second one"}\n')
+    assert main(["embed", str(src), str(tmp_path / "e.npy"), "--model", "smollm2-135m", "--dtype", "float32",
+                 "--layers", "-1,-2", "--part", "k"]) == 0
+    arr = np.load(tmp_path / "e.npy")
+    assert arr.shape == (2, 64) and np.allclose(np.linalg.norm(arr, axis=1), 1, atol=1e-5)

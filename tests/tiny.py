@@ -29,7 +29,7 @@ CONFIGS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model(arch: str, seed: int = 0):
     torch.manual_seed(seed)
     cfg = CONFIGS[arch]()
