@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=DEFAULT_MODEL)
     e.add_argument("--field", default=None, help="JSONL field holding the text (default: text/question/problem/en)")
     e.add_argument("--limit", type=int, default=0)
-    e.add_argument("--layers", default="4", help="last-n count (4) or comma list of indices (-1,-2)")
+    e.add_argument("--layers", default="4", help="last-n count (4) or comma list of indices (write --layers=-1,-2 for negatives)")
     e.add_argument("--part", default="kv", choices=["k", "v", "kv"])
     e.add_argument("--positions", default="mean", choices=["mean", "sum", "last", "first", "window"])
     e.add_argument("--heads", default="mean", choices=["mean", "flatten"])

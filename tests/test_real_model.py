@@ -82,6 +82,6 @@ def test_cli_embed_writes_npy(tmp_path):
     src = tmp_path / "t.jsonl"
     src.write_text('{"text": "first"}\n{"text": "second one"}\n')
     assert main(["embed", str(src), str(tmp_path / "e.npy"), "--model", "smollm2-135m", "--dtype", "float32",
-                 "--layers", "-1,-2", "--part", "k"]) == 0
+                 "--layers=-1,-2", "--part", "k"]) == 0
     arr = np.load(tmp_path / "e.npy")
     assert arr.shape == (2, 64) and np.allclose(np.linalg.norm(arr, axis=1), 1, atol=1e-5)
