@@ -78,8 +78,9 @@ class StepView:
     """One decode step, all device tensors over the ``B = P * n`` sequences.
 
     * ``token_ids`` ``[B]``: the token chosen this step (after forcing); it counts for sequence i iff ``alive[i]``.
-    * ``logprobs`` ``[B]``: its log-probability under the model's raw distribution; ``logits`` ``[B, V]`` that
-      distribution (float32, before temperature / top-k / top-p).
+    * ``logprobs`` ``[B]``: its log-probability under the model's raw distribution (computed on first access, so
+      components that do not read it cost nothing); ``logits`` ``[B, V]`` that distribution (float32, before
+      temperature / top-k / top-p).
     * ``forced`` ``[B]``: the token was forced by a component.
     * ``alive`` ``[B]``: sequence was running when this token was chosen; ``finished`` ``[B]``: after it.
     * ``kv``: K/V rows of ``fed_ids``, the tokens fed in the forward pass that produced ``logits`` (the previous
@@ -89,7 +90,7 @@ class StepView:
 
     step: int
     token_ids: torch.Tensor
-    logprobs: torch.Tensor
+    _logprobs: torch.Tensor | None
     logits: torch.Tensor
     forced: torch.Tensor
     alive: torch.Tensor
@@ -99,6 +100,13 @@ class StepView:
     positions: torch.Tensor | None
     cache: Any
     layers: LayerInfo
+
+    @property
+    def logprobs(self) -> torch.Tensor:
+        if self._logprobs is None:
+            self._logprobs = (self.logits.gather(-1, self.token_ids[:, None]).squeeze(-1)
+                              - torch.logsumexp(self.logits, dim=-1))
+        return self._logprobs
 
     @property
     def has_kv(self) -> bool:

@@ -254,8 +254,7 @@ class DecodeEngine:
                     tok = tok.index_put((idx_t,), torch.as_tensor(vals, device=dev))
             alive = reason == RUNNING
             forced &= alive
-            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
-            nan_now = torch.isnan(logits).any(dim=-1) & alive & (nan_step < 0)
+            nan_now = torch.isnan(logits.sum(dim=-1)) & alive & (nan_step < 0)  # one reduction, NaN propagates
             nan_step = torch.where(nan_now, t, nan_step)
             tok = torch.where(alive, tok, self.pad_token_id)
             out_tokens[:, t] = tok
@@ -269,7 +268,7 @@ class DecodeEngine:
             if t == max_new - 1:
                 reason = torch.where(reason == RUNNING, LENGTH, reason)
             # 3. components (one line per step)
-            view = StepView(t, tok, logprobs, logits, forced, alive, reason != RUNNING, fed_ids, fed_valid, fed_pos, cache, info)
+            view = StepView(t, tok, None, logits, forced, alive, reason != RUNNING, fed_ids, fed_valid, fed_pos, cache, info)
             for c in components:
                 for action in c.on_step(view) or ():
                     if isinstance(action, StopSequence):
