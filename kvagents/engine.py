@@ -47,6 +47,18 @@ def layer_info(cache, config) -> LayerInfo:
     return LayerInfo(len(cache.layers), attn, k.shape[1], k.shape[3])
 
 
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Left-padded ``ids``, ``mask`` and ``position_ids`` ``[P, T]`` (pads at position 0, as HF ``generate``)."""
+    T = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), T), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, T - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
 class _TextTracker:
     """Host-side text of one sequence: incremental decode, stop-string search, stream deltas."""
 
@@ -192,13 +204,7 @@ class DecodeEngine:
 
         # ---- prefill (left-padded) -----------------------------------------------------------------------
         t0 = time.perf_counter()
-        ids = torch.full((P, T), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((P, T), dtype=torch.long)
-        for i, p in enumerate(prompt_ids):
-            ids[i, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
-            mask[i, T - len(p) :] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        ids, mask, pos = left_pad(prompt_ids, self.pad_token_id, dev)
         cache = DynamicCache(config=model.config)
         logits = self.prefill(ids, mask, pos, cache)
         stats.prefill_tokens = int(sum(lengths))

@@ -22,7 +22,7 @@ from .answers import normalize_number, parse_gsm8k
 from .metrics import aupr, auroc, fpr_at_95_tpr
 from .model import KVModel
 from .params import SamplingParams
-from .probe import KVProbe, KVProbeScore, probe_pooling
+from .probe import KVProbe, probe_pooling
 from .scoring import SCORE_DIRECTIONS, LayerCoE, ProbabilityScores, TokenCoE, hidden_coe_from_forward
 
 INSTRUCTION = "Solve the problem step by step. End with a final line of the form 'Answer: <number>'."
@@ -46,7 +46,7 @@ def _prompt(q: str) -> list[dict]:
 
 
 def sample_rows(llm: KVModel, rows: list[dict], params: SamplingParams, batch_prompts: int, *, with_features: bool,
-                hidden: bool, probe: KVProbe | None = None, desc: str = "sample") -> list[dict]:
+                hidden: bool, desc: str = "sample") -> list[dict]:
     """Generate n samples per row with every scorer on; one record per sample."""
     from .components import KVEmbedding
 
@@ -59,8 +59,6 @@ def sample_rows(llm: KVModel, rows: list[dict], params: SamplingParams, batch_pr
             if info_layers is None:
                 info_layers = len(_attention_layers(llm))
             comps.append(KVEmbedding(probe_pooling(info_layers), name="features"))
-        if probe is not None:
-            comps.append(KVProbeScore(probe))
         res = llm.generate([_prompt(r["question"]) for r in chunk], params, components=comps)
         for p, group in enumerate(res.samples):
             for s in group:
@@ -244,40 +242,17 @@ def plot(records: list[dict], summary: dict, path: Path) -> None:
 def run(data: str, model: str, n: int, rows: tuple[int, int], probe_rows: tuple[int, int] | None, out_dir: Path,
         *, device: str = "auto", dtype: str = "auto", temperature: float = 0.7, top_p: float = 0.95,
         max_new_tokens: int = 384, batch_prompts: int = 32, hidden: bool = True, seed: int = 0) -> dict:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """The whole evaluation in one process: an evaluation shard, a probe-training shard, then :func:`combine`."""
     llm = KVModel.from_pretrained(model, dtype=dtype, device=device).load()
-    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-    eval_rows = load_rows(data, rows)
-    t0 = time.perf_counter()
-    greedy = sample_rows(llm, eval_rows, SamplingParams(max_new_tokens=max_new_tokens, temperature=0),
-                         batch_prompts * n, with_features=False, hidden=False, desc="greedy")
-    probe = None
-    probe_note = None
-    if probe_rows is not None:
-        train = sample_rows(llm, load_rows(data, probe_rows), params, batch_prompts, with_features=True, hidden=False,
-                            desc="probe-train")
-        feats = [r for r in train if r.get("features") is not None]
-        x = np.stack([r["features"] for r in feats])
-        y = np.array([r["correct"] for r in feats], dtype=float)
-        probe = KVProbe.fit(x, y, probe_pooling(len(_attention_layers(llm))))
-        probe.save(out_dir / "probe")
-        probe_note = f"probe trained on rows {probe_rows[0]}-{probe_rows[1] - 1} ({len(feats)} samples, {y.mean():.3f} correct)"
-    records = sample_rows(llm, eval_rows, params, batch_prompts, with_features=False, hidden=hidden, probe=probe,
-                          desc="sample")
-    summary = summarize(records, greedy)
-    summary.update({"model": model, "data": str(data), "rows": f"{rows[0]}-{rows[1] - 1}", "n": n,
-                    "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
-                    "device": torch.cuda.get_device_name() if llm.device.type == "cuda" else "cpu",
-                    "dtype": str(llm.dtype), "probe": probe_note, "seconds": time.perf_counter() - t0,
-                    "date": time.strftime("%Y-%m-%d")})
-    (out_dir / "selection.json").write_text(json.dumps(summary, indent=2))
-    with open(out_dir / "samples.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps({k: v for k, v in r.items() if k != "features"}) + "\n")
-    (out_dir / "selection.md").write_text(markdown_table(summary) + "\n")
-    plot(records, summary, out_dir / "selection.png")
-    print(markdown_table(summary))
-    return summary
+    common = dict(device=device, dtype=dtype, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                  batch_prompts=batch_prompts, seed=seed, llm=llm)
+    features = probe_rows is not None
+    run_shard(data, model, n, rows, out_dir / "eval", greedy=True, hidden=hidden, features=features, **common)
+    train_dirs = []
+    if features:
+        run_shard(data, model, n, probe_rows, out_dir / "train", greedy=False, hidden=False, features=True, **common)
+        train_dirs = [out_dir / "train"]
+    return combine([out_dir / "eval"], train_dirs, out_dir, len(_attention_layers(llm)))
 
 
 # ---- sharded runs (long evaluations split across calls) --------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .components import Component
-from .engine import DecodeEngine, layer_info
+from .engine import DecodeEngine, layer_info, left_pad
 from .params import SamplingParams
 from .pooling import KVPooling, pool_cache_rows
 from .results import GenerationResult, StreamEvent
@@ -275,14 +275,7 @@ class KVModel:
         with self._lock:
             for start in tqdm(range(0, len(ids), batch_size), desc="embed", disable=not show):
                 chunk = order[start : start + batch_size]
-                T = max(len(ids[i]) for i in chunk)
-                x = torch.full((len(chunk), T), engine.pad_token_id, dtype=torch.long)
-                m = torch.zeros((len(chunk), T), dtype=torch.long)
-                for r, i in enumerate(chunk):
-                    x[r, T - len(ids[i]) :] = torch.as_tensor(ids[i])
-                    m[r, T - len(ids[i]) :] = 1
-                x, m = x.to(self.device), m.to(self.device)
-                pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 0)
+                x, m, pos = left_pad([ids[i] for i in chunk], engine.pad_token_id, self.device)
                 cache = DynamicCache(config=self.model.config)
                 engine.prefill(x, m, pos, cache)
                 info = layer_info(cache, self.model.config)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class SamplingParams(BaseModel):
@@ -74,10 +74,6 @@ class SamplingParams(BaseModel):
             if not isinstance(s, str) or s == "":
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
         return list(v)
-
-    @model_validator(mode="after")
-    def _check_greedy_n(self) -> SamplingParams:
-        return self
 
     @property
     def greedy(self) -> bool:

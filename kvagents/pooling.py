@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Part = Literal["k", "v", "kv"]
 Positions = Literal["mean", "sum", "last", "first", "window"]
@@ -83,10 +83,6 @@ class KVPooling(BaseModel):
         if v < 1:
             raise ValueError(f"window must be >= 1, got {v}")
         return v
-
-    @model_validator(mode="after")
-    def _check(self) -> KVPooling:
-        return self
 
     @property
     def parts(self) -> int:
