@@ -15,6 +15,7 @@ from .components import (
     StepView,
     StopSequence,
 )
+from .encoder import Encoder, KVEncoder, SentenceTransformerEncoder, as_encoder
 from .engine import DecodeEngine, NonFiniteLogitsError
 from .model import GenerationStream, KVModel
 from .params import SamplingParams
@@ -26,12 +27,14 @@ __version__ = "0.1.0"
 __all__ = [
     "Component",
     "DecodeEngine",
+    "Encoder",
     "FinishView",
     "ForceTokens",
     "GenerationResult",
     "GenerationStats",
     "GenerationStream",
     "KVEmbedding",
+    "KVEncoder",
     "KVModel",
     "KVPooling",
     "LayerInfo",
@@ -40,8 +43,10 @@ __all__ = [
     "RunningPool",
     "SampleResult",
     "SamplingParams",
+    "SentenceTransformerEncoder",
     "StepView",
     "StopSequence",
     "StreamEvent",
+    "as_encoder",
     "pool_cache_rows",
 ]
