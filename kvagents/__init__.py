@@ -17,6 +17,8 @@ from .components import (
 )
 from .encoder import Encoder, KVEncoder, SentenceTransformerEncoder, as_encoder
 from .engine import DecodeEngine, NonFiniteLogitsError
+from .index import IndexRecord, KVIndex, KVIndexError, SearchHit, maximal_marginal_relevance
+from .index_io import IndexChecksumError, IndexFormatError, IndexMismatchError, IndexVersionError
 from .model import GenerationStream, KVModel
 from .params import SamplingParams
 from .pooling import KVPooling, RunningPool, pool_cache_rows
@@ -33,7 +35,14 @@ __all__ = [
     "GenerationResult",
     "GenerationStats",
     "GenerationStream",
+    "IndexChecksumError",
+    "IndexFormatError",
+    "IndexMismatchError",
+    "IndexRecord",
+    "IndexVersionError",
     "KVEmbedding",
+    "KVIndex",
+    "KVIndexError",
     "KVEncoder",
     "KVModel",
     "KVPooling",
@@ -43,10 +52,12 @@ __all__ = [
     "RunningPool",
     "SampleResult",
     "SamplingParams",
+    "SearchHit",
     "SentenceTransformerEncoder",
     "StepView",
     "StopSequence",
     "StreamEvent",
     "as_encoder",
+    "maximal_marginal_relevance",
     "pool_cache_rows",
 ]
