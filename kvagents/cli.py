@@ -98,6 +98,25 @@ def cmd_eval_selection(args) -> int:
     return 0
 
 
+def cmd_eval_embeddings(args) -> int:
+    from .eval_embeddings import run
+
+    paths = {}
+    for spec in args.model_path:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise SystemExit(f"error: --model-path {spec!r} must look like NAME=PATH (e.g. qwen2.5-coder-0.5b=/tmp/m/model.gguf)")
+        paths[name] = path
+    try:
+        run(data_dir=args.data_dir, encoders=args.encoders, model_paths=paths, poolings=args.poolings,
+            device=args.device, dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length,
+            limit=args.limit or None, cache_dir=args.cache_dir, out=args.out, encode_only=args.encode_only,
+            cache_only=args.cache_only, seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvagents", description="Use the KV cache an LLM builds anyway: KV embeddings, "
                                  "chain-of-embedding best-of-N, KV-classifier reasoning control.")
@@ -130,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_embed)
 
-    ev = sub.add_parser("eval", help="evaluations (selection)")
+    ev = sub.add_parser("eval", help="evaluations (selection, embeddings)")
     evs = ev.add_subparsers(dest="what", required=True)
     s = evs.add_parser("selection", help="best-of-N selection and correctness prediction of every score")
     s.add_argument("--data", default="../shared/data/gsm8k.jsonl")
@@ -156,6 +175,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-shards", nargs="*", default=[], help="shard folders with features to train the probe")
     s.add_argument("--num-attention-layers", type=int, default=24)
     s.set_defaults(func=cmd_eval_selection)
+
+    from .eval_embeddings import ENCODERS, POOLINGS
+
+    ee = evs.add_parser("embeddings", help="KV embeddings vs all-MiniLM-L6-v2: retrieval and classification")
+    ee.add_argument("--data-dir", default="../shared/data", help="folder with gsm8k.jsonl and math500.jsonl")
+    ee.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS),
+                    help="encoders to evaluate (default: all)")
+    ee.add_argument("--model-path", action="append", default=[], metavar="NAME=PATH",
+                    help="load a KV model from a path, e.g. qwen2.5-coder-0.5b=/tmp/m/model.gguf (repeatable)")
+    ee.add_argument("--poolings", nargs="+", default=None, choices=list(POOLINGS), help="KV pooling configs (default: all)")
+    ee.add_argument("--limit", type=int, default=0, help="first N rows of each dataset (default: all)")
+    ee.add_argument("--batch-size", type=int, default=32)
+    ee.add_argument("--max-length", type=int, default=512, help="token limit per text for the KV encoders")
+    ee.add_argument("--dtype", default="float32", help="KV model dtype (float32, bfloat16, auto)")
+    ee.add_argument("--device", default="auto")
+    ee.add_argument("--cache-dir", default="out/emb_cache", help="embedding cache (.npy + .json per model/field)")
+    ee.add_argument("--out", default="out/eval_embeddings", help="results.md, results.json, embeddings.png")
+    ee.add_argument("--encode-only", action="store_true", help="only fill the cache (e.g. on the GPU), no metrics")
+    ee.add_argument("--cache-only", action="store_true", help="never compute: fail when an embedding is not cached")
+    ee.add_argument("--seed", type=int, default=0, help="cross-validation split seed")
+    ee.set_defaults(func=cmd_eval_embeddings)
 
     m = sub.add_parser("models", help="list or fetch the embedded models")
     m.add_argument("action", choices=["list", "fetch"])
