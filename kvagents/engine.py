@@ -22,6 +22,9 @@ from .results import GenerationResult, GenerationStats, SampleResult, StreamEven
 from .sampling import sample
 
 RUNNING, EOS, STOP, LENGTH, COMPONENT = 0, 1, 2, 3, 4
+
+#: ``proc(logits [B, V], prev_tokens [B] | None, prev_valid [B] | None) -> logits``: see :meth:`DecodeEngine.run`.
+LogitsProcessor = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
 _REASONS = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 
 
@@ -168,9 +171,10 @@ class DecodeEngine:
         params: SamplingParams,
         components: Sequence[Component] = (),
         on_text: Callable[[StreamEvent], None] | None = None,
+        logits_processors: Sequence[LogitsProcessor] = (),
     ) -> GenerationResult:
         """Decode every prompt; ``on_text`` (optional) receives per-sequence text deltas as they appear."""
-        gen = self.run(prompt_ids, params, components, stream=on_text is not None)
+        gen = self.run(prompt_ids, params, components, stream=on_text is not None, logits_processors=logits_processors)
         while True:
             try:
                 event = next(gen)
@@ -185,8 +189,16 @@ class DecodeEngine:
         params: SamplingParams,
         components: Sequence[Component] = (),
         stream: bool = False,
+        logits_processors: Sequence[LogitsProcessor] = (),
     ) -> Generator[StreamEvent, None, GenerationResult]:
-        """The loop, as a generator of :class:`StreamEvent` (only when ``stream``) returning the result."""
+        """The loop, as a generator of :class:`StreamEvent` (only when ``stream``) returning the result.
+
+        ``logits_processors``: callables ``proc(logits, prev_tokens, prev_valid) -> logits`` applied in order to
+        the float32 logits ``[B, V]`` before sampling (e.g. a grammar mask). ``prev_tokens`` ``[B]`` are the
+        tokens chosen at the previous step (after forcing; ``None`` at step 0) and ``prev_valid`` ``[B]`` marks
+        the sequences still running after them. They change only what is sampled: components still see the
+        model's raw logits. A processor must not modify its input in place.
+        """
         model, dev = self.model, self.model.device
         n, P = params.n, len(prompt_ids)
         if P == 0:
@@ -247,8 +259,11 @@ class DecodeEngine:
         steps = 0
 
         for t in range(max_new):
-            # 1. choose token t for every sequence
-            tok = sample(logits, params, gen)
+            # 1. choose token t for every sequence (logits processors, e.g. a grammar mask, shape the choice)
+            scores = logits
+            for proc in logits_processors:
+                scores = proc(scores, fed_ids, fed_valid)
+            tok = sample(scores, params, gen)
             forced = torch.zeros(B, dtype=torch.bool, device=dev)
             if force_queues:
                 idx = [i for i, q in force_queues.items() if q]

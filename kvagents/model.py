@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .components import Component
-from .engine import DecodeEngine, layer_info, left_pad
+from .engine import DecodeEngine, LogitsProcessor, layer_info, left_pad
 from .params import SamplingParams
 from .pooling import KVPooling, pool_cache_rows
 from .results import GenerationResult, StreamEvent
@@ -217,16 +217,18 @@ class KVModel:
         *,
         components: Sequence[Component] = (),
         on_text: Callable[[StreamEvent], None] | None = None,
+        logits_processors: Sequence[LogitsProcessor] = (),
         **param_overrides,
     ) -> GenerationResult:
         """Sample ``params.n`` continuations of each prompt (one prefill per prompt).
 
         ``param_overrides`` build or update ``params`` (``generate("Hi", max_new_tokens=8, temperature=0)``).
+        ``logits_processors`` shape sampling (see :meth:`DecodeEngine.run`), e.g. a grammar mask.
         """
         params = _params(params, param_overrides)
         ids = self._batch(prompts)
         with self._lock:
-            return self.engine.generate(ids, params, components, on_text=on_text)
+            return self.engine.generate(ids, params, components, on_text=on_text, logits_processors=logits_processors)
 
     def stream(
         self,
@@ -234,12 +236,15 @@ class KVModel:
         params: SamplingParams | None = None,
         *,
         components: Sequence[Component] = (),
+        logits_processors: Sequence[LogitsProcessor] = (),
         **param_overrides,
     ) -> GenerationStream:
         """Iterate over :class:`StreamEvent` text deltas; ``.result`` holds the full result afterwards."""
         params = _params(params, param_overrides)
         ids = self._batch(prompts)
-        return GenerationStream(self, self.engine.run(ids, params, components, stream=True))
+        return GenerationStream(
+            self, self.engine.run(ids, params, components, stream=True, logits_processors=logits_processors)
+        )
 
     # -- embeddings ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
