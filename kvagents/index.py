@@ -124,7 +124,9 @@ class _FaissBackend:
             inner = faiss.index_factory(dim, self.factory, faiss_metric)
         except RuntimeError as e:
             raise KVIndexError(f"faiss cannot build factory string {self.factory!r}: {e}") from e
-        self.index = faiss.IndexIDMap2(inner)
+        # IVF indexes carry ids natively (and IndexIDMap over IVF breaks on removal); others get an IndexIDMap2
+        native_ids = isinstance(faiss.downcast_index(inner), faiss.IndexIVF) or self.factory.startswith("IDMap")
+        self.index = inner if native_ids else faiss.IndexIDMap2(inner)
         self.nprobe = 16
         self.ef_search = 64
         self.use_gpu = use_gpu
@@ -174,8 +176,8 @@ class _FaissBackend:
     def _params(self, allowed: np.ndarray | None):
         faiss = self.faiss
         sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
-        inner = faiss.downcast_index(self.index.index)
-        if isinstance(inner, faiss.IndexIVF) or "IVF" in self.factory:
+        inner = faiss.downcast_index(self.index.index if hasattr(self.index, "id_map") else self.index)
+        if isinstance(inner, faiss.IndexIVF):
             return faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
         if isinstance(inner, faiss.IndexHNSW):
             return faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.ef_search, 1))

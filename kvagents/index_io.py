@@ -202,7 +202,7 @@ def load_index(path: Path, *, encoder_identity: dict[str, Any] | None = None, di
         return payload[start: start + length]
 
     records = json.loads(section("records").decode("utf-8"))
-    vectors = np.frombuffer(section("vectors"), dtype="<f4").reshape(-1, stored_dim)
+    vectors = np.frombuffer(section("vectors"), dtype="<f4").reshape(-1, stored_dim).astype(np.float32)
     index = KVIndex(stored_dim, header["metric"], factory=header.get("factory"), device=device, backend=backend,
                     encoder_identity=stored_identity)
     labels = np.asarray(records["labels"], dtype=np.int64)
