@@ -1,4 +1,4 @@
-"""``kvagents`` command line: ``demo``, ``embed``, ``models``."""
+"""``kvagents`` command line: ``demo``, ``embed``, ``index``, ``eval``, ``models``."""
 
 from __future__ import annotations
 
@@ -36,20 +36,116 @@ def cmd_demo(args) -> int:
 def cmd_embed(args) -> int:
     import numpy as np
 
-    from . import KVModel, KVPooling
+    from . import KVModel
 
     texts = _read_texts(args.input, args.field)
     if args.limit:
         texts = texts[: args.limit]
-    layers = [int(x) for x in args.layers.split(",")] if "," in args.layers or args.layers.startswith("-") else int(
-        args.layers
-    )
-    pooling = KVPooling(layers=layers, part=args.part, positions=args.positions, heads=args.heads,
-                        layer_agg=args.layer_agg, normalize=not args.no_normalize)
+    pooling = _pooling_from_args(args)
     llm = KVModel.from_pretrained(args.model, dtype=args.dtype, device=args.device)
     vecs = llm.embed(texts, pooling, batch_size=args.batch_size, show_progress_bar=True).numpy()
     np.save(args.output, vecs)
     print(f"wrote {vecs.shape[0]} x {vecs.shape[1:]} float32 to {args.output}")
+    return 0
+
+
+def _add_pooling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", default="4", help="last-n count (4) or comma list of indices (write --layers=-1,-2 for negatives)")
+    p.add_argument("--part", default="kv", choices=["k", "v", "kv"])
+    p.add_argument("--positions", default="mean", choices=["mean", "sum", "last", "first", "window"])
+    p.add_argument("--heads", default="mean", choices=["mean", "flatten"])
+    p.add_argument("--layer-agg", default="mean", choices=["mean", "sum", "flatten", "last", "stack"])
+    p.add_argument("--no-normalize", action="store_true")
+
+
+def _pooling_from_args(args):
+    from . import KVPooling
+
+    spec = args.layers
+    try:
+        layers = [int(x) for x in spec.split(",")] if "," in spec or spec.startswith("-") else int(spec)
+    except ValueError:
+        raise SystemExit(f"error: --layers {spec!r} must be a count (4) or a comma list of layer indices") from None
+    return KVPooling(layers=layers, part=args.part, positions=args.positions, heads=args.heads,
+                     layer_agg=args.layer_agg, normalize=not args.no_normalize)
+
+
+def _read_rows(path: str) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"error: input file {path!r} does not exist")
+    rows = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line) if p.suffix == ".jsonl" else {"text": line})
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{n} is not valid JSON ({e})") from None
+    if not rows:
+        raise SystemExit(f"error: {path!r} holds no rows")
+    return rows
+
+
+INDEX_FILE = "index.kvx"
+
+
+def cmd_index(args) -> int:
+    from . import KVEncoder, KVIndex, KVPooling
+
+    folder = Path(args.folder)
+    if args.action == "build":
+        rows = _read_rows(args.input)[: args.limit or None]
+        field = args.field or next((k for k in ("text", "question", "problem", "en") if k in rows[0]), None)
+        if field is None or any(field not in r for r in rows):
+            raise SystemExit(f"error: rows need the text field {field!r}; pass --field (keys: {sorted(rows[0])})")
+        if args.id_field and any(args.id_field not in r for r in rows):
+            raise SystemExit(f"error: --id-field {args.id_field!r} is missing from some rows")
+        texts = [str(r[field]) for r in rows]
+        ids = [str(r[args.id_field]) for r in rows] if args.id_field else [str(i) for i in range(len(rows))]
+        metadatas = [{k: v for k, v in r.items() if k != field} for r in rows]
+        encoder = KVEncoder(args.model, _pooling_from_args(args), batch_size=args.batch_size,
+                            max_length=args.max_length, dtype=args.dtype, device=args.device)
+        vectors = encoder.encode_document(texts, show_progress_bar=True)
+        index = KVIndex(vectors.shape[1], args.metric, factory=args.factory, encoder_identity=encoder.identity)
+        if args.factory:
+            index.train(vectors)
+        index.add(vectors, ids=ids, texts=texts, metadatas=metadatas)
+        path = index.save(folder / INDEX_FILE)
+        print(f"indexed {len(index)} texts ({vectors.shape[1]}-d, {args.metric}, {args.factory or 'exact'}) -> {path}")
+        return 0
+
+    from .index_io import read_header
+
+    path = folder / INDEX_FILE if folder.is_dir() else folder
+    if not path.exists():
+        raise SystemExit(f"error: no index at {path}; build one with `kvagents index build INPUT {folder}`")
+    identity = read_header(path).get("encoder_identity") or {}
+    if identity.get("kind") != "kvagents":
+        raise SystemExit(f"error: {path} was not built by a KV encoder ({identity}); search it from Python")
+    model = args.model or identity["model"]
+    encoder = KVEncoder(model, KVPooling(**identity["pooling"]), dtype=args.dtype, device=args.device)
+    index = KVIndex.load(path, dim=identity.get("dim"))
+    filt = None
+    if args.filter:
+        filt = {}
+        for spec in args.filter:
+            key, sep, value = spec.partition("=")
+            if not sep:
+                raise SystemExit(f"error: --filter {spec!r} must look like KEY=VALUE")
+            try:
+                filt[key] = json.loads(value)
+            except json.JSONDecodeError:
+                filt[key] = value
+    query = encoder.encode_query([args.query])
+    hits = index.mmr(query[0], k=args.k, fetch_k=max(4 * args.k, 20), filter=filt) if args.mmr else index.search(
+        query[0], k=args.k, filter=filt)
+    if args.json:
+        print(json.dumps([{"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in hits]))
+        return 0
+    print("| rank | score | id | text |\n|---:|---:|---|---|")
+    for rank, h in enumerate(hits, 1):
+        text = (h.text or "").replace("\n", " ").replace("|", "\\|")
+        print(f"| {rank} | {h.score:.4f} | {h.id} | {text[:args.width]} |")
     return 0
 
 
@@ -138,12 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=DEFAULT_MODEL)
     e.add_argument("--field", default=None, help="JSONL field holding the text (default: text/question/problem/en)")
     e.add_argument("--limit", type=int, default=0)
-    e.add_argument("--layers", default="4", help="last-n count (4) or comma list of indices (write --layers=-1,-2 for negatives)")
-    e.add_argument("--part", default="kv", choices=["k", "v", "kv"])
-    e.add_argument("--positions", default="mean", choices=["mean", "sum", "last", "first", "window"])
-    e.add_argument("--heads", default="mean", choices=["mean", "flatten"])
-    e.add_argument("--layer-agg", default="mean", choices=["mean", "sum", "flatten", "last", "stack"])
-    e.add_argument("--no-normalize", action="store_true")
+    _add_pooling_args(e)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--dtype", default="auto")
     e.add_argument("--device", default="auto")
@@ -196,6 +287,36 @@ def build_parser() -> argparse.ArgumentParser:
     ee.add_argument("--cache-only", action="store_true", help="never compute: fail when an embedding is not cached")
     ee.add_argument("--seed", type=int, default=0, help="cross-validation split seed")
     ee.set_defaults(func=cmd_eval_embeddings)
+
+    ix = sub.add_parser("index", help="build a KV-embedding index from texts, or search one")
+    ixs = ix.add_subparsers(dest="action", required=True)
+    b = ixs.add_parser("build", help="texts (.jsonl rows or .txt lines) -> index folder (index.kvx)")
+    b.add_argument("input")
+    b.add_argument("folder")
+    b.add_argument("--model", default=DEFAULT_MODEL)
+    b.add_argument("--field", default=None, help="JSONL field holding the text (default: text/question/problem/en)")
+    b.add_argument("--id-field", default=None, help="JSONL field holding the id (default: row number)")
+    b.add_argument("--metric", default="cosine", choices=["cosine", "ip", "l2"])
+    b.add_argument("--factory", default=None, help="faiss factory string for large collections, e.g. IVF1024,Flat")
+    b.add_argument("--limit", type=int, default=0)
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--max-length", type=int, default=512)
+    b.add_argument("--dtype", default="auto")
+    b.add_argument("--device", default="auto")
+    _add_pooling_args(b)
+    b.set_defaults(func=cmd_index)
+    q = ixs.add_parser("search", help="query an index folder; prints the top-k table")
+    q.add_argument("folder")
+    q.add_argument("query")
+    q.add_argument("-k", type=int, default=5)
+    q.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE", help="metadata filter (repeatable)")
+    q.add_argument("--mmr", action="store_true", help="diversify with maximal marginal relevance")
+    q.add_argument("--model", default=None, help="model path if it moved (default: the one recorded in the index)")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--width", type=int, default=80, help="text columns shown")
+    q.add_argument("--dtype", default="auto")
+    q.add_argument("--device", default="auto")
+    q.set_defaults(func=cmd_index)
 
     m = sub.add_parser("models", help="list or fetch the embedded models")
     m.add_argument("action", choices=["list", "fetch"])
