@@ -1,0 +1,713 @@
+"""The fast decode path: static KV cache, one CUDA graph per length bucket, components inside the graph.
+
+:class:`FastDecodeEngine` has :class:`~kvagents.engine.DecodeEngine`'s interface (``generate``, ``run``) and its
+results: greedy tokens equal the eager engine's and Hugging Face ``generate``'s, finish reasons, stop strings,
+forced tokens and component outputs are the same. What differs is how a step runs:
+
+* **prefill** stays eager (the Hugging Face model with a ``DynamicCache``, exactly as the eager engine); its rows
+  are copied, repeated ``n`` times, into static buffers ``[L, B, H_kv, capacity, d]`` (:mod:`.static_cache`);
+* **a decode step** (feed the previous token, logits, sample, finish checks, the components' tensor work) is one
+  function of static device tensors. On CUDA it is captured once per attention-length bucket into a CUDA graph
+  and replayed (the per-layer pieces compiled with ``torch.compile``); on the CPU the same function runs eagerly
+  (that is what CI tests);
+* **sampling** draws its exponential noise from a counter-based hash of ``(seed, step, row, token)``: no generator
+  state, no host synchronisation, graph-safe, and a replayed step draws the same tokens. Seeded samples therefore
+  differ from the eager engine's (``torch.Generator``) but are reproducible, and identical on CPU and GPU up to
+  the logits' rounding. Greedy decoding is an argmax in both;
+* **host checks** (all finished?, NaN logits, stop strings, streaming text) run every ``sync_every`` steps. A stop
+  string found at an earlier step of the window rolls the window back (state snapshot at the last check) and
+  replays it with the stop applied at the right step, so results equal the per-step check of the eager engine.
+
+Components
+----------
+A component runs inside the graph when it offers a graph-safe step (:func:`graph_step_for`):
+
+* its own ``step_tensors(view)`` method plus ``graph_state() -> dict[str, Tensor]`` (the attributes it updates,
+  **in place**, with device ops only: no ``.item()``, no Python branching on tensor values, no re-assignment of
+  state attributes); ``view`` is a :class:`StaticStepView` whose ``step`` is a 0-d device tensor and whose
+  ``kv_rows`` reads the static cache; or
+* a built-in adapter: :class:`~kvagents.scoring.LayerCoE`, :class:`~kvagents.scoring.TokenCoE`,
+  :class:`~kvagents.scoring.ProbabilityScores` and :class:`~kvagents.components.KVEmbedding` (exact types).
+
+Any other component keeps the plain API: its ``on_step`` runs after each replayed step, outside the graph, with a
+view of the static buffers (actions work as in the eager engine; it costs host time per step).
+
+Example:
+    >>> fast = FastDecodeEngine(model, tokenizer)  # doctest: +SKIP
+    >>> res = fast.generate([[1, 2, 3]], SamplingParams(max_new_tokens=64, temperature=0))  # doctest: +SKIP
+    >>> # or: KVModel.generate(prompts, params, fast=True)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from .components import Component, FinishView, ForceTokens, KVEmbedding, PrefillView, StepView, StopSequence
+from .engine import COMPONENT, EOS, LENGTH, RUNNING, STOP, DecodeEngine, NonFiniteLogitsError, _TextTracker
+from .engine import layer_info, left_pad
+from .params import SamplingParams
+from .results import GenerationResult, GenerationStats, SampleResult, StreamEvent
+from .sampling import process_logits
+from .static_cache import StaticLM, UnsupportedModelError
+
+__all__ = ["FastDecodeEngine", "StaticStepView", "UnsupportedModelError", "graph_step_for", "hash_exponential"]
+
+_M32 = 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Counter-based noise
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) of int64 tensors holding values in ``[0, 2^32)``.
+    Multipliers are below 2^31, so no product leaves the int64 range."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def hash_exponential(seed_key: torch.Tensor, step: torch.Tensor, rows: torch.Tensor, vocab: torch.Tensor):
+    """Exponential(1) noise ``[B, V]`` as a pure function of ``(seed_key, step, row, token)`` (all device
+    tensors: ``seed_key``/``step`` 0-d, ``rows`` ``[B]``, ``vocab`` ``[V]``, int64). 24-bit uniforms."""
+    k = _mix32((seed_key + step * 0x3C6EF372) & _M32)
+    r = _mix32((k + rows * 0x1B873593) & _M32)
+    x = _mix32(r[:, None] ^ vocab[None, :])
+    u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return -torch.log(u)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Views
+
+
+class _StaticCacheLayer:
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+
+class _StaticCacheView:
+    """``cache.layers[i].keys``/``.values`` ``[B, H, cols, d]`` over the static buffers (for plain components)."""
+
+    def __init__(self, K, V, cols: int):
+        self.layers = [_StaticCacheLayer(K[i, :, :, :cols], V[i, :, :, :cols]) for i in range(K.shape[0])]
+
+
+@dataclass
+class StaticStepView(StepView):
+    """The :class:`~kvagents.components.StepView` of the fast path. ``step`` is a 0-d device tensor inside the
+    graph (an int for plain components); ``kv_rows`` reads the fed token's rows from the static cache column
+    ``col`` (one gather for all layers, shared by all components of the step)."""
+
+    K: Any = None
+    V: Any = None
+    col: Any = None
+    _rows: dict | None = None
+
+    def kv_rows(self, layers: list[int], part: str = "kv") -> torch.Tensor:
+        if self.fed_ids is None:
+            raise RuntimeError("step 0 has no fed token: its logits come from prefill (see on_prefill)")
+        if self._rows is None:
+            self._rows = {}
+        key = (tuple(layers), part)
+        if key not in self._rows:
+            if "all" not in self._rows:
+                k = self.K.index_select(3, self.col).squeeze(3).transpose(0, 1)  # [B, L, H, d]
+                v = self.V.index_select(3, self.col).squeeze(3).transpose(0, 1)
+                self._rows["all"] = torch.stack([k, v], dim=2)  # [B, L, 2, H, d]
+            rows = self._rows["all"]
+            if list(layers) != list(range(rows.shape[1])):
+                rows = rows[:, list(layers)]
+            if part == "k":
+                rows = rows[:, :, :1]
+            elif part == "v":
+                rows = rows[:, :, 1:]
+            self._rows[key] = rows
+        return self._rows[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Graph-safe component steps (built-in adapters)
+
+
+def _layer_coe_state(c):
+    return {"_sum": c._sum, "_count": c._count}
+
+
+def _layer_coe_step(c, view):
+    if not view.has_kv:
+        return
+    rows = view.kv_rows(c._layers, c.part).float()
+    c._sum += rows * view.fed_valid[:, None, None, None, None]
+    c._count += view.fed_valid.long()
+
+
+def _token_coe_state(c):
+    return {k: getattr(c, k) for k in ("_first", "_prev", "_count", "_step_norm", "_step_angle", "_step_valid")}
+
+
+def _token_coe_step(c, view):
+    if not view.has_kv:
+        return
+    from .scoring import _angle
+
+    rows = view.kv_rows(c._layers, "kv").float()
+    e = rows.mean(dim=1).flatten(1)
+    valid = view.fed_valid
+    has_prev = c._count > 0
+    col = view.step.view(1)
+    c._step_norm.index_copy_(1, col, (e - c._prev).norm(dim=-1)[:, None])
+    c._step_angle.index_copy_(1, col, _angle(e, c._prev)[:, None])
+    c._step_valid.index_copy_(1, col, (valid & has_prev)[:, None])
+    c._first.copy_(torch.where((valid & ~has_prev)[:, None], e, c._first))
+    c._prev.copy_(torch.where(valid[:, None], e, c._prev))
+    c._count += valid.long()
+
+
+def _prob_state(c):
+    return {"_count": c._count, "_sums": c._sums, "_ring": c._ring, "_lowest": c._lowest}
+
+
+def _prob_step(c, view):
+    logp = torch.log_softmax(view.logits.float(), dim=-1)
+    k = min(c.top_k, logp.shape[-1])
+    top = logp.topk(k, dim=-1).values
+    max_logp = top[:, 0]
+    chosen = logp.gather(-1, view.token_ids[:, None]).squeeze(-1)
+    p = logp.exp()
+    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    conf = -top.mean(-1)
+    stats = torch.stack([max_logp.exp(), max_logp, chosen, entropy, conf], dim=-1)
+    alive = view.alive
+    c._sums += torch.where(alive[:, None], stats, torch.zeros_like(stats))
+    slot = (c._count % c.window)[:, None]
+    c._ring.scatter_(1, slot, torch.where(alive, conf, c._ring.gather(1, slot).squeeze(1))[:, None])
+    c._count += alive.long()
+    group = c._ring.sum(-1) / c.window
+    full = alive & (c._count >= c.window)
+    c._lowest.copy_(torch.where(full, torch.minimum(c._lowest, group), c._lowest))
+
+
+_POOL_ATTRS = ("sum", "first", "last", "ring", "count")
+
+
+def _kvemb_state(c):
+    return {f"_pool.{a}": getattr(c._pool, a) for a in _POOL_ATTRS if getattr(c._pool, a) is not None}
+
+
+def _kvemb_step(c, view):
+    if not view.has_kv:
+        return
+    if c.pooling.segment == "prompt":
+        return
+    pool = c._pool
+    row = view.kv_rows(c._layers, c.pooling.part).float()
+    valid = view.fed_valid
+    v = valid[:, None, None, None, None]
+    if pool.sum is not None:
+        pool.sum += row * v
+    if pool.first is not None:
+        pool.first.copy_(torch.where(v & (pool.count == 0)[:, None, None, None, None], row, pool.first))
+    if pool.last is not None:
+        pool.last.copy_(torch.where(v, row, pool.last))
+    if pool.ring is not None:
+        b = torch.arange(row.shape[0], device=row.device)
+        slot = pool.count % c.pooling.window
+        pool.ring[b, slot] = torch.where(v, row, pool.ring[b, slot])
+    pool.count += valid.long()
+
+
+def _builtin_adapters():
+    from .scoring import LayerCoE, ProbabilityScores, TokenCoE
+
+    return {
+        LayerCoE: (_layer_coe_state, _layer_coe_step),
+        TokenCoE: (_token_coe_state, _token_coe_step),
+        ProbabilityScores: (_prob_state, _prob_step),
+        KVEmbedding: (_kvemb_state, _kvemb_step),
+    }
+
+
+def graph_step_for(component: Component) -> tuple[Callable, Callable] | None:
+    """``(state_fn, step_fn)`` when ``component`` can run inside the captured step, else ``None``.
+
+    ``state_fn(c) -> dict[str, Tensor]``: the state tensors ``step_fn(c, view)`` updates in place. A component
+    opts in with ``graph_state()`` and ``step_tensors(view)`` methods; the built-in scorers are adapted here
+    (exact types only: a subclass may add host work to ``on_step``)."""
+    if callable(getattr(component, "step_tensors", None)) and callable(getattr(component, "graph_state", None)):
+        return (lambda c: c.graph_state(), lambda c, view: c.step_tensors(view))
+    return _builtin_adapters().get(type(component))
+
+
+def _get_attr(obj, name):
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_attr(obj, name, value):
+    parts = name.split(".")
+    for part in parts[:-1]:
+        obj = getattr(obj, part)
+    setattr(obj, parts[-1], value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Static per-batch state
+
+
+class _Static:
+    """Device buffers of one (batch, capacity): the KV cache, decode state, component state, graphs."""
+
+    def __init__(self, lm: StaticLM, B: int, cap: int) -> None:
+        dev = lm.device
+        self.B, self.cap = B, cap
+        self.K, self.V = lm.new_cache(B, cap)
+        z = lambda *s, dt=torch.long: torch.zeros(s, dtype=dt, device=dev)  # noqa: E731
+        self.tok, self.fed_ids, self.reason, self.n_gen, self.n_forced = z(B), z(B), z(B), z(B), z(B)
+        self.nan_step, self.fed_pos, self.lengths, self.start = z(B), z(B), z(B), z(B)
+        self.force_tok, self.force_mask = z(B), z(B, dt=torch.bool)
+        self.alive, self.forced, self.finished, self.fed_valid = (z(B, dt=torch.bool) for _ in range(4))
+        self.out_tokens = z(B, cap)
+        self.step, self.T0, self.max_new, self.seed_key = z(), z(), z(), z()
+        self.col = z(1)
+        self.logits = torch.zeros((B, lm.vocab), dtype=torch.float32, device=dev)
+        self.rows = torch.arange(B, device=dev)
+        self.vocab = torch.arange(lm.vocab, device=dev)
+        self.cols = torch.arange(cap, device=dev)
+        self.comp_state: dict[tuple, torch.Tensor] = {}
+        self.graphs: dict[tuple, Any] = {}
+        self.consts: dict[tuple, torch.Tensor] = {}
+
+    def engine_state(self) -> list[torch.Tensor]:
+        return [self.tok, self.fed_ids, self.reason, self.n_gen, self.n_forced, self.nan_step, self.fed_pos,
+                self.alive, self.forced, self.finished, self.fed_valid, self.out_tokens, self.step, self.col,
+                self.logits, self.force_tok, self.force_mask]
+
+    def const(self, values: Sequence[int]) -> torch.Tensor:
+        key = tuple(values)
+        if key not in self.consts:
+            self.consts[key] = torch.as_tensor(list(values), dtype=torch.long, device=self.tok.device)
+        return self.consts[key]
+
+
+class FastDecodeEngine:
+    """:class:`~kvagents.engine.DecodeEngine`'s interface over a static cache and CUDA-graph decode steps.
+
+    * ``compile``: ``torch.compile`` the per-layer pieces (default: on CUDA);
+    * ``cuda_graphs``: capture each step in a CUDA graph (default: on CUDA); off, the same step function runs
+      eagerly (CPU);
+    * ``bucket``: attention reads the cache columns up to the current length rounded up to this many (one graph
+      per bucket, captured when first needed);
+    * ``sync_every``: host checks every this many steps.
+
+    Buffers and graphs are kept for the last batch size and capacity (capacity = longest prompt + max_new_tokens,
+    rounded up to ``bucket``), so repeated calls of the same shape capture nothing.
+
+    Example:
+        >>> fast = FastDecodeEngine(model, tokenizer)  # doctest: +SKIP
+        >>> fast.generate([[1, 2, 3]], SamplingParams(max_new_tokens=16, temperature=0))  # doctest: +SKIP
+    """
+
+    def __init__(self, model, tokenizer, *, sync_every: int = 8, eos_token_ids: Sequence[int] | None = None,
+                 compile: bool | None = None, cuda_graphs: bool | None = None, bucket: int = 256) -> None:
+        if bucket < 1:
+            raise ValueError(f"bucket must be >= 1, got {bucket}")
+        self.base = DecodeEngine(model, tokenizer, sync_every=sync_every, eos_token_ids=eos_token_ids)
+        self.model, self.tokenizer = model, tokenizer
+        cuda = model.device.type == "cuda"
+        self.graphs = cuda if cuda_graphs is None else bool(cuda_graphs)
+        if self.graphs and not cuda:
+            raise ValueError("cuda_graphs=True needs a CUDA model; on the CPU leave cuda_graphs=None or False")
+        self.lm = StaticLM(model, compile=cuda if compile is None else bool(compile))
+        self.bucket = bucket
+        self.sync_every = sync_every
+        self.eos_token_ids = self.base.eos_token_ids
+        self.pad_token_id = self.base.pad_token_id
+        self._st: _Static | None = None
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self._stream = torch.cuda.Stream(model.device) if self.graphs else None
+        self.captures = 0
+        self.capture_s = 0.0
+        self.forward_calls = 0
+
+    # -- public ------------------------------------------------------------------------------------------------
+    def generate(self, prompt_ids, params: SamplingParams, components: Sequence[Component] = (),
+                 on_text: Callable[[StreamEvent], None] | None = None, logits_processors=()) -> GenerationResult:
+        """Decode every prompt; ``on_text`` receives text deltas (every ``sync_every`` steps)."""
+        if logits_processors:
+            raise ValueError("the fast path does not run logits_processors (host callables per step); "
+                             "use the eager engine (KVModel.generate(..., fast=False))")
+        gen = self.run(prompt_ids, params, components, stream=on_text is not None)
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            on_text(event)
+
+    # -- internals ---------------------------------------------------------------------------------------------
+    def _static(self, B: int, cap: int) -> _Static:
+        st = self._st
+        if st is None or st.B != B or st.cap < cap:
+            self._st = None
+            st = self._st = _Static(self.lm, B, cap)
+        return st
+
+    def _head(self, st: _Static, params: SamplingParams, stop_ids, eos_ids, gcomps, has_kv: bool) -> None:
+        """Choose token ``step`` for every row, finish checks, graph components, ``step += 1`` (device only)."""
+        logits = st.logits
+        if params.greedy:
+            tok = logits.argmax(dim=-1)
+        else:
+            probs = process_logits(logits, params).softmax(dim=-1)
+            tok = (probs / hash_exponential(st.seed_key, st.step, st.rows, st.vocab)).argmax(dim=-1)
+        alive = st.reason == RUNNING
+        tok = torch.where(st.force_mask, st.force_tok, tok)
+        forced = st.force_mask & alive
+        nan_now = torch.isnan(logits.sum(dim=-1)) & alive & (st.nan_step < 0)
+        st.nan_step.copy_(torch.where(nan_now, st.step, st.nan_step))
+        tok = torch.where(alive, tok, self.pad_token_id)
+        st.out_tokens.index_copy_(1, st.step.view(1), tok[:, None])
+        st.n_gen += alive.long()
+        st.n_forced += forced.long()
+        reason = st.reason
+        if len(stop_ids):
+            hit = torch.isin(tok, st.const(stop_ids)) & alive
+            code = torch.where(torch.isin(tok, st.const(eos_ids)), EOS, STOP) if len(eos_ids) else STOP
+            reason = torch.where(hit, code, reason)
+        reason = torch.where((st.step == st.max_new - 1) & (reason == RUNNING), LENGTH, reason)
+        st.reason.copy_(reason)
+        st.tok.copy_(tok)
+        st.alive.copy_(alive)
+        st.forced.copy_(forced)
+        st.finished.copy_(reason != RUNNING)
+        if gcomps:
+            view = self._view(st, st.step, has_kv)
+            for c, step_fn in gcomps:
+                step_fn(c, view)
+        st.step += 1
+
+    def _view(self, st: _Static, step, has_kv: bool) -> StaticStepView:
+        return StaticStepView(step, st.tok, None, st.logits, st.forced, st.alive, st.finished,
+                              st.fed_ids if has_kv else None, st.fed_valid if has_kv else None,
+                              st.fed_pos if has_kv else None, None, self._info, K=st.K, V=st.V, col=st.col)
+
+    def _forward(self, st: _Static, Lb: int) -> None:
+        """Feed token ``step - 1`` (``st.tok``) of every row; logits into ``st.logits``."""
+        st.fed_ids.copy_(st.tok)
+        st.fed_valid.copy_(st.reason == RUNNING)
+        st.fed_pos.copy_(st.lengths + st.step - 1)
+        st.col.copy_((st.T0 + st.step - 1).view(1))
+        st.logits.copy_(self.lm.step(st.tok, st.fed_pos, st.col, st.start, st.K, st.V, Lb, st.cols))
+
+    def _snapshot(self, st: _Static, comp_tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.clone() for t in st.engine_state() + comp_tensors]
+
+    @staticmethod
+    def _restore(st: _Static, comp_tensors: list[torch.Tensor], snap: list[torch.Tensor]) -> None:
+        for t, s in zip(st.engine_state() + comp_tensors, snap):
+            t.copy_(s)
+
+    def _step(self, st, Lb, key, fn, comp_tensors) -> None:
+        """Run one decode step: replay its bucket's graph (capture it first if new), or call ``fn`` (no graphs)."""
+        if not self.graphs:
+            fn()
+            return
+        g = st.graphs.get(key)
+        if g is None:
+            t0 = time.perf_counter()
+            s = self._stream
+            s.wait_stream(torch.cuda.current_stream())
+            snap = self._snapshot(st, comp_tensors)
+            with torch.cuda.stream(s):
+                for _ in range(2):  # warm up on the capture stream (compilation, cuBLAS workspaces)
+                    fn()
+                    self._restore(st, comp_tensors, snap)
+            torch.cuda.current_stream().wait_stream(s)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._pool, stream=s):
+                fn()
+            torch.cuda.synchronize()
+            st.graphs[key] = g
+            self.captures += 1
+            self.capture_s += time.perf_counter() - t0
+        g.replay()
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, components: Sequence[Component] = (),
+            stream: bool = False) -> Generator[StreamEvent, None, GenerationResult]:
+        """The loop, as a generator of :class:`StreamEvent` (only when ``stream``) returning the result."""
+        model, dev = self.model, self.model.device
+        n, P = params.n, len(prompt_ids)
+        if P == 0:
+            raise ValueError("no prompts given")
+        for i, p in enumerate(prompt_ids):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty (0 tokens)")
+        B = P * n
+        lengths = [len(p) for p in prompt_ids]
+        T = max(lengths)
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        max_new = params.max_new_tokens if ctx is None else min(params.max_new_tokens, max(ctx - T, 0))
+        stats = GenerationStats(prompts=P, sequences=B)
+        calls0 = self.forward_calls
+
+        # ---- prefill (eager, as the eager engine) ----------------------------------------------------------
+        t0 = time.perf_counter()
+        ids, mask, pos = left_pad(prompt_ids, self.pad_token_id, dev)
+        cache = DynamicCache(config=model.config)
+        logits0 = self.base.prefill(ids, mask, pos, cache)
+        self.forward_calls += 1
+        stats.prefill_tokens = int(sum(lengths))
+        info = layer_info(cache, model.config)
+        self._info = info
+        if len(info.attention_layers) != self.lm.num_layers:
+            raise UnsupportedModelError("every layer must hold keys for the fast path")
+        pview = PrefillView(cache=cache, input_ids=ids, attention_mask=mask, n=n, layers=info)
+        for c in components:
+            c.on_prefill(pview)
+        cap = max(1, -(-(T + max_new) // self.bucket)) * self.bucket
+        st = self._static(B, cap)
+        for i in range(self.lm.num_layers):
+            k, v = cache.layers[i].keys, cache.layers[i].values
+            if n > 1:
+                k, v = k.repeat_interleave(n, dim=0), v.repeat_interleave(n, dim=0)
+            st.K[i, :, :, :T].copy_(k)
+            st.V[i, :, :, :T].copy_(v)
+        del cache
+        if self.lm.rope_table(T + max_new + 1):
+            for s_ in ([self._st] if self._st is not None else []):
+                s_.graphs.clear()  # graphs read the old table
+        L_t = torch.as_tensor(lengths, device=dev).repeat_interleave(n)
+        st.lengths.copy_(L_t)
+        st.start.copy_(T - L_t)
+        st.T0.fill_(T)
+        st.max_new.fill_(max_new)
+        st.step.zero_()
+        for t in (st.reason, st.n_gen, st.n_forced, st.force_tok):
+            t.zero_()
+        st.nan_step.fill_(-1)
+        st.force_mask.zero_()
+        st.out_tokens.fill_(self.pad_token_id)
+        st.logits.copy_(logits0.repeat_interleave(n, dim=0) if n > 1 else logits0)
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31, (1,)).item())
+            st.seed_key.fill_(int(seed) & _M32)
+
+        # components: graph-safe ones get persistent state buffers (graphs read fixed addresses)
+        gcomps, plain, comp_tensors, comp_attrs = [], [], [], []
+        for j, c in enumerate(components):
+            adapter = graph_step_for(c)
+            if adapter is None:
+                plain.append(c)
+                continue
+            state_fn, step_fn = adapter
+            if hasattr(c, "_grow") and hasattr(c, "PER_TOKEN_STATE"):
+                c._grow(cap)  # TokenCoE: per-token scalars pre-allocated for the whole capacity
+            for name, t in state_fn(c).items():
+                skey = (j, repr(c), name, tuple(t.shape), t.dtype)
+                buf = st.comp_state.get(skey)
+                if buf is None:
+                    buf = st.comp_state[skey] = t
+                else:
+                    buf.copy_(t)
+                _set_attr(c, name, buf)
+                comp_tensors.append(buf)
+                comp_attrs.append((c, name))
+            gcomps.append((c, step_fn))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        stats.prefill_s = time.perf_counter() - t0
+
+        # ---- decode ------------------------------------------------------------------------------------------
+        t1 = time.perf_counter()
+        stop_ids = sorted(set([] if params.ignore_eos else self.eos_token_ids) | set(params.stop_token_ids))
+        eos_ids = [] if params.ignore_eos else list(self.eos_token_ids)
+        samp_key = ("greedy",) if params.greedy else ("sample", params.temperature, params.top_k, params.top_p)
+        gkey = (samp_key, tuple(stop_ids), tuple(eos_ids), tuple((j, repr(c)) for j, (c, _) in enumerate(gcomps)))
+
+        def head(has_kv):
+            self._head(st, params, stop_ids, eos_ids, gcomps, has_kv)
+
+        def step_fn_for(Lb):
+            def fn():
+                self._forward(st, Lb)
+                head(True)
+            return fn
+
+        host_stops = bool(params.stop)
+        trackers = [_TextTracker(self.tokenizer, params.stop) for _ in range(B)] if (stream or host_stops) else None
+        check_every = 1 if (plain and host_stops) else self.sync_every
+        force_queues: dict[int, deque[int]] = {}
+        custom_reason: dict[int, str] = {}
+        host_reason = [RUNNING] * B
+        applied_stop: dict[int, int] = {}  # row -> step at which a stop string completed
+        final_sent: set[int] = set()
+        last_check = 0
+        snap = None  # state at the last host check (for stop-string rollback)
+        snap_host = None
+        steps = 0
+        fns: dict[int, Callable] = {}
+
+        def set_force(t: int) -> None:
+            nonlocal force_queues
+            idx = [i for i, q in force_queues.items() if q]
+            if not idx:
+                return
+            vals = [force_queues[i].popleft() for i in idx]
+            force_queues = {i: q for i, q in force_queues.items() if q}
+            idx_t = torch.as_tensor(idx, device=dev)
+            st.force_mask[idx_t] = True
+            st.force_tok[idx_t] = torch.as_tensor(vals, device=dev)
+
+        def one_step(t: int) -> None:
+            forcing = bool(force_queues)
+            if forcing:
+                set_force(t)
+            if t == 0:
+                head(False)
+            else:
+                Lb = StaticLM.bucket_for(T + t - 1, self.bucket, cap)
+                if Lb not in fns:
+                    fns[Lb] = step_fn_for(Lb)
+                self._step(st, Lb, (Lb, *gkey), fns[Lb], comp_tensors)
+                self.forward_calls += 1
+            if forcing:
+                st.force_mask.zero_()
+
+        def apply_stop(i: int) -> None:
+            r = st.reason[i : i + 1]
+            r.copy_(torch.where((r == RUNNING) | (r == LENGTH), STOP, r))
+
+        t = 0
+        while t < max_new:
+            if trackers is not None and host_stops and snap is None and t == last_check:
+                snap = self._snapshot(st, comp_tensors)
+                snap_host = (copy.deepcopy(trackers), copy.deepcopy(force_queues), dict(custom_reason))
+            one_step(t)
+            if plain:
+                self._plain_step(st, t, plain, force_queues, custom_reason)
+            for i, k in applied_stop.items():  # replaying a window: stops found at its check, at their step
+                if k == t:
+                    apply_stop(i)
+            steps = t + 1
+            t += 1
+            if not (steps % check_every == 0 or steps == max_new):
+                continue
+            # ---- host check ---------------------------------------------------------------------------------
+            if bool((st.nan_step >= 0).any()):
+                bad = (st.nan_step >= 0).nonzero().flatten().tolist()
+                raise NonFiniteLogitsError(
+                    f"NaN logits at step {int(st.nan_step[bad].min())} for sequences {bad}; "
+                    "try dtype=float32 or check the weights")
+            if trackers is not None:
+                counts, host_reason = st.n_gen.tolist(), st.reason.tolist()
+                window = st.out_tokens[:, last_check:steps].tolist()
+                new_stops: dict[int, int] = {}
+                for i, tr in enumerate(trackers):
+                    for k in range(last_check, min(steps, counts[i])):
+                        if tr.cut is not None:
+                            break
+                        if tr.add([window[i][k - last_check]]):
+                            if applied_stop.get(i) != k:
+                                new_stops[i] = k
+                            break
+                rollback = {i: k for i, k in new_stops.items() if k < steps - 1}
+                if rollback:  # a stop string completed inside the window: replay it with the stops in place
+                    self._restore(st, comp_tensors, snap)
+                    trackers, force_queues, custom_reason = (copy.deepcopy(snap_host[0]), copy.deepcopy(snap_host[1]),
+                                                             dict(snap_host[2]))
+                    applied_stop.update(new_stops)
+                    t = last_check
+                    continue
+                for i, k in new_stops.items():  # found at the last step: as the eager engine does
+                    apply_stop(i)
+                    applied_stop[i] = k
+                host_reason = st.reason.tolist()
+                if stream:
+                    for i, tr in enumerate(trackers):
+                        if i in final_sent:
+                            continue
+                        done = host_reason[i] != RUNNING
+                        d = tr.delta(final=done)
+                        fr = DecodeEngine._reason_name(host_reason[i], custom_reason.get(i)) if done else None
+                        if d or done:
+                            yield StreamEvent(i // n, i % n, d, fr)
+                        if done:
+                            final_sent.add(i)
+                last_check = steps
+                snap = None
+                if all(r != RUNNING for r in host_reason):
+                    break
+            else:
+                last_check = steps
+                if not bool((st.reason == RUNNING).any()):
+                    break
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        stats.decode_s = time.perf_counter() - t1
+        stats.decode_steps = steps
+
+        # ---- results --------------------------------------------------------------------------------------------
+        for c, name in comp_attrs:  # components keep their own copy of the final state
+            _set_attr(c, name, _get_attr(c, name).clone())
+        counts = st.n_gen.tolist()
+        reasons = st.reason.tolist() if max_new > 0 else [LENGTH] * B
+        for i in applied_stop:
+            if reasons[i] in (RUNNING, LENGTH):
+                reasons[i] = STOP
+        forced_counts = st.n_forced.tolist()
+        all_tokens = st.out_tokens.tolist()
+        token_lists = [all_tokens[i][: counts[i]] for i in range(B)]
+        names = [DecodeEngine._reason_name(r, custom_reason.get(i)) for i, r in enumerate(reasons)]
+        fview = FinishView(token_ids=token_lists, finish_reasons=names, prompt_index=[i // n for i in range(B)])
+        outputs = {c.name: c.on_finish(fview) for c in components}
+        samples: list[list[SampleResult]] = [[] for _ in range(P)]
+        for i in range(B):
+            if trackers is not None:
+                text = trackers[i].final_text
+            else:
+                text = self.tokenizer.decode(token_lists[i], skip_special_tokens=True) if self.tokenizer else ""
+            samples[i // n].append(SampleResult(
+                prompt_index=i // n, sample_index=i % n, text=text, token_ids=token_lists[i],
+                finish_reason=names[i], prompt_tokens=lengths[i // n], generated_tokens=counts[i],
+                forced_tokens=forced_counts[i], outputs={k: v[i] for k, v in outputs.items() if v is not None}))
+        if stream and trackers is not None:
+            for i, tr in enumerate(trackers):
+                if i not in final_sent or tr.emitted < len(tr.final_text):
+                    yield StreamEvent(i // n, i % n, tr.delta(final=True), names[i])
+        stats.forward_calls = self.forward_calls - calls0
+        stats.generated_tokens = sum(counts)
+        return GenerationResult(samples=samples, stats=stats)
+
+    def _plain_step(self, st: _Static, t: int, plain, force_queues, custom_reason) -> None:
+        """Components without a graph-safe step: their ``on_step`` after the step, outside the graph."""
+        has_kv = t > 0
+        view = StaticStepView(t, st.tok.clone(), None, st.logits.clone(), st.forced.clone(), st.alive.clone(),
+                              st.finished.clone(), st.fed_ids.clone() if has_kv else None,
+                              st.fed_valid.clone() if has_kv else None, st.fed_pos.clone() if has_kv else None,
+                              _StaticCacheView(st.K, st.V, int(st.T0) + t) if has_kv else None, self._info,
+                              K=st.K, V=st.V, col=st.col.clone())
+        for c in plain:
+            for action in c.on_step(view) or ():
+                if isinstance(action, StopSequence):
+                    r = st.reason[action.index]
+                    st.reason[action.index] = torch.where(r == RUNNING, COMPONENT, r)
+                    custom_reason.setdefault(action.index, action.reason)
+                elif isinstance(action, ForceTokens):
+                    force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
+                else:
+                    raise TypeError(f"component {c.name!r} returned an unknown action {action!r}")

@@ -1,0 +1,238 @@
+"""A decode step over pre-allocated (static) KV buffers for Llama-family models (Llama, Mistral, Qwen2, Qwen3).
+
+gpt-fast's ``generate.py`` design on top of a Hugging Face model's own weights (nothing is copied but the fused
+projections, see below): one function computes a whole decode step for ``B`` sequences from device tensors only,
+so it can be captured in a CUDA graph; its per-layer pieces can be compiled with ``torch.compile`` (one compiled
+function shared by all layers: the weights are arguments, not attributes, so Dynamo traces each piece once).
+
+Layout of the cache: ``K``/``V`` are ``[L, B, H_kv, capacity, d]`` (one tensor for all layers, so the rows a step
+wrote are one strided read for the components). Prompts are left-padded as in :func:`kvagents.engine.left_pad`:
+row ``b`` holds its prompt in columns ``start[b] .. T - 1`` and the token fed at decode step ``t`` (``t >= 1``) in
+column ``T + t - 1``, the same for every row. Attention reads columns ``0 .. Lb - 1`` only, where ``Lb`` is the
+current length rounded up to a bucket (:meth:`StaticLM.bucket_for`): its cost follows the current length, not the
+capacity. Keys are stored after RoPE, as Hugging Face caches store them.
+
+The arithmetic repeats the Hugging Face modules op for op (RMSNorm in float32 cast back before the weight, RoPE
+in the model dtype from the same cos/sin table), so float32 results equal theirs to rounding; the q/k/v and
+gate/up projections are each one matrix product over concatenated weights (the modules' weights become views of
+the concatenation: no extra memory, the Hugging Face path keeps working).
+
+Example:
+    >>> lm = StaticLM(model)  # doctest: +SKIP
+    >>> K, V = lm.new_cache(batch=4, capacity=512)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+class UnsupportedModelError(ValueError):
+    """The fast path has no static decode step for this model; use the eager engine (``fast=False``)."""
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's Llama/Qwen RMSNorm, op for op."""
+    dt = x.dtype
+    xf = x.to(torch.float32)
+    var = xf.pow(2).mean(-1, keepdim=True)
+    return w * (xf * torch.rsqrt(var + eps)).to(dt)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def attn_pre(h, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, k_cache, v_cache, col, eps: float, hq: int, hkv: int,
+             d: int):
+    """Input norm, fused q/k/v projection, q/k norms (Qwen3), RoPE, and the cache write of column ``col``.
+
+    ``h`` ``[B, D]``; ``cos``/``sin`` ``[B, 1, d]``; ``k_cache``/``v_cache`` ``[B, H_kv, cap, d]``; ``col``
+    a 1-element long tensor. Returns the rotated queries ``[B, H_q, d]``.
+    """
+    b = h.shape[0]
+    x = _rms(h, ln_w, eps)
+    qkv = F.linear(x, qkv_w, qkv_b)
+    q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
+    q, k, v = q.view(b, hq, d), k.view(b, hkv, d), v.view(b, hkv, d)
+    if qn_w is not None:
+        q, k = _rms(q, qn_w, eps), _rms(k, kn_w, eps)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    k_cache.index_copy_(2, col, k[:, :, None])
+    v_cache.index_copy_(2, col, v[:, :, None])
+    return q
+
+
+def attn_post(h, a, o_w, o_b, ln_w, gu_w, gu_b, down_w, down_b, eps: float, inter: int):
+    """Output projection + residual, post-attention norm, SwiGLU MLP (fused gate/up) + residual."""
+    h = h + F.linear(a, o_w, o_b)
+    x = _rms(h, ln_w, eps)
+    g, u = F.linear(x, gu_w, gu_b).split((inter, inter), dim=-1)
+    return h + F.linear(F.silu(g) * u, down_w, down_b)
+
+
+def final_logits(h, norm_w, head_w, eps: float):
+    """Final norm and LM head; float32 logits ``[B, V]`` (computed in the model dtype, as Hugging Face does)."""
+    return F.linear(_rms(h, norm_w, eps), head_w).float()
+
+
+def attend(q, k, v, mask, scale: float, hkv: int):
+    """Decode attention of ``q`` ``[B, H_q, d]`` over ``k``/``v`` ``[B, H_kv, Lb, d]`` with an additive ``mask``
+    ``[B, 1, 1, Lb]``. Grouped-query heads ride as the query-length axis (``[B, H_kv, G, d]``): K/V are read once,
+    never repeated."""
+    b, hq, d = q.shape
+    o = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), k, v, attn_mask=mask, scale=scale)
+    return o.reshape(b, hq * d)
+
+
+class _Layer:
+    __slots__ = ("ln1", "qkv_w", "qkv_b", "qn", "kn", "o_w", "o_b", "ln2", "gu_w", "gu_b", "down_w", "down_b")
+
+
+def _fuse(mods, names):
+    """Concatenate the weights (and biases) of ``mods`` along the output axis and rebind each module's parameter
+    to its slice of the concatenation (same values, no second copy)."""
+    out = []
+    for attr in ("weight", "bias"):
+        ps = [getattr(m, attr, None) for m in mods]
+        if all(p is None for p in ps):
+            out.append(None)
+            continue
+        if any(p is None for p in ps):
+            raise UnsupportedModelError(f"{names}: some projections have a {attr} and some do not")
+        fused = torch.cat([p.detach() for p in ps], dim=0)
+        at = 0
+        for m, p in zip(mods, ps):
+            n = p.shape[0]
+            setattr(m, attr, torch.nn.Parameter(fused[at : at + n], requires_grad=p.requires_grad))
+            at += n
+        out.append(fused)
+    return out
+
+
+class StaticLM:
+    """The decode step of a Llama-family Hugging Face model over static KV buffers.
+
+    ``compile=True`` wraps the per-layer pieces in ``torch.compile(dynamic=False)`` (the GPU default of
+    :class:`~kvagents.fast_decode.FastDecodeEngine`); ``False`` runs them eagerly (CPU, CI).
+
+    Example:
+        >>> lm = StaticLM(model)  # doctest: +SKIP
+        >>> K, V = lm.new_cache(2, 64)  # doctest: +SKIP
+    """
+
+    def __init__(self, model, *, compile: bool = False) -> None:
+        name = type(model).__name__
+        if name not in SUPPORTED:
+            raise UnsupportedModelError(
+                f"the fast decode path supports {', '.join(SUPPORTED)}; got {name}: use the eager engine "
+                "(KVModel.generate(..., fast=False))"
+            )
+        cfg = model.config
+        act = getattr(cfg, "hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"hidden_act={act!r} is not supported by the fast path (only 'silu')")
+        types = getattr(cfg, "layer_types", None) or []
+        if any(t != "full_attention" for t in types):
+            raise UnsupportedModelError(
+                f"layer types {sorted(set(types))}: sliding-window layers are not supported by the fast path"
+            )
+        if name == "MistralForCausalLM" and getattr(cfg, "sliding_window", None):
+            raise UnsupportedModelError("Mistral with sliding_window set is not supported by the fast path")
+        inner = model.model
+        rot = inner.rotary_emb
+        if "dynamic" in str(getattr(rot, "rope_type", "default")):
+            raise UnsupportedModelError("dynamic RoPE scaling changes with length: not supported by the fast path")
+        self.model = model
+        self.rotary = rot
+        self.device = model.device
+        self.dtype = model.dtype
+        self.num_layers = cfg.num_hidden_layers
+        self.hq = cfg.num_attention_heads
+        self.hkv = cfg.num_key_value_heads
+        attn0 = inner.layers[0].self_attn
+        self.d = attn0.head_dim
+        self.scale = float(attn0.scaling)
+        self.eps = float(cfg.rms_norm_eps)
+        self.inter = inner.layers[0].mlp.gate_proj.out_features
+        self.vocab = model.lm_head.out_features
+        self.max_positions = int(getattr(cfg, "max_position_embeddings", None) or 4096)
+        self.embed_w = inner.embed_tokens.weight
+        self.norm_w = inner.norm.weight
+        self.head_w = model.lm_head.weight
+        self.layers: list[_Layer] = []
+        with torch.no_grad():
+            for i, layer in enumerate(inner.layers):
+                a, m = layer.self_attn, layer.mlp
+                w = _Layer()
+                w.ln1, w.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+                w.qkv_w, w.qkv_b = _fuse([a.q_proj, a.k_proj, a.v_proj], f"layer {i} q/k/v")
+                w.gu_w, w.gu_b = _fuse([m.gate_proj, m.up_proj], f"layer {i} gate/up")
+                w.o_w, w.o_b = a.o_proj.weight, a.o_proj.bias
+                w.down_w, w.down_b = m.down_proj.weight, m.down_proj.bias
+                qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+                w.qn = qn.weight if qn is not None else None
+                w.kn = kn.weight if kn is not None else None
+                self.layers.append(w)
+        self.compiled = compile
+        if compile:
+            import torch._inductor.config as ind
+
+            ind.emulate_precision_casts = True  # round bf16 intermediates like eager (parity with HF)
+            opts = dict(dynamic=False, fullgraph=True)
+            self._pre = torch.compile(attn_pre, **opts)
+            self._post = torch.compile(attn_post, **opts)
+            self._final = torch.compile(final_logits, **opts)
+        else:
+            self._pre, self._post, self._final = attn_pre, attn_post, final_logits
+        self._cos = self._sin = None
+
+    # -- buffers ------------------------------------------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.num_layers, batch, self.hkv, capacity, self.d)
+        return (torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device))
+
+    def rope_table(self, positions: int) -> bool:
+        """Make the cos/sin table ``[>= positions, d]`` (the model's own rotary module, so any static RoPE
+        scaling); True when it was (re)allocated, which invalidates captured graphs."""
+        if self._cos is None or self._cos.shape[0] < positions:
+            n = max(positions, min(self.max_positions, 1 << 17), 1024)
+            pos = torch.arange(n, device=self.device)[None]
+            dummy = torch.zeros(1, dtype=self.dtype, device=self.device)
+            cos, sin = self.rotary(dummy, pos)
+            self._cos, self._sin = cos[0].contiguous(), sin[0].contiguous()
+            return True
+        return False
+        return self._cos, self._sin
+
+    @staticmethod
+    def bucket_for(col: int, bucket: int, capacity: int) -> int:
+        """Columns attention reads when the newest row is ``col``: ``col + 1`` rounded up to ``bucket``."""
+        return min(capacity, int(math.ceil((col + 1) / bucket)) * bucket)
+
+    # -- the step -----------------------------------------------------------------------------------------------
+    def step(self, ids, pos, col, start, K, V, Lb: int, cols: torch.Tensor) -> torch.Tensor:
+        """Feed ``ids`` ``[B]`` at positions ``pos`` ``[B]`` into cache column ``col`` (1-element tensor); rows
+        attend to columns ``start[b] .. col``. Returns float32 logits ``[B, V]``. No host synchronisation."""
+        cos_t, sin_t = self._cos, self._sin
+        cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]
+        c = cols[:Lb]
+        valid = (c[None] >= start[:, None]) & (c[None] <= col)
+        mask = torch.zeros(valid.shape, dtype=self.dtype, device=valid.device).masked_fill(~valid, float("-inf"))
+        mask = mask[:, None, None, :]
+        h = F.embedding(ids, self.embed_w)
+        for i, w in enumerate(self.layers):
+            kc, vc = K[i], V[i]
+            q = self._pre(h, w.ln1, w.qkv_w, w.qkv_b, w.qn, w.kn, cos, sin, kc, vc, col, self.eps, self.hq,
+                          self.hkv, self.d)
+            a = attend(q, kc[:, :, :Lb], vc[:, :, :Lb], mask, self.scale, self.hkv)
+            h = self._post(h, a, w.o_w, w.o_b, w.ln2, w.gu_w, w.gu_b, w.down_w, w.down_b, self.eps, self.inter)
+        return self._final(h, self.norm_w, self.head_w, self.eps)
