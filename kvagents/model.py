@@ -90,6 +90,7 @@ class KVModel:
         self.sync_every = sync_every
         self.progress = progress
         self._engine: DecodeEngine | None = None
+        self._fast_engine = None
         self._lock = threading.RLock()
         self.load_s: float | None = None
 
@@ -160,6 +161,16 @@ class KVModel:
         return self._engine
 
     @property
+    def fast_engine(self):
+        """The :class:`~kvagents.fast_decode.FastDecodeEngine` (static cache, CUDA graphs on CUDA), built on
+        first use (it fuses the q/k/v and gate/up weights in place, values unchanged)."""
+        if self._fast_engine is None:
+            from .fast_decode import FastDecodeEngine
+
+            self._fast_engine = FastDecodeEngine(self.model, self.tokenizer, sync_every=self.sync_every)
+        return self._fast_engine
+
+    @property
     def name(self) -> str:
         if self.source:
             return self.source
@@ -218,16 +229,22 @@ class KVModel:
         components: Sequence[Component] = (),
         on_text: Callable[[StreamEvent], None] | None = None,
         logits_processors: Sequence[LogitsProcessor] = (),
+        fast: bool = False,
         **param_overrides,
     ) -> GenerationResult:
         """Sample ``params.n`` continuations of each prompt (one prefill per prompt).
 
         ``param_overrides`` build or update ``params`` (``generate("Hi", max_new_tokens=8, temperature=0)``).
         ``logits_processors`` shape sampling (see :meth:`DecodeEngine.run`), e.g. a grammar mask.
+        ``fast=True`` decodes with :attr:`fast_engine` (static KV cache, CUDA graphs; Llama/Qwen2/Qwen3/Mistral;
+        no logits processors).
         """
         params = _params(params, param_overrides)
         ids = self._batch(prompts)
         with self._lock:
+            if fast:
+                return self.fast_engine.generate(ids, params, components, on_text=on_text,
+                                                 logits_processors=logits_processors)
             return self.engine.generate(ids, params, components, on_text=on_text, logits_processors=logits_processors)
 
     def stream(
