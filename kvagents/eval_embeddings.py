@@ -430,13 +430,20 @@ def plot(results: dict, path: str | Path) -> None:
     panels = [("retrieval (question → solution)", _COLS[:6]), ("MATH500 classification accuracy", _COLS[6:])]
     fig, axes = plt.subplots(1, 2, figsize=(16, 5.5), gridspec_kw={"width_ratios": [6, 4]})
     width = 0.8 / max(1, len(rows))
-    cmap = plt.get_cmap("tab20")
+    families = {m: plt.get_cmap(c) for m, c in zip(KV_MODELS, ("Blues", "Oranges"))}  # one colour family per model
+    per_model = {m: [r for r in rows if r["encoder"] == m] for m in KV_MODELS}
+
+    def colour(r):
+        if r["encoder"] not in families:
+            return "tab:green"
+        group = per_model[r["encoder"]]
+        return families[r["encoder"]](0.35 + 0.6 * group.index(r) / max(1, len(group) - 1))
     for ax, (title, cols) in zip(axes, panels):
         x = np.arange(len(cols))
         for i, r in enumerate(rows):
             label = r["encoder"] if r["encoder"] not in KV_MODELS else f"{r['encoder']} · {r['pooling']}"
             ax.bar(x + (i - (len(rows) - 1) / 2) * width, [r[k] for k, _ in cols], width, label=label,
-                   color=cmap(i % 20), edgecolor="black" if r["encoder"] == MINILM else None)
+                   color=colour(r), edgecolor="black" if r["encoder"] == MINILM else None)
         base = results["baseline"]
         for j, (k, _) in enumerate(cols):
             ax.hlines(base[k], j - 0.42, j + 0.42, colors="grey", linestyles="dashed", linewidth=1)
