@@ -3,7 +3,8 @@
 Lifecycle, per ``generate`` call (batch-level, like vLLM's logits processors):
 
 1. ``on_prefill(PrefillView)``: once, after the prompts were prefilled (one row per *prompt*; expand your state
-   with ``view.expand`` to one row per *sample*);
+   with ``view.expand`` to one row per *sample*); it may return :class:`ForceTokens` actions (indexed by
+   *sequence*, ``0 .. P * n - 1``), forced from the first generated token on (the eager engine);
 2. ``on_step(StepView)``: after every decode step, with device tensors only; return ``None`` or a list of
    :class:`StopSequence` / :class:`ForceTokens` actions;
 3. ``on_finish(FinishView)``: once; return a list with one output per sequence (it lands in
@@ -133,8 +134,8 @@ class Component:
 
     name: str = "component"
 
-    def on_prefill(self, view: PrefillView) -> None:  # pragma: no cover - default no-op
-        pass
+    def on_prefill(self, view: PrefillView) -> list[Action] | None:  # pragma: no cover - default no-op
+        return None
 
     def on_step(self, view: StepView) -> list[Action] | None:  # pragma: no cover - default no-op
         return None

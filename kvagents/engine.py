@@ -222,8 +222,9 @@ class DecodeEngine:
         stats.prefill_tokens = int(sum(lengths))
         info = layer_info(cache, model.config)
         pview = PrefillView(cache=cache, input_ids=ids, attention_mask=mask, n=n, layers=info)
+        prefill_actions = []  # ForceTokens returned by on_prefill: forced from step 0 (e.g. a thinking-mode cue)
         for c in components:
-            c.on_prefill(pview)
+            prefill_actions.extend((c, a) for a in (c.on_prefill(pview) or ()))
         if n > 1:
             cache.batch_repeat_interleave(n)
             logits = logits.repeat_interleave(n, dim=0)
@@ -253,6 +254,12 @@ class DecodeEngine:
         host_every_step = stream or bool(params.stop)
         trackers = [_TextTracker(self.tokenizer, params.stop) for _ in range(B)] if host_every_step else None
         force_queues: dict[int, deque[int]] = {}
+        for c, action in prefill_actions:
+            if not isinstance(action, ForceTokens):
+                raise TypeError(f"component {c.name!r} returned {action!r} from on_prefill; only ForceTokens is allowed there")
+            if not 0 <= action.index < B:
+                raise IndexError(f"component {c.name!r} forced tokens on sequence {action.index}; valid: 0..{B - 1}")
+            force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
         custom_reason: dict[int, str] = {}
         host_reason = [RUNNING] * B
         fed_ids = fed_valid = fed_pos = None
