@@ -51,8 +51,18 @@ import torch
 from transformers import DynamicCache
 
 from .components import Component, FinishView, ForceTokens, KVEmbedding, PrefillView, StepView, StopSequence
-from .engine import COMPONENT, EOS, LENGTH, RUNNING, STOP, DecodeEngine, NonFiniteLogitsError, _TextTracker
-from .engine import layer_info, left_pad
+from .engine import (
+    COMPONENT,
+    EOS,
+    LENGTH,
+    RUNNING,
+    STOP,
+    DecodeEngine,
+    NonFiniteLogitsError,
+    _TextTracker,
+    layer_info,
+    left_pad,
+)
 from .params import SamplingParams
 from .results import GenerationResult, GenerationStats, SampleResult, StreamEvent
 from .sampling import process_logits

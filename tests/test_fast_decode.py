@@ -1,0 +1,211 @@
+"""Fast decode path (static cache, graph-safe steps): equal to HF generate and to the eager engine on the CPU;
+the CUDA test (graphs + compile) runs where a GPU exists."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_engine import PROMPTS, hf_greedy
+from tiny import ByteTokenizer, tiny_model
+
+from kvagents import Component, ForceTokens, KVEmbedding, KVModel, KVPooling, SamplingParams, StopSequence
+from kvagents.engine import DecodeEngine
+from kvagents.fast_decode import FastDecodeEngine, StaticStepView, UnsupportedModelError, hash_exponential
+from kvagents.probe import probe_pooling
+from kvagents.scoring import LayerCoE, ProbabilityScores, TokenCoE
+
+ARCHS = ["llama", "qwen2", "qwen3"]
+
+
+def fast_for(arch, **kw):
+    kw.setdefault("bucket", 4)  # several attention buckets in a short run
+    kw.setdefault("sync_every", 3)
+    return FastDecodeEngine(tiny_model(arch), ByteTokenizer(), **kw)
+
+
+def comps():
+    return [
+        LayerCoE(), LayerCoE(part="v", heads="flatten", name="lv"), TokenCoE(initial_capacity=4),
+        ProbabilityScores(window=4), KVEmbedding(probe_pooling(4), name="features"),
+        KVEmbedding(KVPooling(segment="all", positions="window", window=3, layers=2), name="win"),
+        KVEmbedding(KVPooling(segment="generated", positions="first"), name="first"),
+        KVEmbedding(KVPooling(segment="generated", positions="last", part="k"), name="last"),
+    ]
+
+
+def same_output(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_output(a[k], b[k]) for k in a)
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-4 * max(1.0, abs(a))
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def assert_same_results(ra, rb):
+    for sa, sb in zip(ra.flat, rb.flat, strict=True):
+        assert sa.token_ids == sb.token_ids
+        assert (sa.finish_reason, sa.text, sa.generated_tokens, sa.forced_tokens) == (
+            sb.finish_reason, sb.text, sb.generated_tokens, sb.forced_tokens)
+        assert sa.outputs.keys() == sb.outputs.keys()
+        for k in sa.outputs:
+            assert same_output(sa.outputs[k], sb.outputs[k]), (k, sa.outputs[k], sb.outputs[k])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_hf_generate_single_and_mixed_lengths(arch):
+    fast = fast_for(arch)
+    params = SamplingParams(max_new_tokens=14, temperature=0)
+    for p in PROMPTS:
+        assert fast.generate([p], params).samples[0][0].token_ids == hf_greedy(tiny_model(arch), [p], 14)[0]
+    got = [g[0].token_ids for g in fast.generate(PROMPTS, params)]
+    assert got == hf_greedy(tiny_model(arch), PROMPTS, 14)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_components_and_n_samples_equal_eager_engine(arch):
+    model = tiny_model(arch)
+    eager, fast = DecodeEngine(model, ByteTokenizer()), fast_for(arch)
+    for params in (SamplingParams(max_new_tokens=13, temperature=0, n=2),
+                   SamplingParams(max_new_tokens=11, temperature=0, stop_token_ids=[213, 57, 94])):
+        assert_same_results(eager.generate(PROMPTS, params, comps()), fast.generate(PROMPTS, params, comps()))
+
+
+def test_stop_strings_inside_a_check_window_roll_back_exactly():
+    model = tiny_model("qwen3")
+    eager = DecodeEngine(model, ByteTokenizer())
+    free = eager.generate(PROMPTS, SamplingParams(max_new_tokens=20, temperature=0)).flat
+    stops = [free[0].text[4:6], free[1].text[9:11]]  # complete mid-window for sync_every=5
+    params = SamplingParams(max_new_tokens=20, temperature=0, stop=stops)
+    fast = fast_for("qwen3", sync_every=5)
+    ref = eager.generate(PROMPTS, params, comps())
+    got = fast.generate(PROMPTS, params, comps())
+    assert [s.finish_reason for s in got.flat][:2] == ["stop", "stop"]
+    assert_same_results(ref, got)
+    ev_e, ev_f = [], []
+    eager.generate(PROMPTS, params, on_text=ev_e.append)
+    fast.generate(PROMPTS, params, on_text=ev_f.append)
+    for i, s in enumerate(ref.flat):
+        assert "".join(e.text for e in ev_f if e.prompt_index == i) == s.text
+        finals = [e.finish_reason for e in ev_f if e.prompt_index == i and e.finish_reason]
+        assert finals == [s.finish_reason]
+
+
+class Forcer(Component):
+    """A plain component (no graph step): forces tokens and stops a sequence."""
+
+    name = "forcer"
+
+    def on_step(self, view):
+        if view.step == 2:
+            return [ForceTokens(0, [50, 51, 52])]
+        if view.step == 5:
+            return [StopSequence(1, "mine")]
+        return None
+
+
+def test_plain_components_actions_equal_eager_engine():
+    model = tiny_model("llama")
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    ref = DecodeEngine(model, ByteTokenizer()).generate(PROMPTS, params, [Forcer(), LayerCoE()])
+    got = fast_for("llama").generate(PROMPTS, params, [Forcer(), LayerCoE()])
+    assert_same_results(ref, got)
+    assert got.flat[0].forced_tokens == 3 and got.flat[1].finish_reason == "mine"
+
+
+class StepCounter(Component):
+    """A user component offering a graph-safe step: counts live fed tokens on the device."""
+
+    name = "counter"
+
+    def on_prefill(self, view):
+        self.count = torch.zeros(view.input_ids.shape[0] * view.n, dtype=torch.long)
+        self.kinds = set()
+
+    def graph_state(self):
+        return {"count": self.count}
+
+    def step_tensors(self, view):
+        self.kinds.add((type(view).__name__, isinstance(view.step, torch.Tensor)))
+        if view.has_kv:
+            self.count += view.fed_valid.long()
+
+    def on_finish(self, view):
+        return self.count.tolist()
+
+
+def test_user_graph_step_component():
+    comp = StepCounter()
+    res = fast_for("qwen2").generate(PROMPTS, SamplingParams(max_new_tokens=9, temperature=0,
+                                                             stop_token_ids=[213]), [comp])
+    assert comp.kinds == {(StaticStepView.__name__, True)}
+    for s in res.flat:  # every generated token but the last was fed
+        assert s.outputs["counter"] == s.generated_tokens - 1
+
+
+def test_sampling_seeded_reproducible_distinct_and_top_k_1_is_greedy():
+    fast = fast_for("qwen3")
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, n=4, seed=3)
+    a = [s.token_ids for s in fast.generate(PROMPTS[:2], params).flat]
+    b = [s.token_ids for s in fast.generate(PROMPTS[:2], params).flat]
+    assert a == b and len({tuple(x) for x in a}) == len(a)
+    c = [s.token_ids for s in fast.generate(PROMPTS[:2], params.model_copy(update={"seed": 4})).flat]
+    assert c != a
+    k1 = fast.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=0.9, top_k=1, seed=0))
+    greedy = fast.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=0))
+    assert [s.token_ids for s in k1.flat] == [s.token_ids for s in greedy.flat]
+
+
+def test_hash_noise_is_exponential_and_varies_with_every_coordinate():
+    V = 4096
+    rows, vocab = torch.arange(4), torch.arange(V)
+    x = hash_exponential(torch.tensor(7), torch.tensor(3), rows, vocab)
+    assert x.shape == (4, V) and bool((x > 0).all())
+    assert abs(float(x.mean()) - 1.0) < 0.03 and abs(float(x.var()) - 1.0) < 0.1  # Exp(1): mean 1, variance 1
+    u = torch.exp(-x)  # back to the uniforms: a sample of U(0,1)
+    hist = torch.histc(u, bins=10, min=0, max=1) / u.numel()
+    assert float((hist - 0.1).abs().max()) < 0.01
+    y = hash_exponential(torch.tensor(7), torch.tensor(4), rows, vocab)
+    z = hash_exponential(torch.tensor(8), torch.tensor(3), rows, vocab)
+    for other in (y, z):
+        assert abs(float(torch.corrcoef(torch.stack([x.flatten(), other.flatten()]))[0, 1])) < 0.05
+    assert not torch.equal(x[0], x[1])
+
+
+def test_kvmodel_fast_flag_and_errors():
+    llm = KVModel(tiny_model("qwen2"), ByteTokenizer())
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    assert llm.generate(PROMPTS, params, fast=True).texts == llm.generate(PROMPTS, params).texts
+    with pytest.raises(ValueError, match="logits_processors"):
+        llm.generate(PROMPTS, params, fast=True, logits_processors=[lambda x, p, v: x])
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        FastDecodeEngine(gpt2, ByteTokenizer())
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        FastDecodeEngine(tiny_model("qwen2"), ByteTokenizer(), cuda_graphs=True)  # a CPU model
+    with pytest.raises(ValueError, match="bucket"):
+        FastDecodeEngine(tiny_model("qwen2"), ByteTokenizer(), bucket=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graphs + torch.compile)")
+def test_cuda_graphs_and_compile_equal_eager_engine():
+    import copy
+
+    model = copy.deepcopy(tiny_model("qwen3")).cuda()
+    eager = DecodeEngine(model, ByteTokenizer())
+    fast = FastDecodeEngine(model, ByteTokenizer(), bucket=8, sync_every=4)
+    assert fast.graphs and fast.lm.compiled
+    for params in (SamplingParams(max_new_tokens=20, temperature=0, n=2, stop_token_ids=[213]),
+                   SamplingParams(max_new_tokens=20, temperature=0, stop=["a", "Q"])):
+        assert_same_results(eager.generate(PROMPTS, params, comps()), fast.generate(PROMPTS, params, comps()))
+        captured = fast.captures
+        assert_same_results(eager.generate(PROMPTS, params, comps()), fast.generate(PROMPTS, params, comps()))
+        assert fast.captures == captured  # same shapes: graphs reused
+    s = SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, n=3, seed=1)
+    cpu = FastDecodeEngine(tiny_model("qwen3"), ByteTokenizer(), bucket=8)
+    assert [x.token_ids for x in fast.generate(PROMPTS, s).flat] == [x.token_ids for x in cpu.generate(PROMPTS, s).flat]
