@@ -1,0 +1,12 @@
+"""LangChain integration of kvagents: chat model, embeddings, vector store, retriever and runnables.
+
+Example:
+    >>> from integrations.langchain_kvagents import ChatKV
+    >>> llm = ChatKV(model="smollm2-135m", temperature=0, max_tokens=32)  # nothing loaded yet
+    >>> # llm.invoke("Hello").content
+"""
+
+from ._messages import UnsupportedMessageError
+from .chat_models import ChatKV
+
+__all__ = ["ChatKV", "UnsupportedMessageError"]

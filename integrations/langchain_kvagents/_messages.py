@@ -1,0 +1,206 @@
+"""LangChain messages -> chat-template dicts, tool prompts, and parsing model output into text / reasoning /
+tool calls (incrementally, for streaming)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    ChatMessage,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+#: Content block types that are only bookkeeping for other providers and carry nothing for a text model.
+_SKIPPED_BLOCKS = {"tool_use", "tool_call", "thinking", "reasoning", "redacted_thinking", "server_tool_call"}
+
+
+class UnsupportedMessageError(TypeError):
+    """A message or content block the local text model cannot take (image, audio, file, unknown type)."""
+
+
+def _text_of(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for i, block in enumerate(content or []):
+        if isinstance(block, str):
+            parts.append(block)
+            continue
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            parts.append(block.get("text", ""))
+        elif kind in _SKIPPED_BLOCKS:
+            continue
+        else:
+            raise UnsupportedMessageError(
+                f"{where}: content block {i} has type {kind!r}; kvagents chat models take text only "
+                "(no image, audio or file inputs). Pass the content as text."
+            )
+    return "".join(parts)
+
+
+def render_tool_call(name: str, args: dict) -> str:
+    return f'{TOOL_OPEN}\n{{"name": {json.dumps(name)}, "arguments": {json.dumps(args, ensure_ascii=False)}}}\n{TOOL_CLOSE}'
+
+
+def tools_system_prompt(tools: Sequence[dict]) -> str:
+    """The tool instructions for chat templates without native tool support (Hermes / Qwen format)."""
+    lines = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+    return (
+        "You are a helpful assistant that can call tools. To call a tool, reply with\n"
+        f'{TOOL_OPEN}\n{{"name": <tool name>, "arguments": <arguments as a JSON object>}}\n{TOOL_CLOSE}\n'
+        "and nothing else. Otherwise reply normally.\n\n"
+        f"Tools:\n<tools>\n{lines}\n</tools>"
+    )
+
+
+def to_chat_messages(messages: Sequence[BaseMessage], *, native_tools: bool) -> list[dict[str, Any]]:
+    """Chat-template dicts of LangChain messages.
+
+    ``native_tools``: the template renders ``tools`` / ``tool_calls`` / the ``tool`` role itself (Qwen-style);
+    otherwise tool calls become ``<tool_call>`` text in the assistant turn and tool results a user turn with a
+    ``<tool_response>`` block.
+    """
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        where = f"message {i} ({type(m).__name__})"
+        if isinstance(m, SystemMessage):
+            out.append({"role": "system", "content": _text_of(m.content, where)})
+        elif isinstance(m, HumanMessage):
+            out.append({"role": "user", "content": _text_of(m.content, where)})
+        elif isinstance(m, AIMessage):
+            text = _text_of(m.content, where)
+            calls = [(c["name"], c.get("args") or {}) for c in m.tool_calls]
+            if native_tools and calls:
+                out.append({
+                    "role": "assistant",
+                    "content": text,
+                    "tool_calls": [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls],
+                })
+            else:
+                rendered = "\n".join(render_tool_call(n, a) for n, a in calls)
+                out.append({"role": "assistant", "content": (text + "\n" + rendered).strip() if rendered else text})
+        elif isinstance(m, (ToolMessage, FunctionMessage)):
+            text = _text_of(m.content, where)
+            if isinstance(m, ToolMessage) and getattr(m, "status", "success") == "error":
+                text = f"Error: {text}" if not text.lower().startswith("error") else text
+            if native_tools:
+                out.append({"role": "tool", "content": text})
+            else:
+                name = getattr(m, "name", None)
+                head = f'<tool_response name="{name}">' if name else "<tool_response>"
+                out.append({"role": "user", "content": f"{head}\n{text}\n</tool_response>"})
+        elif isinstance(m, ChatMessage):
+            out.append({"role": m.role, "content": _text_of(m.content, where)})
+        else:
+            raise UnsupportedMessageError(
+                f"{where}: unsupported message type {type(m).__name__!r}; use SystemMessage, HumanMessage, "
+                "AIMessage, ToolMessage or ChatMessage"
+            )
+    return out
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def parse_tool_call(body: str) -> tuple[dict | None, dict | None]:
+    """``(tool_call, None)`` or ``(None, invalid_tool_call)`` from the JSON between the tool-call tags."""
+    call_id = new_call_id()
+    try:
+        obj = json.loads(body)
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            raise ValueError("not an object with a string 'name'")
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(args, str):
+            args = json.loads(args)
+        if not isinstance(args, dict):
+            raise ValueError("'arguments' is not an object")
+        return {"name": obj["name"], "args": args, "id": call_id, "type": "tool_call"}, None
+    except (ValueError, TypeError) as e:
+        return None, {"name": None, "args": body, "id": call_id, "error": f"invalid tool call: {e}",
+                      "type": "invalid_tool_call"}
+
+
+class OutputSplitter:
+    """Splits generated text, as it grows, into answer text, reasoning (``<think>...</think>``) and tool calls
+    (``<tool_call>...</tool_call>``). ``feed(delta)`` returns the new ``(text, reasoning)`` safe to show; tags
+    and partial tags are held back; tool-call bodies are collected in ``tool_calls`` / ``invalid_tool_calls``.
+    ``finish()`` flushes (an unterminated tool call becomes an invalid one)."""
+
+    def __init__(self, *, reasoning: bool, tools: bool) -> None:
+        self.reasoning, self.tools = reasoning, tools
+        self.buf = ""
+        self.state = "text"
+        self.tool_calls: list[dict] = []
+        self.invalid_tool_calls: list[dict] = []
+        self.text = ""
+        self.reasoning_text = ""
+
+    def _opens(self) -> list[str]:
+        return ([THINK_OPEN] if self.reasoning else []) + ([TOOL_OPEN] if self.tools else [])
+
+    def feed(self, delta: str, final: bool = False) -> tuple[str, str]:
+        self.buf += delta
+        text_out, reason_out = "", ""
+        while True:
+            if self.state == "text":
+                opens = self._opens()
+                hits = [(self.buf.find(t), t) for t in opens if self.buf.find(t) >= 0]
+                if hits:
+                    k, tag = min(hits)
+                    text_out += self.buf[:k]
+                    self.buf = self.buf[k + len(tag):]
+                    self.state = "think" if tag == THINK_OPEN else "tool"
+                    continue
+                keep = 0 if final else max((j for t in opens for j in range(1, len(t)) if self.buf.endswith(t[:j])),
+                                           default=0)
+                text_out += self.buf[: len(self.buf) - keep]
+                self.buf = self.buf[len(self.buf) - keep:]
+                break
+            close = THINK_CLOSE if self.state == "think" else TOOL_CLOSE
+            k = self.buf.find(close)
+            if k >= 0:
+                if self.state == "think":
+                    reason_out += self.buf[:k]
+                else:
+                    self._add_call(self.buf[:k])
+                self.buf = self.buf[k + len(close):].lstrip("\n") if self.state == "tool" else self.buf[k + len(close):]
+                self.state = "text"
+                continue
+            if final:
+                if self.state == "think":
+                    reason_out += self.buf
+                else:
+                    self._add_call(self.buf)
+                self.buf = ""
+                break
+            if self.state == "think":
+                keep = max((j for j in range(1, len(close)) if self.buf.endswith(close[:j])), default=0)
+                reason_out += self.buf[: len(self.buf) - keep]
+                self.buf = self.buf[len(self.buf) - keep:]
+            break
+        self.text += text_out
+        self.reasoning_text += reason_out
+        return text_out, reason_out
+
+    def _add_call(self, body: str) -> None:
+        call, bad = parse_tool_call(body.strip())
+        if call is not None:
+            self.tool_calls.append(call)
+        else:
+            self.invalid_tool_calls.append(bad)
+
+    def finish(self) -> tuple[str, str]:
+        return self.feed("", final=True)

