@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
@@ -311,6 +312,16 @@ class _Static:
         return self.consts[key]
 
 
+@dataclass(frozen=True)
+class _Samp:
+    """The sampling settings the step reads (plain values: cheap guards when the head is compiled)."""
+
+    greedy: bool
+    temperature: float
+    top_k: int
+    top_p: float
+
+
 class FastDecodeEngine:
     """:class:`~kvagents.engine.DecodeEngine`'s interface over a static cache and CUDA-graph decode steps.
 
@@ -319,7 +330,9 @@ class FastDecodeEngine:
       eagerly (CPU);
     * ``bucket``: attention reads the cache columns up to the current length rounded up to this many (one graph
       per bucket, captured when first needed);
-    * ``sync_every``: host checks every this many steps.
+    * ``sync_every``: host checks every this many steps;
+    * ``compile_head``: also compile the step's tail (sampling, finish checks, the graph-safe components' tensor
+      work), fusing the components' small ops (default: with ``compile``; env ``KVAGENTS_COMPILE_HEAD=0`` off).
 
     Buffers and graphs are kept for the last batch size and capacity (capacity = longest prompt + max_new_tokens,
     rounded up to ``bucket``), so repeated calls of the same shape capture nothing.
@@ -330,7 +343,8 @@ class FastDecodeEngine:
     """
 
     def __init__(self, model, tokenizer, *, sync_every: int = 8, eos_token_ids: Sequence[int] | None = None,
-                 compile: bool | None = None, cuda_graphs: bool | None = None, bucket: int = 256) -> None:
+                 compile: bool | None = None, cuda_graphs: bool | None = None, bucket: int = 256,
+                 compile_head: bool | None = None) -> None:
         if bucket < 1:
             raise ValueError(f"bucket must be >= 1, got {bucket}")
         self.base = DecodeEngine(model, tokenizer, sync_every=sync_every, eos_token_ids=eos_token_ids)
@@ -342,6 +356,16 @@ class FastDecodeEngine:
         self.lm = StaticLM(model, compile=cuda if compile is None else bool(compile))
         self.bucket = bucket
         self.sync_every = sync_every
+        if compile_head is None:
+            compile_head = self.lm.compiled and os.environ.get("KVAGENTS_COMPILE_HEAD", "1") != "0"
+        self.compile_head = bool(compile_head)
+        if self.lm.compiled or self.compile_head:  # one compile per (batch, sampling mode, component set)
+            import torch._dynamo.config as dcfg
+
+            for name in ("cache_size_limit", "recompile_limit"):
+                if hasattr(dcfg, name):
+                    setattr(dcfg, name, max(getattr(dcfg, name), 64))
+        self._head_graph = torch.compile(self._head, dynamic=False) if self.compile_head else self._head
         self.eos_token_ids = self.base.eos_token_ids
         self.pad_token_id = self.base.pad_token_id
         self._st: _Static | None = None
@@ -374,7 +398,7 @@ class FastDecodeEngine:
             st = self._st = _Static(self.lm, B, cap)
         return st
 
-    def _head(self, st: _Static, params: SamplingParams, stop_ids, eos_ids, gcomps, has_kv: bool) -> None:
+    def _head(self, st: _Static, params: _Samp, stop_t, eos_t, gcomps, has_kv: bool) -> None:
         """Choose token ``step`` for every row, finish checks, graph components, ``step += 1`` (device only)."""
         logits = st.logits
         if params.greedy:
@@ -392,9 +416,9 @@ class FastDecodeEngine:
         st.n_gen += alive.long()
         st.n_forced += forced.long()
         reason = st.reason
-        if len(stop_ids):
-            hit = torch.isin(tok, st.const(stop_ids)) & alive
-            code = torch.where(torch.isin(tok, st.const(eos_ids)), EOS, STOP) if len(eos_ids) else STOP
+        if stop_t is not None:
+            hit = torch.isin(tok, stop_t) & alive
+            code = torch.where(torch.isin(tok, eos_t), EOS, STOP) if eos_t is not None else STOP
             reason = torch.where(hit, code, reason)
         reason = torch.where((st.step == st.max_new - 1) & (reason == RUNNING), LENGTH, reason)
         st.reason.copy_(reason)
@@ -549,8 +573,12 @@ class FastDecodeEngine:
         samp_key = ("greedy",) if params.greedy else ("sample", params.temperature, params.top_k, params.top_p)
         gkey = (samp_key, tuple(stop_ids), tuple(eos_ids), tuple((j, repr(c)) for j, (c, _) in enumerate(gcomps)))
 
+        samp = _Samp(params.greedy, params.temperature, params.top_k, params.top_p)
+        stop_t = st.const(stop_ids) if stop_ids else None
+        eos_t = st.const(eos_ids) if eos_ids else None
+
         def head(has_kv):
-            self._head(st, params, stop_ids, eos_ids, gcomps, has_kv)
+            (self._head_graph if has_kv else self._head)(st, samp, stop_t, eos_t, gcomps, has_kv)
 
         def step_fn_for(Lb):
             def fn():
