@@ -25,3 +25,13 @@ def test_readme_quickstart_runs(capsys):
     assert ns["vectors"].shape[0] == 2
     out = capsys.readouterr().out
     assert out.count("torch.Size") == 4
+
+
+@pytest.mark.real_model
+def test_readme_index_snippet_runs(tmp_path, monkeypatch, capsys):
+    code = re.search(r"## KV embeddings in an index\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(code, "README-index", "exec"), ns)
+    assert len(ns["index"]) == 3 and (tmp_path / "my.kvx").exists()
+    assert capsys.readouterr().out.count("SearchHit(") == 2
