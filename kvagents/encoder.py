@@ -36,6 +36,9 @@ class Encoder(Protocol):
 
     ``identity`` describes what produced the vectors (kind, model, dimension, and pooling for KV encoders); an
     index stores it and refuses to mix vectors from different encoders.
+
+    Note: on Python < 3.12 ``isinstance(x, Encoder)`` reads ``x.identity``, which loads a lazy ``KVEncoder``'s model
+    (its dimension needs the cache layout); :func:`as_encoder` checks the known classes first and avoids that.
     """
 
     def encode(self, sentences: str | list[str], **kwargs) -> np.ndarray | torch.Tensor: ...
