@@ -72,6 +72,8 @@ from .static_cache import StaticLM, UnsupportedModelError
 __all__ = ["FastDecodeEngine", "StaticStepView", "UnsupportedModelError", "graph_step_for", "hash_exponential"]
 
 _M32 = 0xFFFFFFFF
+# top-p's cumsum over the vocabulary hit an Inductor codegen error (torch 2.11, split scan): keep it eager
+_process_logits_eager = torch.compiler.disable(process_logits)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,7 +406,7 @@ class FastDecodeEngine:
         if params.greedy:
             tok = logits.argmax(dim=-1)
         else:
-            probs = process_logits(logits, params).softmax(dim=-1)
+            probs = _process_logits_eager(logits, params).softmax(dim=-1)
             tok = (probs / hash_exponential(st.seed_key, st.step, st.rows, st.vocab)).argmax(dim=-1)
         alive = st.reason == RUNNING
         tok = torch.where(st.force_mask, st.force_tok, tok)

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -49,15 +50,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def attn_pre(h, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, k_cache, v_cache, col, eps: float, hq: int, hkv: int,
-             d: int):
-    """Input norm, fused q/k/v projection, q/k norms (Qwen3), RoPE, and the cache write of column ``col``.
+def rms_norm(h, w, eps: float):
+    return _rms(h, w, eps)
 
-    ``h`` ``[B, D]``; ``cos``/``sin`` ``[B, 1, d]``; ``k_cache``/``v_cache`` ``[B, H_kv, cap, d]``; ``col``
-    a 1-element long tensor. Returns the rotated queries ``[B, H_q, d]``.
+
+def attn_pre(x, qkv_w, qkv_b, qn_w, kn_w, cos, sin, k_cache, v_cache, col, eps: float, hq: int, hkv: int, d: int):
+    """Fused q/k/v projection of the normed input ``x`` ``[B, D]``, q/k norms (Qwen3), RoPE, and the cache write of
+    column ``col``. ``cos``/``sin`` ``[B, 1, d]``; ``k_cache``/``v_cache`` ``[B, H_kv, cap, d]``; ``col`` a
+    1-element long tensor. Returns the rotated queries ``[B, H_q, d]``.
     """
-    b = h.shape[0]
-    x = _rms(h, ln_w, eps)
+    b = x.shape[0]
     qkv = F.linear(x, qkv_w, qkv_b)
     q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
     q, k, v = q.view(b, hq, d), k.view(b, hkv, d), v.view(b, hkv, d)
@@ -70,17 +72,31 @@ def attn_pre(h, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, k_cache, v_cache, col,
     return q
 
 
-def attn_post(h, a, o_w, o_b, ln_w, gu_w, gu_b, down_w, down_b, eps: float, inter: int):
-    """Output projection + residual, post-attention norm, SwiGLU MLP (fused gate/up) + residual."""
+def attn_post(h, a, o_w, o_b, ln_w, gu_w, gu_b, down_w, down_b, next_w, eps: float, inter: int):
+    """Output projection + residual, post-attention norm, SwiGLU MLP (fused gate/up) + residual, and the next
+    norm (the next layer's input norm, or the final norm): returns ``(h, norm(h))``, one kernel fewer per layer."""
     h = h + F.linear(a, o_w, o_b)
     x = _rms(h, ln_w, eps)
     g, u = F.linear(x, gu_w, gu_b).split((inter, inter), dim=-1)
-    return h + F.linear(F.silu(g) * u, down_w, down_b)
+    h = h + F.linear(F.silu(g) * u, down_w, down_b)
+    return h, _rms(h, next_w, eps)
 
 
-def final_logits(h, norm_w, head_w, eps: float):
-    """Final norm and LM head; float32 logits ``[B, V]`` (computed in the model dtype, as Hugging Face does)."""
-    return F.linear(_rms(h, norm_w, eps), head_w).float()
+def final_logits(x, head_w):
+    """LM head of the final-normed ``x``; float32 logits ``[B, V]`` (computed in the model dtype, as HF does)."""
+    return F.linear(x, head_w).float()
+
+
+def attend_reduce(q, k, v, mask, scale: float, hkv: int):
+    """:func:`attend` written as elementwise products and reductions (float32 scores and softmax), for
+    ``torch.compile``: Triton reductions spread over ``B * H_q * Lb`` scores, where a fused attention kernel has only
+    ``B * H_kv`` blocks at decode time."""
+    b, hq, d = q.shape
+    g = hq // hkv
+    s = (q.view(b, hkv, g, 1, d).float() * k[:, :, None].float()).sum(-1) * scale + mask  # [B, H_kv, G, Lb]
+    p = torch.softmax(s, dim=-1)
+    o = (p[..., None] * v[:, :, None].float()).sum(-2)  # [B, H_kv, G, d]
+    return o.to(q.dtype).reshape(b, hq * d)
 
 
 def attend(q, k, v, mask, scale: float, hkv: int):
@@ -182,16 +198,26 @@ class StaticLM:
                 w.kn = kn.weight if kn is not None else None
                 self.layers.append(w)
         self.compiled = compile
+        self.attn_impl = os.environ.get("KVAGENTS_ATTN", "reduce" if compile else "sdpa")
+        if self.attn_impl not in ("sdpa", "reduce"):
+            raise ValueError(f"KVAGENTS_ATTN must be 'sdpa' or 'reduce', got {self.attn_impl!r}")
+        att = attend_reduce if self.attn_impl == "reduce" else attend
         if compile:
             import torch._inductor.config as ind
 
             ind.emulate_precision_casts = True  # round bf16 intermediates like eager (parity with HF)
+            if os.environ.get("KVAGENTS_CDT", "0") == "1":
+                ind.coordinate_descent_tuning = True
             opts = dict(dynamic=False, fullgraph=True)
+            self._norm = torch.compile(rms_norm, **opts)
             self._pre = torch.compile(attn_pre, **opts)
             self._post = torch.compile(attn_post, **opts)
             self._final = torch.compile(final_logits, **opts)
+            # the attention length changes with the bucket: static first, dynamic from the second length on
+            self._attend = torch.compile(att, fullgraph=True) if self.attn_impl == "reduce" else att
         else:
-            self._pre, self._post, self._final = attn_pre, attn_post, final_logits
+            self._norm, self._pre, self._post, self._final, self._attend = (rms_norm, attn_pre, attn_post,
+                                                                            final_logits, att)
         self._cos = self._sin = None
 
     # -- buffers ------------------------------------------------------------------------------------------------
@@ -229,10 +255,14 @@ class StaticLM:
         mask = torch.zeros(valid.shape, dtype=self.dtype, device=valid.device).masked_fill(~valid, float("-inf"))
         mask = mask[:, None, None, :]
         h = F.embedding(ids, self.embed_w)
-        for i, w in enumerate(self.layers):
+        layers = self.layers
+        x = self._norm(h, layers[0].ln1, self.eps)
+        for i, w in enumerate(layers):
             kc, vc = K[i], V[i]
-            q = self._pre(h, w.ln1, w.qkv_w, w.qkv_b, w.qn, w.kn, cos, sin, kc, vc, col, self.eps, self.hq,
-                          self.hkv, self.d)
-            a = attend(q, kc[:, :, :Lb], vc[:, :, :Lb], mask, self.scale, self.hkv)
-            h = self._post(h, a, w.o_w, w.o_b, w.ln2, w.gu_w, w.gu_b, w.down_w, w.down_b, self.eps, self.inter)
-        return self._final(h, self.norm_w, self.head_w, self.eps)
+            q = self._pre(x, w.qkv_w, w.qkv_b, w.qn, w.kn, cos, sin, kc, vc, col, self.eps, self.hq, self.hkv,
+                          self.d)
+            a = self._attend(q, kc[:, :, :Lb], vc[:, :, :Lb], mask, self.scale, self.hkv)
+            nxt = layers[i + 1].ln1 if i + 1 < len(layers) else self.norm_w
+            h, x = self._post(h, a, w.o_w, w.o_b, w.ln2, w.gu_w, w.gu_b, w.down_w, w.down_b, nxt, self.eps,
+                              self.inter)
+        return self._final(x, self.head_w)
