@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GrammarError", "GrammarMask", "compile_grammar", "grammar_compiler"]
+__all__ = ["GrammarError", "GrammarMask", "closing_tokens", "compile_grammar", "grammar_compiler"]
 
 
 class GrammarError(ValueError):
@@ -63,6 +63,27 @@ def grammar_compiler(llm) -> Any:
             comp = xgr.GrammarCompiler(info, max_threads=1)
             _COMPILERS[key] = comp
     return comp
+
+
+_CLOSING: dict[tuple[int, int], torch.Tensor] = {}
+_CLOSING_CHARS = set('"}], \n')
+_CLOSERS = set('"}],')
+
+
+def closing_tokens(llm) -> torch.Tensor:
+    """Bool ``[V]``: tokens whose text is only JSON punctuation that ends values (at least one of ``"}],``,
+    optionally with spaces / newlines; no digits or letters). Cached per tokenizer."""
+    tok = llm.tokenizer
+    vocab = llm.model.get_output_embeddings().weight.shape[0]
+    key = (id(tok), vocab)
+    mask = _CLOSING.get(key)
+    if mask is None:
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        for i, piece in enumerate(tok.convert_ids_to_tokens(list(range(min(len(tok), vocab))))):
+            text = tok.convert_tokens_to_string([piece]) if piece is not None else ""
+            mask[i] = bool(text) and set(text) <= _CLOSING_CHARS and bool(set(text) & _CLOSERS)
+        _CLOSING[key] = mask
+    return mask
 
 
 def compile_grammar(llm, kind: str, spec: Any) -> Any:
@@ -103,7 +124,8 @@ class GrammarMask:
     unconstrained from then on.
     """
 
-    def __init__(self, grammars: Sequence[Any], n: int = 1) -> None:
+    def __init__(self, grammars: Sequence[Any], n: int = 1, *, budget: int | None = None, reserve: int = 0,
+                 closing_tokens: torch.Tensor | None = None, stop_token_ids: Sequence[int] = ()) -> None:
         xgr = _xgr()
         self._xgr = xgr
         self.compiled = [g for g in grammars for _ in range(n)]
@@ -111,6 +133,10 @@ class GrammarMask:
         self.running = [m is not None for m in self.matchers]
         self.violations: list[int] = []
         self._bitmask = None
+        self.budget, self.reserve = budget, reserve
+        self.closing_tokens = closing_tokens
+        self.stop_token_ids = list(stop_token_ids)
+        self.step = 0
 
     @classmethod
     def from_json_schema(cls, llm, schema: Any, n: int = 1, prompts: int = 1) -> GrammarMask:
@@ -146,4 +172,25 @@ class GrammarMask:
         out = logits.clone()
         mask = self._bitmask.to(logits.device, non_blocking=True)
         self._xgr.apply_token_bitmask_inplace(out, mask, vocab_size=min(vocab, V))
+        self.step += 1
+        if self.budget is not None and self.closing_tokens is not None and self.budget - self.step < self.reserve:
+            self._close(out)
         return out
+
+    def _close(self, out: torch.Tensor) -> None:
+        """Closing mode (the last ``reserve`` tokens of the budget): steer every constrained row to finish its
+        grammar in time: a stop token when the grammar allows one, else only tokens made of JSON punctuation
+        (closing quotes, brackets, commas) when any is allowed, else whatever the grammar allows (keys and
+        tags it dictates)."""
+        closing = self.closing_tokens.to(out.device)
+        stops = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
+        if self.stop_token_ids:
+            stops[torch.as_tensor(self.stop_token_ids, device=out.device)] = True
+        for i, r in enumerate(self.running):
+            if not r:
+                continue
+            allowed = torch.isfinite(out[i])
+            for pick in (allowed & stops, allowed & closing[: out.shape[1]]):
+                if bool(pick.any()):
+                    out[i] = out[i].masked_fill(~pick, float("-inf"))
+                    break

@@ -8,5 +8,8 @@ Example:
 
 from ._messages import UnsupportedMessageError
 from .chat_models import ChatKV
+from .embeddings import KVEmbeddings
+from .retrievers import KVRetriever
+from .vectorstores import KVVectorStore
 
-__all__ = ["ChatKV", "UnsupportedMessageError"]
+__all__ = ["ChatKV", "KVEmbeddings", "KVRetriever", "KVVectorStore", "UnsupportedMessageError"]

@@ -119,7 +119,9 @@ def parse_tool_call(body: str) -> tuple[dict | None, dict | None]:
     """``(tool_call, None)`` or ``(None, invalid_tool_call)`` from the JSON between the tool-call tags."""
     call_id = new_call_id()
     try:
-        obj = json.loads(body)
+        obj, end = json.JSONDecoder().raw_decode(body)  # a complete object counts even if the closing tag was cut
+        if body[end:].strip() and not TOOL_CLOSE.startswith(body[end:].strip()):
+            raise ValueError(f"unexpected text after the call: {body[end:].strip()[:40]!r}")
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             raise ValueError("not an object with a string 'name'")
         args = obj.get("arguments", obj.get("parameters", {}))

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from kvagents import KVModel
+from kvagents.registry import _HUB_ID_RE, REGISTRY, UnknownModelError
 
 _MODELS: dict[tuple[str, str, str], KVModel] = {}
 _WORKERS: dict[int, ThreadPoolExecutor] = {}
@@ -29,6 +31,9 @@ def get_model(model: str | KVModel, dtype: str = "auto", device: str = "auto") -
     """
     if isinstance(model, KVModel):
         return model
+    name = str(model)
+    if name not in REGISTRY and not Path(name).expanduser().exists() and not _HUB_ID_RE.fullmatch(name):
+        raise UnknownModelError(name)
     key = (str(model), str(dtype), str(device))
     with _LOCK:
         llm = _MODELS.get(key)

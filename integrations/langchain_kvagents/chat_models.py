@@ -25,7 +25,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from kvagents import Component, KVModel, SamplingParams, StopSequence
-from kvagents.grammar import GrammarMask, compile_grammar
+from kvagents.grammar import GrammarMask, closing_tokens, compile_grammar
 
 from ._messages import THINK_OPEN, TOOL_OPEN, OutputSplitter, to_chat_messages, tools_system_prompt
 from ._shared import get_model, run_on_worker
@@ -61,7 +61,10 @@ class _Request:
     def processors(self) -> list:
         if all(g is None for g in self.grammars):
             return []
-        return [GrammarMask(self.grammars, n=self.params.n)]
+        # the last `reserve` tokens of the budget steer the grammar to completion (see GrammarMask._close)
+        reserve = min(24, self.params.max_new_tokens // 3)
+        return [GrammarMask(self.grammars, n=self.params.n, budget=self.params.max_new_tokens, reserve=reserve,
+                            closing_tokens=closing_tokens(self.llm), stop_token_ids=self.llm.engine.eos_token_ids)]
 
 
 class ChatKV(BaseChatModel):
@@ -230,8 +233,8 @@ class ChatKV(BaseChatModel):
         """Structured output by grammar-constrained decoding.
 
         ``method="json_schema"`` (default): the answer is a JSON object valid for ``schema``;
-        ``"function_calling"``: a forced call of a tool shaped like ``schema``; ``"json_mode"``: any JSON
-        object (``schema`` only parses). Pydantic classes give instances, other schemas dicts. ``strict`` is
+        ``"function_calling"``: a forced call of a tool shaped like ``schema``; ``"json_mode"``: a JSON
+        object (the schema is enforced too: a local grammar costs nothing). Pydantic classes give instances, other schemas dicts. ``strict`` is
         accepted for API parity: decoding is always strict.
         """
         if kwargs:
@@ -252,8 +255,8 @@ class ChatKV(BaseChatModel):
             if method == "json_schema":
                 json_schema = convert_to_json_schema(schema)
                 response_format = {"type": "json_schema", "schema": json_schema}
-            else:
-                response_format = {"type": "json_object"}
+            else:  # json_mode: a JSON object; the schema, which we have, is enforced too (free for a local model)
+                response_format = {"type": "json_object", "schema": convert_to_json_schema(schema)}
             llm = self.bind(response_format=response_format, ls_structured_output_format=ls_format)
             parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
         if include_raw:
@@ -310,15 +313,13 @@ class ChatKV(BaseChatModel):
                 ids = ids["input_ids"]
             prompt_ids.append(llm.encode_prompt(list(ids), i))
             if response_format is not None:
-                if response_format.get("type") == "json_schema":
-                    schema = bound_strings(response_format["schema"], params.max_new_tokens)
-                    grammars.append(compile_grammar(llm, "json_schema", schema))
-                else:
-                    grammars.append(compile_grammar(llm, "json", None))
+                schema = _response_schema(response_format)
+                bounded = bound_strings(schema, params.max_new_tokens, tokens_per_char=_tokens_per_char(tok, messages))
+                grammars.append(compile_grammar(llm, "json_schema", bounded))
             elif use_tools:
                 tools_active = True
                 required = eff not in (None, "auto")
-                tag = _tool_tag(use_tools, required, parallel, params.max_new_tokens)
+                tag = _tool_tag(use_tools, required, parallel, params.max_new_tokens, _tokens_per_char(tok, messages))
                 grammars.append(compile_grammar(llm, "structural_tag", tag))
             else:
                 grammars.append(None)
@@ -620,11 +621,22 @@ def _add_system(chat: list[dict], text: str) -> None:
         chat.insert(0, {"role": "system", "content": text})
 
 
-def _json_instruction(response_format: dict) -> str:
-    if response_format.get("type") == "json_schema":
-        return "Reply with one JSON object that follows this JSON schema:\n" + json.dumps(
-            response_format["schema"], ensure_ascii=False
+def _response_schema(response_format: dict) -> dict:
+    """The JSON schema of ``response_format``: ``{"type": "json_schema", "schema": ...}``, OpenAI's
+    ``{"type": "json_schema", "json_schema": {"schema": ...}}``, or ``{"type": "json_object"}`` (any object)."""
+    if not isinstance(response_format, dict) or response_format.get("type") not in ("json_schema", "json_object"):
+        raise ValueError(
+            f"response_format {response_format!r} is not supported; use {{'type': 'json_schema', 'schema': {{...}}}} "
+            "or {'type': 'json_object'}"
         )
+    schema = response_format.get("schema") or (response_format.get("json_schema") or {}).get("schema")
+    return schema or {"type": "object"}
+
+
+def _json_instruction(response_format: dict) -> str:
+    schema = _response_schema(response_format)
+    if schema != {"type": "object"}:
+        return "Reply with one JSON object that follows this JSON schema:\n" + json.dumps(schema, ensure_ascii=False)
     return "Reply with one JSON object."
 
 
@@ -644,11 +656,13 @@ def _normalize_tool_choice(choice, names: list[str]):
     return {"name": name}
 
 
-def bound_strings(schema: dict, budget: int, overhead: int = 0) -> dict:
+def bound_strings(schema: dict, budget: int, overhead: int = 0, tokens_per_char: float = 1.0) -> dict:
     """A copy of ``schema`` whose string fields without a tighter ``maxLength`` get one, so that a complete
     object fits in ``budget`` generated tokens (small models repeat themselves inside a string until the token
     budget runs out, leaving truncated JSON). Each of the ``k`` string fields gets
-    ``max(8, (budget - overhead - 4 * properties - 8) // k)`` characters (at least one character per token)."""
+    ``(budget - overhead - 4 * properties - 8) // k`` tokens, i.e. that many characters divided by
+    ``tokens_per_char`` (1 for ASCII text; more for scripts a byte-level tokenizer splits, measured on the
+    prompt), at least 4."""
     schema = json.loads(json.dumps(schema))
     strings, props = [], 0
 
@@ -667,13 +681,22 @@ def bound_strings(schema: dict, budget: int, overhead: int = 0) -> dict:
 
     walk(schema)
     if strings:
-        per = max(8, (budget - overhead - 4 * props - 8) // len(strings))
+        per = max(4, int((budget - overhead - 4 * props - 8) // len(strings) / max(tokens_per_char, 1.0)))
         for node in strings:
             node["maxLength"] = min(node.get("maxLength", per), per)
     return schema
 
 
-def _tool_tag(tools: list[dict], required: bool, parallel: bool, budget: int = 256) -> dict:
+def _tokens_per_char(tok, messages: Sequence[BaseMessage]) -> float:
+    """Tokens per character of the non-ASCII text of the last user message (1.0 when it has none)."""
+    text = next((m.text for m in reversed(messages) if isinstance(m, HumanMessage)), "")
+    wide = "".join(ch for ch in text if ord(ch) > 127)
+    if not wide:
+        return 1.0
+    return max(1.0, len(tok(wide, add_special_tokens=False)["input_ids"]) / len(wide))
+
+
+def _tool_tag(tools: list[dict], required: bool, parallel: bool, budget: int = 256, tpc: float = 1.0) -> dict:
     """xgrammar structural tag for Hermes-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``."""
     tags = []
     for t in tools:
@@ -681,7 +704,7 @@ def _tool_tag(tools: list[dict], required: bool, parallel: bool, budget: int = 2
         params = fn.get("parameters") or {"type": "object", "properties": {}}
         if not params.get("properties"):
             params = {**params, "type": "object", "properties": {}}
-        params = bound_strings(params, budget, overhead=24)
+        params = bound_strings(params, budget, overhead=24, tokens_per_char=tpc)
         tags.append({
             "type": "tag",
             "begin": f'{TOOL_OPEN}\n{{"name": {json.dumps(fn["name"])}, "arguments": ',

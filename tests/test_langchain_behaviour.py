@@ -1,0 +1,205 @@
+"""ChatKV behaviour beyond the standard suites: concurrency, batching, errors, recovery, grammar guarantees.
+
+Runs on a tiny random Llama saved with smollm2-135m's tokenizer (chat template included), so it is fast and the
+grammar, not the model, is what makes tool calls / JSON valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from pydantic import BaseModel, Field
+
+from integrations.langchain_kvagents import ChatKV, UnsupportedMessageError
+from integrations.langchain_kvagents._messages import OutputSplitter
+from kvagents.grammar import GrammarError
+from kvagents.registry import UnknownModelError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from kvagents.registry import fetch_model
+
+    src = fetch_model("smollm2-135m", progress=False)
+    tok = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    out = tmp_path_factory.mktemp("tiny_chat")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture
+def chat(tiny_dir):
+    return ChatKV(model=tiny_dir, dtype="float32", device="cpu", temperature=0, max_tokens=12)
+
+
+PROMPTS = ["Hello", "What is 2+2?", "Name a colour.", "Tell me a joke.", "Hi there", "Count to three.",
+           "Why is the sky blue?", "Say yes."]
+
+
+def test_eight_threads_equal_serial_calls(chat):
+    serial = [chat.invoke(p).content for p in PROMPTS]
+    with ThreadPoolExecutor(8) as ex:
+        threaded = list(ex.map(lambda p: chat.invoke(p).content, PROMPTS))
+    assert threaded == serial
+    assert len(set(serial)) > 1  # the prompts do lead to different outputs
+
+
+def test_async_concurrent_calls_equal_serial(chat):
+    serial = [chat.invoke(p).content for p in PROMPTS[:4]]
+
+    async def main():
+        return await asyncio.gather(*(chat.ainvoke(p) for p in PROMPTS[:4]))
+
+    assert [m.content for m in asyncio.run(main())] == serial
+
+
+def test_batch_runs_one_engine_call_and_matches_serial(chat):
+    serial = [chat.invoke(p).content for p in PROMPTS[:3]]
+    calls = chat.llm.engine.forward_calls
+    out = chat.batch(PROMPTS[:3])
+    used = chat.llm.engine.forward_calls - calls
+    assert [m.content for m in out] == serial
+    assert used <= 12 + 1  # one prefill + at most max_tokens - 1 decode steps for all three together
+    assert all(isinstance(m, AIMessage) and m.usage_metadata["output_tokens"] > 0 for m in out)
+
+    async def main():
+        return await chat.abatch(PROMPTS[:3])
+
+    assert [m.content for m in asyncio.run(main())] == serial
+
+
+def test_stream_aggregates_to_invoke(chat):
+    full = None
+    chunks = list(chat.stream("Hello"))
+    for c in chunks:
+        full = c if full is None else full + c
+    assert full.content == chat.invoke("Hello").content
+    assert chunks[-1].chunk_position == "last"
+    assert sum(1 for c in chunks if c.usage_metadata and c.usage_metadata["input_tokens"]) == 1
+    assert full.response_metadata["model_name"]
+
+
+def test_usage_counts_tokens(chat):
+    msg = chat.invoke("Hello")
+    prompt = chat.llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}],
+                                                    add_generation_prompt=True, tokenize=True)
+    prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    assert msg.usage_metadata["input_tokens"] == len(prompt)
+    assert msg.usage_metadata["output_tokens"] == 12 or msg.response_metadata["finish_reason"] == "stop"
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="smollm2-135mm") as err:
+        ChatKV(model="smollm2-135mm")
+    assert isinstance(err.value.__cause__ or err.value, (UnknownModelError, Exception))
+    assert "Did you mean 'smollm2-135m'" in str(err.value)
+
+
+def test_unsupported_inputs_are_clear_errors_and_the_model_stays_usable(chat):
+    before = chat.invoke("Hello").content
+    image = HumanMessage(content=[{"type": "text", "text": "What is this?"},
+                                  {"type": "image", "base64": "AAAA", "mime_type": "image/png"}])
+    with pytest.raises(UnsupportedMessageError, match="'image'"):
+        chat.invoke([image])
+
+    class OddMessage(BaseMessage):
+        type: str = "odd"
+
+    with pytest.raises(UnsupportedMessageError, match="OddMessage"):
+        chat.invoke([OddMessage(content="hi")])
+    assert chat.invoke("Hello").content == before
+
+
+def test_rejected_tool_schema_is_a_clear_error_and_the_model_stays_usable(chat):
+    before = chat.invoke("Hello").content
+    bad = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "pattern": "(?<=a)b"}}, "required": ["x"]}}}
+    with pytest.raises(GrammarError, match="rejected"):
+        chat.bind_tools([bad], tool_choice="any").invoke("call f")
+    with pytest.raises(ValueError, match="names no bound tool"):
+        chat.bind_tools([bad], tool_choice="g")
+    assert chat.invoke("Hello").content == before
+
+
+def test_failed_stream_leaves_the_model_usable(chat):
+    before = chat.invoke("Hello").content
+    it = chat.stream("Tell me a story")
+    next(it)
+    it.close()  # abandoned mid-stream: the lock must be released
+    done = threading.Event()
+    threading.Thread(target=lambda: (chat.invoke("Hello"), done.set()), daemon=True).start()
+    assert done.wait(60), "model lock still held after an abandoned stream"
+    assert chat.invoke("Hello").content == before
+
+
+class Pick(BaseModel):
+    colour: str = Field(description="a colour")
+    count: int = Field(description="how many")
+
+
+def test_random_model_still_emits_schema_valid_output(tiny_dir):
+    chat = ChatKV(model=tiny_dir, dtype="float32", device="cpu", temperature=0, max_tokens=60)
+    res = chat.with_structured_output(Pick).invoke("Pick a colour")
+    assert isinstance(res, Pick)
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+        "required": ["city", "unit"]}}}
+    msg = chat.bind_tools([tool], tool_choice="get_weather").invoke("Weather in Paris?")
+    assert len(msg.tool_calls) == 1 and msg.tool_calls[0]["name"] == "get_weather"
+    assert msg.tool_calls[0]["args"]["unit"] in ("C", "F") and isinstance(msg.tool_calls[0]["args"]["city"], str)
+    full = None
+    for c in chat.bind_tools([tool], tool_choice="any").stream("Weather in Paris?"):
+        full = c if full is None else full + c
+    assert full.tool_calls[0]["name"] == "get_weather"
+
+
+def test_history_with_tool_calls_renders(chat):
+    msgs = [SystemMessage("be brief"), HumanMessage("What is 1 + 2"),
+            AIMessage("", tool_calls=[{"name": "add", "args": {"a": 1, "b": 2}, "id": "c1", "type": "tool_call"}]),
+            ToolMessage(json.dumps({"result": 3}), tool_call_id="c1", name="add")]
+    assert isinstance(chat.invoke(msgs), AIMessage)
+
+
+def test_output_splitter_streams_text_reasoning_and_calls():
+    s = OutputSplitter(reasoning=True, tools=True)
+    pieces = ["<thi", "nk>let me", " see</th", "ink>Sure. <tool", '_call>\n{"name": "f", "arguments": {"a": 1}}',
+              "\n</tool_call>"]
+    texts, reasons = [], []
+    for p in pieces:
+        t, r = s.feed(p)
+        texts.append(t)
+        reasons.append(r)
+    t, r = s.finish()
+    assert "".join(texts) + t == "Sure. "
+    assert "".join(reasons) + r == "let me see"
+    assert s.tool_calls[0]["name"] == "f" and s.tool_calls[0]["args"] == {"a": 1}
+
+
+def test_n_samples_and_scores(tiny_dir):
+    chat = ChatKV(model=tiny_dir, dtype="float32", device="cpu", temperature=1.0, seed=0, n=3, max_tokens=8,
+                  return_scores=True)
+    res = chat.generate([[HumanMessage("Hello")]])
+    gens = res.generations[0]
+    assert len(gens) == 3
+    assert all("mean_logprob" in g.message.response_metadata["scores"] for g in gens)
+
+
+def test_timeout_stops_decoding(tiny_dir):
+    chat = ChatKV(model=tiny_dir, dtype="float32", device="cpu", temperature=0, max_tokens=500, timeout=0.0)
+    msg = chat.invoke("Hello")
+    assert msg.response_metadata["finish_reason"] == "timeout"
+    assert msg.usage_metadata["output_tokens"] < 500
