@@ -100,6 +100,34 @@ def hash_exponential(seed_key: torch.Tensor, step: torch.Tensor, rows: torch.Ten
     return -torch.log(u)
 
 
+def top_p_keep(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The nucleus ``[B, V]`` (bool) without sorting: keep token ``v`` iff the mass of the tokens more probable than
+    it is at most ``top_p`` (the sort-and-cumsum rule of :func:`kvagents.sampling.process_logits`), i.e.
+    ``p_v >= t*``. ``t*`` is found by bisection over the float32 bit patterns of ``probs`` (non-negative floats
+    order like their bits): 31 masked sums, exact, graph-safe, fused by ``torch.compile``."""
+    bits = probs.view(torch.int32)
+    lo = torch.zeros(probs.shape[0], dtype=torch.int32, device=probs.device)  # mass above 0 is 1 > top_p
+    hi = bits.max(dim=-1).values  # nothing above the maximum: 0 <= top_p
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        ok = torch.where(bits > mid[:, None], probs, 0.0).sum(-1) <= top_p
+        hi = torch.where(ok, mid, hi)
+        lo = torch.where(ok, lo, mid)
+    return bits >= hi[:, None]
+
+
+def process_logits_bisect(logits: torch.Tensor, params) -> torch.Tensor:
+    """:func:`kvagents.sampling.process_logits` with :func:`top_p_keep` in place of the sort (same kept set up to
+    the rounding of the masses)."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        logits = logits.masked_fill(~top_p_keep(logits.softmax(dim=-1), params.top_p), float("-inf"))
+    return logits
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Views
 
@@ -345,7 +373,7 @@ class FastDecodeEngine:
     """
 
     def __init__(self, model, tokenizer, *, sync_every: int = 8, eos_token_ids: Sequence[int] | None = None,
-                 compile: bool | None = None, cuda_graphs: bool | None = None, bucket: int = 256,
+                 compile: bool | None = None, cuda_graphs: bool | None = None, bucket: int = 128,
                  compile_head: bool | None = None) -> None:
         if bucket < 1:
             raise ValueError(f"bucket must be >= 1, got {bucket}")
@@ -358,6 +386,7 @@ class FastDecodeEngine:
         self.lm = StaticLM(model, compile=cuda if compile is None else bool(compile))
         self.bucket = bucket
         self.sync_every = sync_every
+        self.top_p_impl = os.environ.get("KVAGENTS_TOPP", "bisect")
         if compile_head is None:
             compile_head = self.lm.compiled and os.environ.get("KVAGENTS_COMPILE_HEAD", "1") != "0"
         self.compile_head = bool(compile_head)
@@ -406,7 +435,10 @@ class FastDecodeEngine:
         if params.greedy:
             tok = logits.argmax(dim=-1)
         else:
-            probs = _process_logits_eager(logits, params).softmax(dim=-1)
+            if self.top_p_impl == "sort":
+                probs = _process_logits_eager(logits, params).softmax(dim=-1)
+            else:
+                probs = process_logits_bisect(logits, params).softmax(dim=-1)
             tok = (probs / hash_exponential(st.seed_key, st.step, st.rows, st.vocab)).argmax(dim=-1)
         alive = st.reason == RUNNING
         tok = torch.where(st.force_mask, st.force_tok, tok)

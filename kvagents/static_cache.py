@@ -54,6 +54,15 @@ def rms_norm(h, w, eps: float):
     return _rms(h, w, eps)
 
 
+def prologue(ids, pos, col, start, cols, embed_w, cos_t, sin_t, ln_w, eps: float):
+    """Embedding, the first input norm, cos/sin of the positions ``[B, 1, d]`` and the additive attention mask
+    ``[B, 1, 1, Lb]`` (row ``b`` sees columns ``start[b] .. col``)."""
+    h = F.embedding(ids, embed_w)
+    valid = (cols[None] >= start[:, None]) & (cols[None] <= col)
+    mask = torch.zeros(valid.shape, dtype=h.dtype, device=h.device).masked_fill(~valid, float("-inf"))
+    return h, _rms(h, ln_w, eps), cos_t[pos][:, None], sin_t[pos][:, None], mask[:, None, None, :]
+
+
 def attn_pre(x, qkv_w, qkv_b, qn_w, kn_w, cos, sin, k_cache, v_cache, col, eps: float, hq: int, hkv: int, d: int):
     """Fused q/k/v projection of the normed input ``x`` ``[B, D]``, q/k norms (Qwen3), RoPE, and the cache write of
     column ``col``. ``cos``/``sin`` ``[B, 1, d]``; ``k_cache``/``v_cache`` ``[B, H_kv, cap, d]``; ``col`` a
@@ -214,10 +223,12 @@ class StaticLM:
             self._post = torch.compile(attn_post, **opts)
             self._final = torch.compile(final_logits, **opts)
             # the attention length changes with the bucket: static first, dynamic from the second length on
-            self._attend = torch.compile(att, fullgraph=True) if self.attn_impl == "reduce" else att
+            self._attend = torch.compile(att, fullgraph=True, dynamic=True) if self.attn_impl == "reduce" else att
+            self._prologue = torch.compile(prologue, fullgraph=True, dynamic=True)
         else:
             self._norm, self._pre, self._post, self._final, self._attend = (rms_norm, attn_pre, attn_post,
                                                                             final_logits, att)
+            self._prologue = prologue
         self._cos = self._sin = None
 
     # -- buffers ------------------------------------------------------------------------------------------------
@@ -248,15 +259,9 @@ class StaticLM:
     def step(self, ids, pos, col, start, K, V, Lb: int, cols: torch.Tensor) -> torch.Tensor:
         """Feed ``ids`` ``[B]`` at positions ``pos`` ``[B]`` into cache column ``col`` (1-element tensor); rows
         attend to columns ``start[b] .. col``. Returns float32 logits ``[B, V]``. No host synchronisation."""
-        cos_t, sin_t = self._cos, self._sin
-        cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]
-        c = cols[:Lb]
-        valid = (c[None] >= start[:, None]) & (c[None] <= col)
-        mask = torch.zeros(valid.shape, dtype=self.dtype, device=valid.device).masked_fill(~valid, float("-inf"))
-        mask = mask[:, None, None, :]
-        h = F.embedding(ids, self.embed_w)
         layers = self.layers
-        x = self._norm(h, layers[0].ln1, self.eps)
+        h, x, cos, sin, mask = self._prologue(ids, pos, col, start, cols[:Lb], self.embed_w, self._cos, self._sin,
+                                              layers[0].ln1, self.eps)
         for i, w in enumerate(layers):
             kc, vc = K[i], V[i]
             q = self._pre(x, w.qkv_w, w.qkv_b, w.qn, w.kn, cos, sin, kc, vc, col, self.eps, self.hq, self.hkv,

@@ -209,3 +209,18 @@ def test_cuda_graphs_and_compile_equal_eager_engine():
     s = SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, n=3, seed=1)
     cpu = FastDecodeEngine(tiny_model("qwen3"), ByteTokenizer(), bucket=8)
     assert [x.token_ids for x in fast.generate(PROMPTS, s).flat] == [x.token_ids for x in cpu.generate(PROMPTS, s).flat]
+
+
+def test_bisection_top_p_keeps_the_sorted_nucleus():
+    from kvagents.fast_decode import top_p_keep
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.5, 3.0, 10.0):
+        logits = torch.randn(6, 300, generator=g) * scale
+        probs = logits.softmax(-1)
+        for top_p in (0.1, 0.5, 0.9, 0.95):
+            sp, order = probs.sort(-1, descending=True)
+            keep_sorted = (sp.cumsum(-1) - sp) <= top_p
+            want = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+            got = top_p_keep(probs, top_p)
+            assert torch.equal(got, want), (scale, top_p, (got != want).sum())
