@@ -10,6 +10,16 @@ from ._messages import UnsupportedMessageError
 from .chat_models import ChatKV
 from .embeddings import KVEmbeddings
 from .retrievers import KVRetriever
+from .runnables import KVBestOfN, KVStepEvents, budgeted_reasoning
 from .vectorstores import KVVectorStore
 
-__all__ = ["ChatKV", "KVEmbeddings", "KVRetriever", "KVVectorStore", "UnsupportedMessageError"]
+__all__ = [
+    "ChatKV",
+    "KVBestOfN",
+    "KVEmbeddings",
+    "KVRetriever",
+    "KVStepEvents",
+    "KVVectorStore",
+    "UnsupportedMessageError",
+    "budgeted_reasoning",
+]

@@ -57,6 +57,7 @@ class _Request:
         self.llm, self.prompt_ids, self.params = llm, prompt_ids, params
         self.grammars, self.components = grammars, components
         self.tools_active, self.json_output, self.model_name = tools_active, json_output, name
+        self.controller = None
 
     def processors(self) -> list:
         if all(g is None for g in self.grammars):
@@ -146,6 +147,17 @@ class ChatKV(BaseChatModel):
     never choose a tool on their own)."""
     parallel_tool_calls: bool = False
     """Allow several tool calls in one answer."""
+    thinking: Literal["off", "slow", "fast", "auto"] = "off"
+    """Reasoning control (kvagents ``ReasoningController``): ``slow`` thinks first, ``fast`` answers at once,
+    ``auto`` lets the KV classifier (``kv_classifier``) decide from the prompt's KV cache; ``off``: plain decoding."""
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    """Thinking budget by effort (see ``kvagents.thinking.EFFORT_BUDGETS``); or set ``max_thinking_tokens``."""
+    max_thinking_tokens: int | None = None
+    """Hard thinking budget: the end-of-thinking sequence is forced once it is spent (never a truncation)."""
+    thinking_format: str = "plain"
+    """``plain`` (instruct models: forced "Let's think step by step." / answer cues) or ``qwen3`` (``<think>``)."""
+    kv_classifier: str | None = None
+    """Path of a saved ``KVClassifier`` for ``thinking="auto"`` (and online fast/slow switching)."""
     custom_get_token_ids: Callable[[str], list[int]] | None = None
 
     @field_validator("temperature")
@@ -306,8 +318,14 @@ class ChatKV(BaseChatModel):
                 _add_system(chat, tools_system_prompt(tools))
             if response_format is not None:
                 _add_system(chat, _json_instruction(response_format))
+            template_kw = {}
+            if kwargs.get("thinking", self.thinking) != "off":
+                from kvagents.thinking import get_format
+
+                template_kw = dict(get_format(kwargs.get("thinking_format", self.thinking_format)).chat_template_kwargs)
             ids = tok.apply_chat_template(
-                chat, tools=tools if (native_tools and tools) else None, add_generation_prompt=True, tokenize=True
+                chat, tools=tools if (native_tools and tools) else None, add_generation_prompt=True, tokenize=True,
+                **template_kw,
             )
             if hasattr(ids, "keys"):
                 ids = ids["input_ids"]
@@ -324,13 +342,41 @@ class ChatKV(BaseChatModel):
             else:
                 grammars.append(None)
         comps = [c() if callable(c) and not isinstance(c, Component) else c for c in self.components]
+        comps += list(kwargs.get("components") or [])  # per-call components (runnables pass observers here)
+        controller = self._controller(llm, kwargs) if response_format is None and not tools_active else None
+        if controller is not None:
+            comps.append(controller)
         if self.return_scores:
             from kvagents.scoring import ProbabilityScores
 
             comps.append(ProbabilityScores())
         if self.timeout is not None:
             comps.append(_Deadline(self.timeout))
-        return _Request(llm, prompt_ids, params, grammars, comps, tools_active, response_format is not None, name)
+        req = _Request(llm, prompt_ids, params, grammars, comps, tools_active, response_format is not None, name)
+        req.controller = controller
+        return req
+
+    def _controller(self, llm: KVModel, kwargs: dict):
+        mode = kwargs.get("thinking", self.thinking)
+        if mode == "off":
+            return None
+        from kvagents.thinking import ControllerConfig, ReasoningController, get_format
+
+        effort = kwargs.get("reasoning_effort", self.reasoning_effort)
+        budget = kwargs.get("max_thinking_tokens", self.max_thinking_tokens)
+        if effort is not None and budget is not None:  # a per-call value wins over the field
+            if "reasoning_effort" in kwargs and "max_thinking_tokens" not in kwargs:
+                budget = None
+            else:
+                effort = None
+        classifier = None
+        if self.kv_classifier:
+            from kvagents.kv_classifier import KVClassifier
+
+            classifier = KVClassifier.load(self.kv_classifier)
+        cfg = ControllerConfig(start=mode, effort=effort, max_thinking_tokens=budget, max_answer_tokens=None)
+        return ReasoningController(get_format(kwargs.get("thinking_format", self.thinking_format)), llm.tokenizer,
+                                   cfg, classifier=classifier)
 
     def _lock(self, llm: KVModel):
         return _Acquired(llm, self.timeout)
@@ -366,18 +412,27 @@ class ChatKV(BaseChatModel):
 
     def _message(self, req: _Request, s, split: OutputSplitter) -> AIMessage:
         text = split.text.strip() if split.tool_calls or split.invalid_tool_calls else split.text
+        reasoning = split.reasoning_text
+        if req.controller is not None and not req.controller.fmt.native:
+            reasoning, text = _split_plain(req.controller, text)
+        md = self._response_metadata(req, s, bool(split.tool_calls))
+        if "reasoning" in s.outputs:
+            md["reasoning"] = {k: v for k, v in s.outputs["reasoning"].items() if k != "features"}
         return AIMessage(
             content=text,
             tool_calls=split.tool_calls,
             invalid_tool_calls=split.invalid_tool_calls,
-            additional_kwargs={"reasoning_content": split.reasoning_text} if split.reasoning_text else {},
-            usage_metadata=self._usage(req, s.prompt_tokens, s.generated_tokens, split.reasoning_text),
-            response_metadata=self._response_metadata(req, s, bool(split.tool_calls)),
+            additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
+            usage_metadata=self._usage(req, s.prompt_tokens, s.generated_tokens, reasoning, s.outputs),
+            response_metadata=md,
         )
 
-    def _usage(self, req: _Request, prompt_tokens: int, generated: int, reasoning_text: str) -> dict:
+    def _usage(self, req: _Request, prompt_tokens: int, generated: int, reasoning_text: str,
+               outputs: dict | None = None) -> dict:
         usage = {"input_tokens": prompt_tokens, "output_tokens": generated, "total_tokens": prompt_tokens + generated}
-        if reasoning_text:
+        if outputs and "reasoning" in outputs:
+            usage["output_token_details"] = {"reasoning": int(outputs["reasoning"]["thinking_tokens"])}
+        elif reasoning_text:
             n = len(req.llm.tokenizer(reasoning_text, add_special_tokens=False)["input_ids"]) + 2
             usage["output_token_details"] = {"reasoning": min(n, generated)}
         return usage
@@ -464,7 +519,7 @@ class ChatKV(BaseChatModel):
             content="",
             tool_call_chunks=calls,
             invalid_tool_calls=split.invalid_tool_calls,
-            usage_metadata=self._usage(req, s.prompt_tokens, s.generated_tokens, split.reasoning_text),
+            usage_metadata=self._usage(req, s.prompt_tokens, s.generated_tokens, split.reasoning_text, s.outputs),
             response_metadata=self._response_metadata(req, s, bool(calls)),
             chunk_position="last",
         )
@@ -608,9 +663,24 @@ class _Acquired:
         self.llm._lock.release()
 
 
+def _split_plain(controller, text: str) -> tuple[str, str]:
+    """``(reasoning, answer)`` of a plain-format (forced cues) output: the reasoning is the text before the forced
+    end-of-thinking sequence, the answer what follows it from the answer cue on; without that sequence the whole
+    text is the answer."""
+    r = controller.fmt.render()
+    end, cue = r["end_thinking"], controller.fmt.answer_cue
+    k = text.find(end)
+    if k < 0:
+        return "", text
+    tail = text[k:]
+    j = tail.find(cue)
+    answer = tail[j:] if j >= 0 else text[k + len(end):]
+    return text[:k], answer
+
+
 def _key(messages: Sequence[BaseMessage], stop, kwargs: dict) -> str:
     body = [(type(m).__name__, m.content, getattr(m, "tool_calls", None)) for m in messages]
-    kw = {k: v for k, v in kwargs.items() if k != "run_manager" and not k.startswith("ls_")}
+    kw = {k: v for k, v in kwargs.items() if k not in ("run_manager", "components") and not k.startswith("ls_")}
     return json.dumps([body, stop, kw], sort_keys=True, default=str)
 
 
