@@ -66,6 +66,8 @@ def grammar_compiler(llm) -> Any:
 
 
 _CLOSING: dict[tuple[int, int], torch.Tensor] = {}
+# closing-token mask's data_ptr -> (its tokens holding a quote, the bare quote token)
+_QUOTE_TOKENS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 _CLOSING_CHARS = set('"}], \n')
 _CLOSERS = set('"}],')
 
@@ -79,10 +81,18 @@ def closing_tokens(llm) -> torch.Tensor:
     mask = _CLOSING.get(key)
     if mask is None:
         mask = torch.zeros(vocab, dtype=torch.bool)
+        quote = torch.zeros(vocab, dtype=torch.bool)
+        exact: list[int] = []
         for i, piece in enumerate(tok.convert_ids_to_tokens(list(range(min(len(tok), vocab))))):
             text = tok.convert_tokens_to_string([piece]) if piece is not None else ""
             mask[i] = bool(text) and set(text) <= _CLOSING_CHARS and bool(set(text) & _CLOSERS)
+            quote[i] = bool(mask[i]) and '"' in text
+            if text == '"':
+                exact.append(i)
         _CLOSING[key] = mask
+        bare = torch.zeros(vocab, dtype=torch.bool)
+        bare[exact] = True
+        _QUOTE_TOKENS[mask.data_ptr()] = (quote, bare)
     return mask
 
 
@@ -135,6 +145,9 @@ class GrammarMask:
         self._bitmask = None
         self.budget, self.reserve = budget, reserve
         self.closing_tokens = closing_tokens
+        quote, bare = _QUOTE_TOKENS.get(closing_tokens.data_ptr(), (closing_tokens, closing_tokens)) if (
+            closing_tokens is not None) else (None, None)
+        self.quote_tokens, self.bare_quote = quote, bare
         self.stop_token_ids = list(stop_token_ids)
         self.step = 0
 
@@ -179,18 +192,21 @@ class GrammarMask:
 
     def _close(self, out: torch.Tensor) -> None:
         """Closing mode (the last ``reserve`` tokens of the budget): steer every constrained row to finish its
-        grammar in time: a stop token when the grammar allows one, else only tokens made of JSON punctuation
-        (closing quotes, brackets, commas) when any is allowed, else whatever the grammar allows (keys and
-        tags it dictates)."""
-        closing = self.closing_tokens.to(out.device)
-        stops = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
+        grammar in time. In order of preference, among the tokens the grammar allows: a stop token; the bare
+        quote token (ends a string, or opens and then ends an empty one); a punctuation token with a quote (inside a string it ends the string: ``"``, ``",``, ``"}``); any other JSON punctuation
+        token (``}``, ``]``, ``,``); else whatever the grammar allows (keys, digits and tags it dictates)."""
+        V = out.shape[1]
+        closing = self.closing_tokens.to(out.device)[:V]
+        quotes = self.quote_tokens.to(out.device)[:V]
+        bare = self.bare_quote.to(out.device)[:V]
+        stops = torch.zeros(V, dtype=torch.bool, device=out.device)
         if self.stop_token_ids:
             stops[torch.as_tensor(self.stop_token_ids, device=out.device)] = True
         for i, r in enumerate(self.running):
             if not r:
                 continue
             allowed = torch.isfinite(out[i])
-            for pick in (allowed & stops, allowed & closing[: out.shape[1]]):
+            for pick in (allowed & stops, allowed & bare, allowed & quotes, allowed & closing):
                 if bool(pick.any()):
                     out[i] = out[i].masked_fill(~pick, float("-inf"))
                     break

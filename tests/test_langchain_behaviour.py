@@ -12,33 +12,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from lc_tiny import tiny_dir  # noqa: F401 - fixture
 from pydantic import BaseModel, Field
 
 from integrations.langchain_kvagents import ChatKV, UnsupportedMessageError
 from integrations.langchain_kvagents._messages import OutputSplitter
 from kvagents.grammar import GrammarError
 from kvagents.registry import UnknownModelError
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from kvagents.registry import fetch_model
-
-    src = fetch_model("smollm2-135m", progress=False)
-    tok = AutoTokenizer.from_pretrained(src)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    out = tmp_path_factory.mktemp("tiny_chat")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
 
 
 @pytest.fixture
