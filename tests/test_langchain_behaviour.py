@@ -1,9 +1,9 @@
-# ruff: noqa: F811  (pytest fixtures imported from lc_tiny are parameters of the tests)
 """ChatKV behaviour beyond the standard suites: concurrency, batching, errors, recovery, grammar guarantees.
 
 Runs on a tiny random Llama saved with smollm2-135m's tokenizer (chat template included), so it is fast and the
 grammar, not the model, is what makes tool calls / JSON valid.
 """
+# ruff: noqa: F811  (pytest fixtures imported from lc_tiny are parameters of the tests)
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-# ruff: noqa: F811  (pytest fixtures imported from lc_tiny are parameters of the tests)
 """Runnables (best-of-N, KV events, budgeted reasoning) and the grammar's closing mode, on a tiny random model."""
+# ruff: noqa: F811  (pytest fixtures imported from lc_tiny are parameters of the tests)
 
 from __future__ import annotations
 
