@@ -213,6 +213,47 @@ def cmd_eval_embeddings(args) -> int:
     return 0
 
 
+def cmd_eval_reasoning(args) -> int:
+    from . import eval_reasoning as er
+
+    try:
+        cfg = er.ReasoningEvalConfig(
+            model=args.model, data_dir=args.data_dir, datasets=args.datasets, train_per_dataset=args.train_per_dataset,
+            eval_per_dataset=args.eval_per_dataset, format=args.format, dtype=args.dtype, device=args.device,
+            fast_tokens=args.fast_tokens, slow_tokens=args.slow_tokens, answer_tokens=args.answer_tokens,
+            every=args.every, window=args.window, layers=args.layers, budgets=args.budgets,
+            batch_prompts=args.batch_prompts, tolerance=args.tolerance, folds=args.folds, seed=args.seed)
+        work = Path(args.work)
+        stage = args.stage
+        if stage == "all":
+            er.run_all(cfg, work, args.out)
+        elif stage == "collect":
+            er.collect(cfg, work)
+        elif stage == "train":
+            er.train(cfg, work)
+        elif stage == "eval-base":
+            er.eval_base(cfg, work, parts=tuple(args.parts))
+        elif stage == "eval-online":
+            er.eval_online(cfg, work, names=tuple(args.controllers))
+        elif stage == "eval-posthoc":
+            er.eval_posthoc(cfg, work)
+        else:
+            er.report(cfg, work, args.out)
+        if args.append_results and stage in ("all", "report"):
+            _append_reasoning_results(Path(args.out or work), Path(args.append_results))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return 0
+
+
+def _append_reasoning_results(out: Path, results_md: Path) -> None:
+    body = (out / "results.md").read_text()
+    with open(results_md, "a", encoding="utf-8") as f:
+        f.write("\n## Fast/slow thinking with a KV classifier, online (issue 7)\n\n" + body +
+                f"\n![accuracy vs tokens]({out / 'pareto.png'})\n")
+    print(f"appended to {results_md}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvagents", description="Use the KV cache an LLM builds anyway: KV embeddings, "
                                  "chain-of-embedding best-of-N, KV-classifier reasoning control.")
@@ -287,6 +328,36 @@ def build_parser() -> argparse.ArgumentParser:
     ee.add_argument("--cache-only", action="store_true", help="never compute: fail when an embedding is not cached")
     ee.add_argument("--seed", type=int, default=0, help="cross-validation split seed")
     ee.set_defaults(func=cmd_eval_embeddings)
+
+    er = evs.add_parser("reasoning", help="fast/slow thinking routed and switched by KV classifiers (issue 7)")
+    er.add_argument("stage", nargs="?", default="all",
+                    choices=["all", "collect", "train", "eval-base", "eval-online", "eval-posthoc", "report"],
+                    help="all (default) or one stage; stages share --work")
+    er.add_argument("--model", default=DEFAULT_MODEL)
+    er.add_argument("--data-dir", default="../shared/data")
+    er.add_argument("--datasets", nargs="+", default=["gsm8k", "commonsenseqa", "math500"])
+    er.add_argument("--train-per-dataset", type=int, default=200, help="training slice: the last N rows of each file")
+    er.add_argument("--eval-per-dataset", type=int, default=150, help="evaluation slice: the first N rows")
+    er.add_argument("--format", default="plain", choices=["plain", "qwen3"])
+    er.add_argument("--fast-tokens", type=int, default=32)
+    er.add_argument("--slow-tokens", type=int, default=512)
+    er.add_argument("--answer-tokens", type=int, default=32)
+    er.add_argument("--every", type=int, default=32, help="re-predict every k tokens")
+    er.add_argument("--window", type=int, default=64)
+    er.add_argument("--layers", type=int, default=4)
+    er.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256])
+    er.add_argument("--batch-prompts", type=int, default=256)
+    er.add_argument("--tolerance", type=float, default=0.5, help="calibration: accuracy points below slow allowed")
+    er.add_argument("--parts", nargs="+", default=["fast", "slow", "budgets"], help="eval-base: which runs")
+    er.add_argument("--folds", type=int, default=5, help="cross-fitting folds for threshold calibration")
+    er.add_argument("--controllers", nargs="+", default=["online_paper", "online_ours"], help="eval-online: which")
+    er.add_argument("--seed", type=int, default=0)
+    er.add_argument("--dtype", default="auto")
+    er.add_argument("--device", default="auto")
+    er.add_argument("--work", default="out/reasoning")
+    er.add_argument("--out", default=None, help="report folder (default: --work)")
+    er.add_argument("--append-results", default=None, help="append the report to this markdown file (docs/results.md)")
+    er.set_defaults(func=cmd_eval_reasoning)
 
     ix = sub.add_parser("index", help="build a KV-embedding index from texts, or search one")
     ixs = ix.add_subparsers(dest="action", required=True)

@@ -212,12 +212,13 @@ class KVClassifier:
     def fit(cls, features, labels, config: KVClassifierConfig | None = None, *, val_fraction: float = 0.2,
             seed: int = 0, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 256,
             max_epochs: int = 400, patience: int = 30, balance: bool = False, weights=None,
-            val_index=None) -> tuple[KVClassifier, dict[str, Any]]:
+            val_index=None, device: str | torch.device = "cpu") -> tuple[KVClassifier, dict[str, Any]]:
         """Fit on ``features`` ``[N, D]`` and ``labels`` ``[N]`` (0-100) with MSE; early stopping on a held-out
         validation split (``val_fraction`` of the rows, random by ``seed``, or ``val_index``). Returns the model at
         its best validation MSE and a report (MSE and accuracy at the 50 threshold on both splits).
 
         ``balance``: weight rows so that labels >= 50 and < 50 count equally (rare "think slowly" labels).
+        ``device``: where to train (the returned classifier is on the CPU; ``.to(device)`` moves it).
         """
         config = (config or KVClassifierConfig()).model_copy()
         x = torch.as_tensor(np.asarray(features, dtype=np.float32))
@@ -248,12 +249,14 @@ class KVClassifier:
                     w[m] = w[m] * (0.5 * len(tr_idx) / float(m[tr_idx].sum()))
         mean = x[tr_idx].mean(0) if config.standardize else torch.zeros(x.shape[1])
         std = x[tr_idx].std(0).clamp(min=1e-6) if config.standardize and len(tr_idx) > 1 else torch.ones(x.shape[1])
-        z = (x - mean) / std
+        dev = torch.device(device)
+        z, y, w = ((x - mean) / std).to(dev), y.to(dev), w.to(dev)
         torch.manual_seed(seed)
-        mlp = _MLP(x.shape[1], config.hidden)
+        mlp = _MLP(x.shape[1], config.hidden).to(dev)
         opt = torch.optim.Adam(mlp.parameters(), lr=lr, weight_decay=weight_decay)
 
         def loss_of(idx):
+            idx = idx.to(dev)
             with torch.no_grad():
                 return float((w[idx] * (mlp(z[idx]) - y[idx]) ** 2).sum() / w[idx].sum())
 
@@ -262,7 +265,7 @@ class KVClassifier:
             mlp.train()
             order = tr_idx[torch.randperm(len(tr_idx), generator=g)]
             for s in range(0, len(order), batch_size):
-                b = order[s : s + batch_size]
+                b = order[s : s + batch_size].to(dev)
                 opt.zero_grad()
                 loss = (w[b] * (mlp(z[b]) - y[b]) ** 2).sum() / w[b].sum()
                 loss.backward()
@@ -278,9 +281,9 @@ class KVClassifier:
                     break
         mlp.load_state_dict(best_state)
         config.input_dim = int(x.shape[1])
-        clf = cls(config, mlp, mean, std)
+        clf = cls(config, mlp.cpu(), mean, std)
         pred = clf.predict(x.numpy())
-        yy = y.numpy() * 100.0
+        yy = y.cpu().numpy() * 100.0
 
         def stats(idx):
             idx = idx.numpy()

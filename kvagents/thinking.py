@@ -265,7 +265,9 @@ class ReasoningController(Component):
     """Fast/slow thinking with a hard budget and an online KV classifier (see the module docstring).
 
     ``classifier`` decides the start mode at prefill from the prompt's last-w KV rows (``start="auto"``);
-    ``step_classifier`` (default: ``classifier``) re-predicts every ``every`` tokens from the last-w rows of the
+    ``kv_config`` sets the captured features' pooling when there is no classifier (``capture=True``);
+    ``answer_cues`` (one per prompt) fill ``{answer_cue}`` per prompt (a batch mixing tasks); ``step_classifier``
+    (default: ``classifier``) re-predicts every ``every`` tokens from the last-w rows of the
     sequence (a ring buffer updated O(1) per step). Both must read the same layers, KV part and window.
 
     Output per sequence (``SampleResult.outputs["reasoning"]``): ``start`` ("fast"/"slow"), ``start_score``,
@@ -284,8 +286,9 @@ class ReasoningController(Component):
     name = "reasoning"
 
     def __init__(self, fmt: ThinkingFormat | str, tokenizer, config: ControllerConfig | None = None, *,
-                 classifier=None, step_classifier=None, answer_cue: str | None = None, name: str | None = None,
-                 **overrides) -> None:
+                 classifier=None, step_classifier=None, answer_cue: str | None = None,
+                 answer_cues: list[str] | None = None, kv_config: KVClassifierConfig | None = None,
+                 name: str | None = None, **overrides) -> None:
         self.fmt = get_format(fmt)
         cfg = config or ControllerConfig()
         if overrides:
@@ -303,12 +306,19 @@ class ReasoningController(Component):
             if (a.layers, a.part, a.window) != (b.layers, b.part, b.window):
                 raise ValueError(f"classifier and step_classifier must read the same KV rows; got layers/part/window "
                                  f"{(a.layers, a.part, a.window)} and {(b.layers, b.part, b.window)}")
+        self.tokenizer = tokenizer
         self.ids = self.fmt.token_ids(tokenizer, answer_cue)
+        self.answer_cues = list(answer_cues) if answer_cues is not None else None
+        self._cue_ids: dict[str, dict] = {}
         self.budget = cfg.thinking_budget
         kv_clf = self.classifier or self.step_classifier
         self.kv_config: KVClassifierConfig | None = kv_clf.config if kv_clf is not None else None
-        if cfg.capture and self.kv_config is None:
-            self.kv_config = KVClassifierConfig()
+        if kv_config is not None and self.kv_config is not None and (
+                (kv_config.layers, kv_config.part, kv_config.window) != (self.kv_config.layers, self.kv_config.part,
+                                                                         self.kv_config.window)):
+            raise ValueError("kv_config must read the classifier's layers, part and window (or leave it None)")
+        if self.kv_config is None and (cfg.capture or kv_config is not None):
+            self.kv_config = kv_config or KVClassifierConfig()
         self.threshold = cfg.threshold if cfg.threshold is not None else (
             self.classifier.config.threshold if self.classifier is not None else 50.0)
         self.step_threshold = cfg.step_threshold if cfg.step_threshold is not None else (
@@ -322,6 +332,9 @@ class ReasoningController(Component):
         B = P * n
         dev = view.input_ids.device
         self.B = B
+        if self.answer_cues is not None and len(self.answer_cues) != P:
+            raise ValueError(f"answer_cues has {len(self.answer_cues)} entries for {P} prompts; give one per prompt")
+        self.row_ids = [self._ids_for(i // n) for i in range(B)]
         start_scores: list[float | None] = [None] * B
         self._ring = None
         prompt_feats = None
@@ -362,7 +375,7 @@ class ReasoningController(Component):
         self.scheduled: set[int] = set()
         actions = []
         for i in range(B):
-            cue = self.ids["slow_cue"] if slow[i] else self.ids["fast_cue"]
+            cue = self.row_ids[i]["slow_cue"] if slow[i] else self.row_ids[i]["fast_cue"]
             actions.append(ForceTokens(i, cue))
             self.busy_until[i] = len(cue) - 1
             if slow[i] and self.budget is not None:
@@ -370,6 +383,14 @@ class ReasoningController(Component):
             if not slow[i] and cfg.max_answer_tokens is not None:
                 self._stop(i, len(cue) - 1 + cfg.max_answer_tokens)
         return actions
+
+    def _ids_for(self, prompt: int) -> dict:
+        if self.answer_cues is None:
+            return self.ids
+        cue = self.answer_cues[prompt]
+        if cue not in self._cue_ids:
+            self._cue_ids[cue] = self.fmt.token_ids(self.tokenizer, cue)
+        return self._cue_ids[cue]
 
     def _stop(self, i: int, step: int | None) -> None:
         self.stop_at[i] = step
@@ -449,7 +470,7 @@ class ReasoningController(Component):
                 s = host[3][i]
                 if thinking and s < self.step_threshold - cfg.delta:
                     self._switch(i, t, "fast", "classifier", s, actions, end_idx)
-                elif (self.phase[i] == FAST and self.ids["start_thinking"] is not None
+                elif (self.phase[i] == FAST and self.row_ids[i]["start_thinking"] is not None
                       and s > self.step_threshold + cfg.delta):
                     self._switch(i, t, "slow", "classifier", s, actions, start_idx)
         dev = self.thinking.device
@@ -461,7 +482,7 @@ class ReasoningController(Component):
 
     def _switch(self, i: int, t: int, to: str, reason: str, score, actions: list, idx: list) -> None:
         cfg = self.config
-        ids = self.ids["end_thinking"] if to == "fast" else self.ids["start_thinking"]
+        ids = self.row_ids[i]["end_thinking"] if to == "fast" else self.row_ids[i]["start_thinking"]
         actions.append(ForceTokens(i, ids))
         idx.append(i)
         self.busy_until[i] = t + len(ids)

@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from reference import full_forward_kv, ref_pool
 from test_engine import ForwardCounter
 from tiny import ByteTokenizer, tiny_model
@@ -260,8 +259,7 @@ def test_classifier_bad_configs_raise_clear_errors(tmp_path):
 def test_captured_features_match_a_fresh_forward(cfg):
     """Prefill and mid-generation window features (ring buffer in the loop) == pooling a full forward pass."""
     llm = llm_for("qwen3")
-    ctl = ReasoningController(PLAIN_FORMAT, TOK, ControllerConfig(start="slow", capture=True, every=7))
-    ctl.kv_config = cfg
+    ctl = ReasoningController(PLAIN_FORMAT, TOK, ControllerConfig(start="slow", capture=True, every=7), kv_config=cfg)
     res = llm.generate(PROMPTS[:2], GREEDY.model_copy(update={"max_new_tokens": 30}), components=[ctl])
     for p, g in zip(PROMPTS, res.samples):
         s = g[0]
@@ -282,8 +280,7 @@ def test_trained_classifier_inside_the_controller_matches_its_offline_prediction
     """A real KVClassifier: its prefill decision in the loop == predict() on the captured prompt features."""
     llm = llm_for()
     cfg = KVClassifierConfig(layers=2, window=8)
-    cap = ReasoningController(PLAIN_FORMAT, TOK, ControllerConfig(capture=True))
-    cap.kv_config = cfg
+    cap = ReasoningController(PLAIN_FORMAT, TOK, ControllerConfig(capture=True), kv_config=cfg)
     res = llm.generate(PROMPTS, GREEDY.model_copy(update={"max_new_tokens": 4}), components=[cap])
     feats = np.stack([g[0].outputs["reasoning"]["features"]["prompt"].numpy() for g in res.samples])
     x = np.concatenate([feats + np.random.default_rng(i).normal(scale=0.01, size=feats.shape) for i in range(10)])
