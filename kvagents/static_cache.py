@@ -207,7 +207,9 @@ class StaticLM:
                 w.kn = kn.weight if kn is not None else None
                 self.layers.append(w)
         self.compiled = compile
-        self.attn_impl = os.environ.get("KVAGENTS_ATTN", "reduce" if compile else "sdpa")
+        # SDPA (one fused kernel) by default: the reduction form was ~0.1 ms/step faster at B = 1 on the H100 but
+        # 1.5 ms/step slower at B = 8 (dev runs of bench/fast_variants.py, 2026-11-25)
+        self.attn_impl = os.environ.get("KVAGENTS_ATTN", "sdpa")
         if self.attn_impl not in ("sdpa", "reduce"):
             raise ValueError(f"KVAGENTS_ATTN must be 'sdpa' or 'reduce', got {self.attn_impl!r}")
         att = attend_reduce if self.attn_impl == "reduce" else attend
