@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .devices import TensorParallel
 from .pooling import KVPooling, RunningPool, stack_layer_rows
 
 
@@ -49,8 +50,9 @@ class LayerInfo:
 
     num_layers: int
     attention_layers: list[int]
-    kv_heads: int
+    kv_heads: int  # all heads of the model (summed over tensor-parallel ranks)
     head_dim: int
+    tp: TensorParallel = field(default_factory=TensorParallel)
 
 
 @dataclass
@@ -66,9 +68,12 @@ class PrefillView:
     n: int
     layers: LayerInfo
 
-    def kv_rows(self, layers: list[int], part: str = "kv") -> torch.Tensor:
-        """Stacked prompt rows ``[P, nL, parts, H, T, d]`` of the given absolute layer indices."""
-        return stack_layer_rows(self.cache, layers, part)
+    def kv_rows(self, layers: list[int], part: str = "kv", heads: str = "keep") -> torch.Tensor:
+        """Stacked prompt rows ``[P, nL, parts, H, T, d]`` of the given absolute layer indices, on the engine's
+        device (gathered from every GPU / tensor-parallel rank); ``heads="mean"`` averages heads (``H`` = 1)
+        before rows leave their device."""
+        return stack_layer_rows(self.cache, layers, part, device=self.input_ids.device, heads=heads,
+                                tp=self.layers.tp)
 
     def expand(self, x: torch.Tensor) -> torch.Tensor:
         return x.repeat_interleave(self.n, dim=0)
@@ -113,11 +118,13 @@ class StepView:
     def has_kv(self) -> bool:
         return self.fed_ids is not None
 
-    def kv_rows(self, layers: list[int], part: str = "kv") -> torch.Tensor:
-        """The fed tokens' rows ``[B, nL, parts, H, d]`` of the given absolute layer indices (views, no copy)."""
+    def kv_rows(self, layers: list[int], part: str = "kv", heads: str = "keep") -> torch.Tensor:
+        """The fed tokens' rows ``[B, nL, parts, H, d]`` of the given absolute layer indices, on the engine's
+        device (gathered from every GPU / tensor-parallel rank); ``heads="mean"`` averages heads first."""
         if self.fed_ids is None:
             raise RuntimeError("step 0 has no fed token: its logits come from prefill (see on_prefill)")
-        return stack_layer_rows(self.cache, layers, part, rows=-1)
+        return stack_layer_rows(self.cache, layers, part, rows=-1, device=self.token_ids.device, heads=heads,
+                                tp=self.layers.tp)
 
 
 @dataclass
@@ -161,29 +168,30 @@ class KVEmbedding(Component):
     name: str = "kv_embedding"
     _pool: RunningPool | None = field(default=None, init=False, repr=False)
     _layers: list[int] = field(default_factory=list, init=False, repr=False)
+    _heads: str = field(default="keep", init=False, repr=False)
 
     def on_prefill(self, view: PrefillView) -> None:
         p = self.pooling
         info = view.layers
         self._layers = p.resolve_layers(info.attention_layers, info.num_layers)
-        b = view.input_ids.shape[0] * view.n
-        shape = (b, len(self._layers), p.parts, info.kv_heads, info.head_dim)
-        self._pool = RunningPool(p, shape, device=view.input_ids.device)
+        # heads="mean": average the heads where the rows live (before they leave a GPU / rank); same result
+        self._heads = "mean" if p.heads == "mean" else "keep"
+        heads = 1 if self._heads == "mean" else info.kv_heads
+        prompts, dev = view.input_ids.shape[0], view.input_ids.device
+        shape = (len(self._layers), p.parts, heads, info.head_dim)
         if p.segment in ("prompt", "all"):
-            rows = view.kv_rows(self._layers, p.part)
-            mask = view.attention_mask.bool()
-            mask = mask[:, -rows.shape[4] :]
-            prompt_pool = RunningPool(p, (view.input_ids.shape[0], *shape[1:]), device=view.input_ids.device)
+            rows = view.kv_rows(self._layers, p.part, heads=self._heads)
+            mask = view.attention_mask.bool()[:, -rows.shape[4]:]
+            prompt_pool = RunningPool(p, (prompts, *shape), device=dev)
             prompt_pool.init_rows(rows, mask)
-            for name in ("sum", "first", "last", "ring", "count"):
-                t = getattr(prompt_pool, name)
-                if t is not None:
-                    setattr(self._pool, name, view.expand(t).clone())
+            self._pool = prompt_pool.repeat_interleave(view.n)
+        else:
+            self._pool = RunningPool(p, (prompts * view.n, *shape), device=dev)
 
     def on_step(self, view: StepView) -> None:
         if self.pooling.segment == "prompt" or not view.has_kv:
             return None
-        self._pool.update(view.kv_rows(self._layers, self.pooling.part), view.fed_valid)
+        self._pool.update(view.kv_rows(self._layers, self.pooling.part, heads=self._heads), view.fed_valid)
         return None
 
     def embeddings(self) -> torch.Tensor:

@@ -295,10 +295,10 @@ class KVEncoder:
                 x, m, pos = left_pad([ids[i] for i in chunk], engine.pad_token_id, llm.device)
                 cache = DynamicCache(config=llm.model.config)
                 engine.prefill(x, m, pos, cache)
-                info = layer_info(cache, llm.model.config)
+                info = layer_info(cache, llm.model)
                 for p, pooling in enumerate(poolings):
                     layers = pooling.resolve_layers(info.attention_layers, info.num_layers)
-                    sorted_out[p].append(pool_cache_rows(cache, layers, m.bool(), pooling).float().cpu())
+                    sorted_out[p].append(pool_cache_rows(cache, layers, m.bool(), pooling, tp=info.tp).float().cpu())
         inverse = torch.as_tensor(np.argsort(order, kind="stable"))
         return [torch.cat(chunks)[inverse] for chunks in sorted_out]
 

@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from .components import Component, FinishView, ForceTokens, LayerInfo, PrefillView, StepView, StopSequence
+from .devices import TensorParallel, shared_seed
 from .params import SamplingParams
 from .results import GenerationResult, GenerationStats, SampleResult, StreamEvent
 from .sampling import sample
@@ -37,17 +38,18 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def layer_info(cache, config) -> LayerInfo:
-    """Which cache layers hold keys, and their (KV heads, head dim)."""
+def layer_info(cache, model=None) -> LayerInfo:
+    """Which cache layers hold keys, and their (KV heads, head dim); ``model`` tells tensor parallelism apart."""
+    tp = TensorParallel.of(model) if model is not None else TensorParallel()
     attn = [
         i
         for i, layer in enumerate(cache.layers)
         if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 and layer.keys.numel() > 0
     ]
     if not attn:
-        return LayerInfo(len(cache.layers), [], 0, 0)
+        return LayerInfo(len(cache.layers), [], 0, 0, tp)
     k = cache.layers[attn[0]].keys
-    return LayerInfo(len(cache.layers), attn, k.shape[1], k.shape[3])
+    return LayerInfo(len(cache.layers), attn, k.shape[1] * tp.size, k.shape[3], tp)
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -150,7 +152,7 @@ class DecodeEngine:
             logits_to_keep=1,
             **{self._cache_kw: cache},
         )
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float().to(input_ids.device)  # lm_head may sit on another GPU (device_map)
 
     def decode_one_token(self, token_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         """Feed one token per sequence; return float32 logits ``[B, V]``. The cache gains one row per layer."""
@@ -162,7 +164,7 @@ class DecodeEngine:
             use_cache=True,
             **{self._cache_kw: cache},
         )
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float().to(token_ids.device)
 
     # -- public ------------------------------------------------------------------------------------------------
     def generate(
@@ -220,7 +222,7 @@ class DecodeEngine:
         cache = DynamicCache(config=model.config)
         logits = self.prefill(ids, mask, pos, cache)
         stats.prefill_tokens = int(sum(lengths))
-        info = layer_info(cache, model.config)
+        info = layer_info(cache, model)
         pview = PrefillView(cache=cache, input_ids=ids, attention_mask=mask, n=n, layers=info)
         prefill_actions = []  # ForceTokens returned by on_prefill: forced from step 0 (e.g. a thinking-mode cue)
         for c in components:
@@ -248,7 +250,8 @@ class DecodeEngine:
         gen = None
         if not params.greedy:
             gen = torch.Generator(device=dev)
-            gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            gen.manual_seed(shared_seed(seed, info.tp))  # tensor-parallel ranks must sample the same tokens
 
         # ---- host state ---------------------------------------------------------------------------------------
         host_every_step = stream or bool(params.stop)

@@ -300,9 +300,9 @@ class KVModel:
                 x, m, pos = left_pad([ids[i] for i in chunk], engine.pad_token_id, self.device)
                 cache = DynamicCache(config=self.model.config)
                 engine.prefill(x, m, pos, cache)
-                info = layer_info(cache, self.model.config)
+                info = layer_info(cache, self.model)
                 layers = pooling.resolve_layers(info.attention_layers, info.num_layers)
-                vec = pool_cache_rows(cache, layers, m.bool(), pooling).cpu()
+                vec = pool_cache_rows(cache, layers, m.bool(), pooling, tp=info.tp).cpu()
                 for r, i in enumerate(chunk):
                     out[i] = vec[r]
         res = torch.stack(out)

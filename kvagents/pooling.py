@@ -145,22 +145,16 @@ def finish_pooled(x: torch.Tensor, pooling: KVPooling) -> torch.Tensor:
     return out
 
 
-def stack_layer_rows(cache, layers: list[int], part: str, rows: slice | int | None = None) -> torch.Tensor:
-    """Stack cache rows of ``layers`` into ``[B, nL, P, H, T, d]`` (``[B, nL, P, H, d]`` for an int ``rows``)."""
-    ks, vs = [], []
-    for i in layers:
-        layer = cache.layers[i]
-        k, v = layer.keys, layer.values
-        if rows is not None:
-            k, v = k[:, :, rows], v[:, :, rows]
-        ks.append(k)
-        vs.append(v)
-    parts = []
-    if part in ("k", "kv"):
-        parts.append(torch.stack(ks, dim=1))
-    if part in ("v", "kv"):
-        parts.append(torch.stack(vs, dim=1))
-    return torch.stack(parts, dim=2)
+def stack_layer_rows(cache, layers: list[int], part: str, rows: slice | int | None = None, *, device=None,
+                     heads: str = "keep", tp=None) -> torch.Tensor:
+    """Stack cache rows of ``layers`` into ``[B, nL, P, H, T, d]`` (``[B, nL, P, H, d]`` for an int ``rows``).
+
+    Layers on several devices and tensor-parallel head shards are gathered to ``device`` (see
+    :func:`kvagents.devices.gather_layer_rows`); on one device this is a plain ``torch.stack``.
+    """
+    from .devices import gather_layer_rows  # noqa: PLC0415
+
+    return gather_layer_rows(cache, layers, part, rows, device=device, heads=heads, tp=tp)
 
 
 def reduce_positions(rows: torch.Tensor, mask: torch.Tensor, pooling: KVPooling) -> torch.Tensor:
@@ -188,9 +182,12 @@ def reduce_positions(rows: torch.Tensor, mask: torch.Tensor, pooling: KVPooling)
     return rows.gather(4, gather).squeeze(4)
 
 
-def pool_cache_rows(cache, layers: list[int], mask: torch.Tensor, pooling: KVPooling) -> torch.Tensor:
-    """Pool the rows of ``cache`` selected by ``mask`` ``[B, T]`` (the cache's own length) -> ``[B, D]``."""
-    rows = stack_layer_rows(cache, layers, pooling.part)
+def pool_cache_rows(cache, layers: list[int], mask: torch.Tensor, pooling: KVPooling, tp=None) -> torch.Tensor:
+    """Pool the rows of ``cache`` selected by ``mask`` ``[B, T]`` (the cache's own length) -> ``[B, D]``.
+
+    ``tp``: the model's :class:`~kvagents.devices.TensorParallel` when its heads are split over ranks.
+    """
+    rows = stack_layer_rows(cache, layers, pooling.part, device=mask.device, tp=tp)
     t = rows.shape[4]
     if mask.shape[-1] != t:  # sliding-window layers keep only the tail
         mask = mask[:, -t:]
@@ -220,6 +217,15 @@ class RunningPool:
         self.ring = (
             torch.zeros((b, pooling.window, *shape[1:]), dtype=dtype, device=device) if pos == "window" else None
         )
+
+    def repeat_interleave(self, n: int) -> RunningPool:
+        """A copy whose every row is repeated ``n`` times (per-prompt state -> one row per sample)."""
+        out = RunningPool.__new__(RunningPool)
+        out.pooling = self.pooling
+        for name in ("count", "sum", "first", "last", "ring"):
+            t = getattr(self, name)
+            setattr(out, name, None if t is None else t.repeat_interleave(n, dim=0))
+        return out
 
     def init_rows(self, rows: torch.Tensor, mask: torch.Tensor) -> None:
         """Seed from ``rows`` ``[B, nL, P, H, T, d]`` under ``mask`` ``[B, T]`` (called once, before updates)."""
