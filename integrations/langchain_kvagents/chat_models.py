@@ -305,7 +305,7 @@ class ChatKV(BaseChatModel):
             stop=stops,
         )
         prompt_ids, grammars = [], []
-        tools_active = False
+        tools_active = required_calls = False
         for i, messages in enumerate(batch):
             chat = to_chat_messages(messages, native_tools=native_tools)
             eff = choice if tools else "none"
@@ -337,13 +337,15 @@ class ChatKV(BaseChatModel):
             elif use_tools:
                 tools_active = True
                 required = eff not in (None, "auto")
+                required_calls = required_calls or required
                 tag = _tool_tag(use_tools, required, parallel, params.max_new_tokens, _tokens_per_char(tok, messages))
                 grammars.append(compile_grammar(llm, "structural_tag", tag))
             else:
                 grammars.append(None)
         comps = [c() if callable(c) and not isinstance(c, Component) else c for c in self.components]
         comps += list(kwargs.get("components") or [])  # per-call components (runnables pass observers here)
-        controller = self._controller(llm, kwargs) if response_format is None and not tools_active else None
+        # thinking cues are free text: fine before an optional tool call, not where the grammar demands one
+        controller = self._controller(llm, kwargs) if response_format is None and not required_calls else None
         if controller is not None:
             comps.append(controller)
         if self.return_scores:
