@@ -78,6 +78,8 @@ class KVModel:
         attn_implementation: str | None = None,
         sync_every: int = 8,
         progress: bool = True,
+        device_map: str | dict | None = None,
+        tp_plan: str | dict | None = None,
     ) -> None:
         if model is None and source is None:
             raise ValueError("KVModel needs a model (and tokenizer) or a source name/path to load lazily")
@@ -87,6 +89,9 @@ class KVModel:
         self.device = model.device if model is not None else resolve_device(device)
         self.dtype = model.dtype if model is not None else resolve_dtype(dtype, self.device)
         self.attn_implementation = attn_implementation
+        if device_map is not None and tp_plan is not None:
+            raise ValueError("pass device_map (layers over GPUs) or tp_plan (tensor parallel under torchrun), not both")
+        self.device_map, self.tp_plan = device_map, tp_plan
         self.sync_every = sync_every
         self.progress = progress
         self._engine: DecodeEngine | None = None
@@ -106,7 +111,11 @@ class KVModel:
         **kwargs,
     ) -> KVModel:
         """A lazily-loading model from a registry name (``smollm2-135m``, ``qwen2.5-coder-0.5b``), a hub id,
-        a local folder or a ``.gguf`` file. ``dtype="auto"``: bfloat16 on CUDA, float32 on CPU."""
+        a local folder or a ``.gguf`` file. ``dtype="auto"``: bfloat16 on CUDA, float32 on CPU.
+
+        Larger than one GPU: ``device_map="auto"`` (accelerate spreads the layers over the GPUs) or
+        ``tp_plan="auto"`` under ``torchrun --nproc-per-node N`` (transformers splits every layer's heads over
+        the ranks); KV views, components and ``embed`` gather what they need (:mod:`kvagents.devices`)."""
         from .registry import REGISTRY
 
         name = str(name_or_path)
@@ -138,7 +147,14 @@ class KVModel:
             kw = {"dtype": self.dtype}
             if self.attn_implementation:
                 kw["attn_implementation"] = self.attn_implementation
-            model = AutoModelForCausalLM.from_pretrained(path, **kw).to(self.device).eval()
+            if self.device_map is not None or self.tp_plan is not None:
+                # accelerate places layers on several GPUs / transformers shards heads over torchrun ranks;
+                # the engine then runs on the input embedding's device (kvagents.devices gathers the KV rows)
+                kw.update({"device_map": self.device_map} if self.device_map is not None else {"tp_plan": self.tp_plan})
+                model = AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+                self.device = model.get_input_embeddings().weight.device
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, **kw).to(self.device).eval()
             self._tokenizer = AutoTokenizer.from_pretrained(path)
             self._model = model
             self.load_s = time.perf_counter() - t0
@@ -166,6 +182,13 @@ class KVModel:
         first use (it fuses the q/k/v and gate/up weights in place, values unchanged)."""
         if self._fast_engine is None:
             from .fast_decode import FastDecodeEngine
+
+            model = self.model
+            if int(getattr(model, "tp_size", None) or 1) > 1 or len({p.device for p in model.parameters()}) > 1:
+                raise NotImplementedError(
+                    "the fast path (static cache, CUDA graphs) runs a model on one device; this one is spread over "
+                    "devices (device_map / tp_plan): use generate(..., fast=False)"
+                )
 
             self._fast_engine = FastDecodeEngine(self.model, self.tokenizer, sync_every=self.sync_every)
         return self._fast_engine

@@ -114,3 +114,12 @@ def test_tensor_parallel_under_torchrun_equals_one_process(tmp_path):
         torch.testing.assert_close(torch.tensor(tp["emb"][k]), torch.tensor(one["emb"][k]), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(tp["embed"]), torch.tensor(one["embed"]), rtol=1e-4, atol=1e-5)
     assert tp["sampled_per_rank"][0] == tp["sampled_per_rank"][1]
+
+
+def test_device_map_and_tp_plan_are_exclusive_and_fast_path_refuses_split_models(monkeypatch):
+    with pytest.raises(ValueError, match="not both"):
+        KVModel.from_pretrained("smollm2-135m", device_map="auto", tp_plan="auto")
+    llm = KVModel(tiny_model("llama"), ByteTokenizer())
+    monkeypatch.setattr(type(llm.model), "tp_size", 2, raising=False)
+    with pytest.raises(NotImplementedError, match="fast=False"):
+        llm.fast_engine  # noqa: B018
