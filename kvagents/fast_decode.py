@@ -155,12 +155,14 @@ class StaticStepView(StepView):
     col: Any = None
     _rows: dict | None = None
 
-    def kv_rows(self, layers: list[int], part: str = "kv") -> torch.Tensor:
+    def kv_rows(self, layers: list[int], part: str = "kv", heads: str = "keep") -> torch.Tensor:
         if self.fed_ids is None:
             raise RuntimeError("step 0 has no fed token: its logits come from prefill (see on_prefill)")
         if self._rows is None:
             self._rows = {}
-        key = (tuple(layers), part)
+        key = (tuple(layers), part, heads)
+        if key not in self._rows and heads == "mean":
+            self._rows[key] = self.kv_rows(layers, part).mean(dim=3, keepdim=True)
         if key not in self._rows:
             if "all" not in self._rows:
                 k = self.K.index_select(3, self.col).squeeze(3).transpose(0, 1)  # [B, L, H, d]
@@ -252,7 +254,7 @@ def _kvemb_step(c, view):
     if c.pooling.segment == "prompt":
         return
     pool = c._pool
-    row = view.kv_rows(c._layers, c.pooling.part).float()
+    row = view.kv_rows(c._layers, c.pooling.part, heads=getattr(c, "_heads", "keep")).float()
     valid = view.fed_valid
     v = valid[:, None, None, None, None]
     if pool.sum is not None:
@@ -540,13 +542,16 @@ class FastDecodeEngine:
         logits0 = self.base.prefill(ids, mask, pos, cache)
         self.forward_calls += 1
         stats.prefill_tokens = int(sum(lengths))
-        info = layer_info(cache, model.config)
+        info = layer_info(cache, model)
         self._info = info
+        if info.tp.size > 1:
+            raise UnsupportedModelError("the fast path runs on one device: no tensor parallelism")
         if len(info.attention_layers) != self.lm.num_layers:
             raise UnsupportedModelError("every layer must hold keys for the fast path")
         pview = PrefillView(cache=cache, input_ids=ids, attention_mask=mask, n=n, layers=info)
+        prefill_actions = []  # ForceTokens from on_prefill: forced from step 0, as in the eager engine
         for c in components:
-            c.on_prefill(pview)
+            prefill_actions.extend((c, a) for a in (c.on_prefill(pview) or ()))
         cap = max(1, -(-(T + max_new) // self.bucket)) * self.bucket
         st = self._static(B, cap)
         for i in range(self.lm.num_layers):
@@ -624,6 +629,13 @@ class FastDecodeEngine:
         trackers = [_TextTracker(self.tokenizer, params.stop) for _ in range(B)] if (stream or host_stops) else None
         check_every = 1 if (plain and host_stops) else self.sync_every
         force_queues: dict[int, deque[int]] = {}
+        for c, action in prefill_actions:
+            if not isinstance(action, ForceTokens):
+                raise TypeError(f"component {c.name!r} returned {action!r} from on_prefill; only ForceTokens is "
+                                "allowed there")
+            if not 0 <= action.index < B:
+                raise IndexError(f"component {c.name!r} forced tokens on sequence {action.index}; valid: 0..{B - 1}")
+            force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
         custom_reason: dict[int, str] = {}
         host_reason = [RUNNING] * B
         applied_stop: dict[int, int] = {}  # row -> step at which a stop string completed

@@ -224,3 +224,20 @@ def test_bisection_top_p_keeps_the_sorted_nucleus():
             want = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
             got = top_p_keep(probs, top_p)
             assert torch.equal(got, want), (scale, top_p, (got != want).sum())
+
+
+class PrefillForcer(Component):
+    """Forces a cue from the first generated token (ForceTokens returned by on_prefill)."""
+
+    name = "cue"
+
+    def on_prefill(self, view):
+        return [ForceTokens(1, [70, 71])]
+
+
+def test_prefill_forced_tokens_equal_eager_engine():
+    params = SamplingParams(max_new_tokens=8, temperature=0, n=2)
+    ref = DecodeEngine(tiny_model("qwen3"), ByteTokenizer()).generate(PROMPTS, params, [PrefillForcer(), LayerCoE()])
+    got = fast_for("qwen3").generate(PROMPTS, params, [PrefillForcer(), LayerCoE()])
+    assert_same_results(ref, got)
+    assert got.flat[1].token_ids[:2] == [70, 71] and got.flat[1].forced_tokens == 2
