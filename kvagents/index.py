@@ -186,8 +186,10 @@ class _FaissBackend:
     def search(self, q: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k; ``allowed`` restricts labels (pre-filter). Raises NotImplementedError if the index cannot."""
         if self.use_gpu and allowed is None:
-            if self._gpu_index is None:
-                self._gpu_index = self.faiss.index_cpu_to_all_gpus(self.index)
+            if self._gpu_index is None:  # every visible GPU holds a shard of the rows
+                co = self.faiss.GpuMultipleClonerOptions()
+                co.shard = True
+                self._gpu_index = self.faiss.index_cpu_to_all_gpus(self.index, co=co)
             return self._gpu_index.search(q, k)
         params = self._params(allowed)
         try:
@@ -268,6 +270,54 @@ class _TorchBackend:
         return vals, idx
 
 
+class _ShardedTorchBackend:
+    """Rows spread over several devices (label % n picks the shard); each shard searched exactly, top-k merged."""
+
+    def __init__(self, dim: int, metric: Metric, devices: Sequence[str]):
+        self.metric = metric
+        self.shards = [_TorchBackend(dim, metric, d) for d in devices]
+        self.can_remove = True
+        self.is_trained = True
+
+    def train(self, x: np.ndarray) -> None:
+        pass
+
+    def _split(self, labels: np.ndarray):
+        n = len(self.shards)
+        for i, shard in enumerate(self.shards):
+            sel = labels % n == i
+            if sel.any():
+                yield shard, sel, labels[sel] // n
+
+    def add(self, labels: np.ndarray, x: np.ndarray) -> None:
+        for shard, sel, local in self._split(labels):
+            shard.add(local, x[sel])
+
+    def remove(self, labels: np.ndarray) -> bool:
+        for shard, _, local in self._split(labels):
+            shard.remove(local)
+        return True
+
+    def search(self, q: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.shards)
+        scores, labels = [], []
+        for i, shard in enumerate(self.shards):
+            if shard.vectors.shape[0] == 0:
+                continue
+            local_allowed = None if allowed is None else allowed[allowed % n == i] // n
+            if local_allowed is not None and len(local_allowed) == 0:
+                continue
+            s, idx = shard.search(q, k, local_allowed)
+            scores.append(s)
+            labels.append(np.where(idx >= 0, idx * n + i, -1))
+        if not scores:
+            return np.full((len(q), k), np.nan, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
+        s, lab = np.concatenate(scores, axis=1), np.concatenate(labels, axis=1)
+        key = np.where(lab >= 0, s if self.metric == "l2" else -s, np.inf)
+        order = np.argsort(key, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(s, order, 1), np.take_along_axis(lab, order, 1)
+
+
 class KVIndex:
     """Vector index with string ids, texts and metadata; faiss (CPU / GPU) or exact torch search.
 
@@ -277,7 +327,8 @@ class KVIndex:
         factory: a faiss factory string for large collections (``"IVF1024,Flat"``, ``"HNSW32"``,
             ``"IVF256,PQ16"``); ``None`` = exact (``"Flat"``). Indexes that need training must be ``train``-ed
             (or are trained on the first ``add`` when it brings enough vectors).
-        device: ``"cpu"`` or a CUDA device; see ``backend``.
+        device: ``"cpu"``, a CUDA device (see ``backend``), or a list of devices (``["cuda:0", "cuda:1"]``): the
+            rows are spread over them (label modulo the count), each searched exactly, and the top-k merged.
         backend: ``"auto"``, ``"faiss"`` or ``"torch"`` (exact search with torch on ``device``).
         encoder_identity: what produced the vectors (``encoder.identity``); stored on save, checked on load.
 
@@ -296,7 +347,7 @@ class KVIndex:
         metric: Metric = "cosine",
         *,
         factory: str | None = None,
-        device: str = "cpu",
+        device: str | Sequence[str] = "cpu",
         backend: Literal["auto", "faiss", "torch"] = "auto",
         encoder_identity: dict[str, Any] | None = None,
     ):
@@ -306,9 +357,20 @@ class KVIndex:
             raise KVIndexError(f"unknown metric {metric!r}; use one of {METRICS}")
         if backend not in ("auto", "faiss", "torch"):
             raise KVIndexError(f"unknown backend {backend!r}; use 'auto', 'faiss' or 'torch'")
-        self.dim, self.metric, self.factory, self.device = dim, metric, factory, str(device)
+        self.devices = [str(d) for d in device] if isinstance(device, (list, tuple)) else [str(device)]
+        if not self.devices:
+            raise KVIndexError("device list is empty")
+        self.dim, self.metric, self.factory, self.device = dim, metric, factory, self.devices[0]
         self.encoder_identity = dict(encoder_identity) if encoder_identity else None
-        self.backend_name = self._pick_backend(backend, factory, self.device)
+        if len(self.devices) > 1:
+            if factory not in (None, "Flat") or backend == "faiss":
+                raise KVIndexError(
+                    f"an index over several devices {self.devices} is exact torch search per device; "
+                    f"factory={factory!r} / backend={backend!r} need one device (faiss-gpu shards with device='cuda')"
+                )
+            self.backend_name = "torch-sharded"
+        else:
+            self.backend_name = self._pick_backend(backend, factory, self.device)
         self._backend = self._make_backend()
         self._labels: dict[str, int] = {}  # id -> label
         self._ids: dict[int, str] = {}  # label -> id
@@ -339,6 +401,8 @@ class KVIndex:
         return "torch"
 
     def _make_backend(self):
+        if self.backend_name == "torch-sharded":
+            return _ShardedTorchBackend(self.dim, self.metric, self.devices)
         if self.backend_name == "torch":
             return _TorchBackend(self.dim, self.metric, self.device)
         if self.backend_name == "faiss-gpu" and _faiss().get_num_gpus() == 0:
@@ -486,7 +550,7 @@ class KVIndex:
         allowed = self._allowed(filter)
         if len(self._labels) == 0 or (allowed is not None and len(allowed) == 0):
             return [[] for _ in range(len(q))]
-        if allowed is not None and self.backend_name != "torch" and len(allowed) <= self.exact_filter_limit:
+        if allowed is not None and not self.backend_name.startswith("torch") and len(allowed) <= self.exact_filter_limit:
             scores, labels = self._exact_subset(q, k, allowed)  # few matches: exact scan of just those rows
         else:
             try:
@@ -567,7 +631,7 @@ class KVIndex:
 
     @classmethod
     def load(cls, path: str | Path, *, encoder_identity: dict[str, Any] | None = None, dim: int | None = None,
-             device: str = "cpu", backend: Literal["auto", "faiss", "torch"] = "auto") -> KVIndex:
+             device: str | Sequence[str] = "cpu", backend: Literal["auto", "faiss", "torch"] = "auto") -> KVIndex:
         """Load a saved index; refuses a corrupt / truncated file, a newer format, or an encoder / dimension that
         differs from ``encoder_identity`` / ``dim`` (each a subclass of :class:`KVIndexError`)."""
         from .index_io import load_index  # noqa: PLC0415

@@ -175,7 +175,7 @@ def _read(path: Path) -> tuple[dict[str, Any], bytes]:
 
 
 def load_index(path: Path, *, encoder_identity: dict[str, Any] | None = None, dim: int | None = None,
-               device: str = "cpu", backend: str = "auto") -> KVIndex:
+               device: str | list[str] = "cpu", backend: str = "auto") -> KVIndex:
     """Load and verify a saved index (see :meth:`KVIndex.load`)."""
     path = Path(path)
     header, payload = _read(path)

@@ -29,7 +29,14 @@ pytest.importorskip("faiss")
 torch = pytest.importorskip("torch")
 
 DIM = 16
-BACKENDS = ["faiss", "torch"]
+BACKENDS = ["faiss", "torch", "sharded"]  # sharded: rows spread over 3 devices (here all "cpu"), top-k merged
+SHARDS = ["cpu", "cpu", "cpu"]
+
+
+def make_index(dim, metric, backend, **kw):
+    if backend == "sharded":
+        return KVIndex(dim, metric, device=SHARDS, **kw)
+    return KVIndex(dim, metric, backend=backend, **kw)
 
 
 def oracle(store: dict[str, np.ndarray], meta: dict[str, dict], q: np.ndarray, k: int, metric: str, filter=None):
@@ -69,7 +76,7 @@ def check(index: KVIndex, store, meta, queries, k, metric, filter=None):
 @pytest.mark.parametrize("with_ids", [True, False])
 def test_search_equals_bruteforce_through_adds_filters_deletes(backend, metric, with_ids):
     rng = np.random.default_rng(0)
-    index = KVIndex(DIM, metric, backend=backend)
+    index = make_index(DIM, metric, backend)
     store: dict[str, np.ndarray] = {}
     meta: dict[str, dict] = {}
     for batch in range(3):
@@ -107,7 +114,7 @@ def test_search_equals_bruteforce_through_adds_filters_deletes(backend, metric, 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_filter_goes_through_the_selector_and_stays_exact(backend):
     rng = np.random.default_rng(1)
-    index = KVIndex(DIM, "l2", backend=backend)
+    index = make_index(DIM, "l2", backend)
     index.exact_filter_limit = 10  # force the faiss IDSelector path
     x = rng.normal(size=(300, DIM)).astype(np.float32)
     ids = [str(i) for i in range(300)]
@@ -195,6 +202,8 @@ def test_bad_input_errors():
         KVIndex(4, factory="NotAFactory")
     with pytest.raises(KVIndexError, match="exact only"):
         KVIndex(4, factory="IVF4,Flat", backend="torch")
+    with pytest.raises(KVIndexError, match="several devices"):
+        KVIndex(4, factory="IVF4,Flat", device=["cpu", "cpu"])
     index = KVIndex(4)
     with pytest.raises(KVIndexError, match=r"\[n, 4\]"):
         index.add(np.zeros((2, 5)))
@@ -216,7 +225,7 @@ IDENTITY = {"kind": "kvagents", "model": "tiny", "pooling": {"layers": [-1]}, "d
 
 def _sample_index(backend="faiss", factory=None, n=200, seed=0, metric="cosine"):
     rng = np.random.default_rng(seed)
-    index = KVIndex(DIM, metric, factory=factory, backend=backend, encoder_identity=IDENTITY)
+    index = make_index(DIM, metric, backend, factory=factory, encoder_identity=IDENTITY)
     x = rng.normal(size=(n, DIM)).astype(np.float32)
     if factory:
         index.train(x)
@@ -233,12 +242,15 @@ def _same_results(a: KVIndex, b: KVIndex, queries):
             np.testing.assert_allclose([h.score for h in ra], [h.score for h in rb], rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend,factory", [("faiss", None), ("torch", None), ("faiss", "IVF8,Flat"),
-                                             ("faiss", "HNSW8")])
+@pytest.mark.parametrize("backend,factory", [("faiss", None), ("torch", None), ("sharded", None),
+                                             ("faiss", "IVF8,Flat"), ("faiss", "HNSW8")])
 def test_save_load_round_trip(tmp_path, backend, factory):
     index, queries = _sample_index(backend, factory)
     path = index.save(tmp_path / "idx.kvx")
-    loaded = KVIndex.load(path, encoder_identity=IDENTITY, dim=DIM, backend=backend)
+    if backend == "sharded":
+        loaded = KVIndex.load(path, encoder_identity=IDENTITY, dim=DIM, device=SHARDS)
+    else:
+        loaded = KVIndex.load(path, encoder_identity=IDENTITY, dim=DIM, backend=backend)
     assert loaded.ids == index.ids and len(loaded) == len(index)
     _same_results(index, loaded, queries)
     # the loaded index keeps working: add, upsert, delete
