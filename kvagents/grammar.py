@@ -8,9 +8,12 @@ decoding needs that host round trip every step (the matcher runs on the CPU); un
 Grammars come from JSON schemas, regular expressions, EBNF or xgrammar structural tags (tool calls); compiling
 against a tokenizer is cached per (tokenizer, vocabulary size) and per grammar.
 
-Why xgrammar (measured on this machine, smollm2-135m's 49k-token vocabulary; see ``bench/grammar_libs.py``):
-it installs from PyPI as a wheel, compiles the tool-call and joke schemas in milliseconds once the tokenizer
-info is built, and fills a mask in tens of microseconds per token, far below the model's step time.
+Why xgrammar (``bench/grammar_libs.py``, smollm2-135m's 49k-token vocabulary, 2-core CPU, one thread; all three
+accept the same replayed answers): per-token cost of mask + accept 20 / 12 us (joke / tool schema) for xgrammar,
+58 / 265 us for llguidance, 1869 / 937 us for outlines-core; schema compile 32 / 6 ms, 16 / 1 ms, 347 / 437 ms;
+tokenizer set-up 0.63 s, 1.60 s, 1.33 s. xgrammar has the cheapest steps (the model's own step is ~70 ms here)
+and native structural tags (free text until a ``<tool_call>`` trigger, then the tool's schema), which the
+``tool_choice="auto"`` mode needs; llguidance is a close second, outlines-core is two orders slower per token.
 
 Example:
     >>> from kvagents import KVModel
