@@ -185,3 +185,27 @@ def test_timeout_stops_decoding(tiny_dir):
     msg = chat.invoke("Hello")
     assert msg.response_metadata["finish_reason"] == "timeout"
     assert msg.usage_metadata["output_tokens"] < 500
+
+
+def test_streaming_field_streams_through_callbacks(tiny_dir):
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Tokens(BaseCallbackHandler):
+        def __init__(self):
+            self.tokens = []
+
+        def on_llm_new_token(self, token, **kwargs):
+            self.tokens.append(token)
+
+    chat = ChatKV(model=tiny_dir, dtype="float32", device="cpu", temperature=0, max_tokens=10, streaming=True)
+    h = Tokens()
+    msg = chat.invoke("Hello", config={"callbacks": [h]})
+    assert len(h.tokens) > 1 and "".join(h.tokens) == msg.content
+
+
+def test_reasoning_tags_become_reasoning_content_blocks():
+    s = OutputSplitter(reasoning=True, tools=False)
+    s.feed("<think>two plus two</think>It is 4.", final=True)
+    msg = AIMessage(content=s.text, additional_kwargs={"reasoning_content": s.reasoning_text})
+    assert [b["type"] for b in msg.content_blocks] == ["reasoning", "text"]
+    assert msg.content_blocks[0]["reasoning"] == "two plus two"
