@@ -37,8 +37,12 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-PARAMS = {"model": "smollm2-135m", "dtype": "float32", "device": "cpu", "temperature": 0, "max_tokens": 48,
-          "auto_tool_calls": "after_user"}
+# KVAGENTS_LC_MODEL / KVAGENTS_LC_DEVICE / KVAGENTS_LC_AUTO_TOOLS run the same suites on another model or device
+# (e.g. qwen2.5-coder-0.5b on CUDA with auto tool calls left to the model).
+MODEL = os.environ.get("KVAGENTS_LC_MODEL", "smollm2-135m")
+DEVICE = os.environ.get("KVAGENTS_LC_DEVICE", "cpu")
+PARAMS = {"model": MODEL, "dtype": "float32" if DEVICE == "cpu" else "auto", "device": DEVICE, "temperature": 0,
+          "max_tokens": 48, "auto_tool_calls": os.environ.get("KVAGENTS_LC_AUTO_TOOLS", "after_user")}
 
 
 class TestChatKVUnit(ChatModelUnitTests):
@@ -48,7 +52,7 @@ class TestChatKVUnit(ChatModelUnitTests):
 
     @property
     def chat_model_params(self) -> dict:
-        return {"model": "smollm2-135m", "dtype": "float32", "device": "cpu"}
+        return {"model": MODEL, "dtype": PARAMS["dtype"], "device": DEVICE}
 
 
 class TestChatKVIntegration(ChatModelIntegrationTests):
