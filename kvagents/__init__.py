@@ -19,14 +19,35 @@ from .encoder import Encoder, KVEncoder, SentenceTransformerEncoder, as_encoder
 from .engine import DecodeEngine, NonFiniteLogitsError
 from .index import IndexRecord, KVIndex, KVIndexError, SearchHit, maximal_marginal_relevance
 from .index_io import IndexChecksumError, IndexFormatError, IndexMismatchError, IndexVersionError
+from .kv_classifier import KVClassifier, KVClassifierConfig
 from .model import GenerationStream, KVModel
 from .params import SamplingParams
 from .pooling import KVPooling, RunningPool, pool_cache_rows
 from .results import GenerationResult, GenerationStats, SampleResult, StreamEvent
+from .thinking import (
+    PLAIN_FORMAT,
+    QWEN3_FORMAT,
+    ControllerConfig,
+    Effort,
+    HardBudget,
+    ReasoningController,
+    ThinkingFormat,
+    budget_for,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "budget_for",
+    "ThinkingFormat",
+    "ReasoningController",
+    "QWEN3_FORMAT",
+    "PLAIN_FORMAT",
+    "KVClassifierConfig",
+    "KVClassifier",
+    "HardBudget",
+    "Effort",
+    "ControllerConfig",
     "Component",
     "DecodeEngine",
     "Encoder",

@@ -335,7 +335,8 @@ def collect(cfg: ReasoningEvalConfig, work: str | Path, runner: Runner | None = 
     _write_jsonl(work / "train_fast.jsonl", fast)
     _write_jsonl(work / "train_slow.jsonl", slow)
     _save_features(work / "train_features.npz", slow)
-    (work / "window.json").write_text(json.dumps({"window": window}))
+    cue = len(runner.fmt.token_ids(runner.tok)["slow_cue"])
+    (work / "window.json").write_text(json.dumps({"window": window, "slow_cue_tokens": cue}))
 
 
 def paper_label(fast_correct: bool, fast_tokens: int, slow_correct: bool) -> float:
@@ -358,24 +359,39 @@ def _folds(n: int, k: int, seed: int) -> np.ndarray:
     return f
 
 
-def simulate(pred_p: np.ndarray, tau_p: float, step_pred: list[np.ndarray], tau_s: float, fast: list[dict],
-             slow: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row (correct, tokens) of: fast when ``pred_p < tau_p``; else slow, stopping at the first checkpoint
-    whose step prediction is below ``tau_s`` (early-exit answer there)."""
-    corr = np.zeros(len(fast), dtype=bool)
-    toks = np.zeros(len(fast))
-    for i in range(len(fast)):
-        if pred_p[i] < tau_p:
-            corr[i], toks[i] = fast[i]["correct"], fast[i]["tokens"]
-            continue
-        sp = step_pred[i]
-        hit = np.nonzero(sp < tau_s)[0] if len(sp) else []
-        if len(hit):
-            c = slow[i]["checkpoints"][int(hit[0])]
-            corr[i], toks[i] = c["correct"], c["tokens"]
-        else:
-            corr[i], toks[i] = slow[i]["correct"], slow[i]["tokens"]
-    return corr, toks
+class Outcomes:
+    """Training-row outcomes as arrays: fast / slow (correct, tokens) and early exits at checkpoints ``[N, C]``."""
+
+    def __init__(self, fast: list[dict], slow: list[dict], step_pred: list[np.ndarray] | None = None) -> None:
+        n = len(fast)
+        C = max((len(s["checkpoints"]) for s in slow), default=0)
+        self.fc = np.array([f["correct"] for f in fast], bool)
+        self.ft = np.array([f["tokens"] for f in fast], float)
+        self.sc = np.array([s["correct"] for s in slow], bool)
+        self.st = np.array([s["tokens"] for s in slow], float)
+        self.cc = np.zeros((n, C), bool)
+        self.ct = np.zeros((n, C))
+        self.valid = np.zeros((n, C), bool)
+        self.pred = np.full((n, C), np.inf)
+        for i, s in enumerate(slow):
+            for j, c in enumerate(s["checkpoints"]):
+                self.cc[i, j], self.ct[i, j], self.valid[i, j] = c["correct"], c["tokens"], True
+            if step_pred is not None:
+                self.pred[i, : len(step_pred[i])] = step_pred[i]
+
+    def simulate(self, pred_p: np.ndarray, tau_p: float, tau_s: float, max_ckpt: int | None = None):
+        """Per-row (correct, tokens): fast when ``pred_p < tau_p``; else slow, ending at the first checkpoint whose
+        step prediction is below ``tau_s`` or at checkpoint ``max_ckpt`` (a thinking budget), early-exit answer."""
+        stop = self.valid & (self.pred < tau_s)
+        if max_ckpt is not None and max_ckpt < stop.shape[1]:
+            stop[:, max_ckpt] |= self.valid[:, max_ckpt]
+        any_stop = stop.any(1)
+        first = stop.argmax(1)
+        rows = np.arange(len(self.fc))
+        c = np.where(any_stop, self.cc[rows, first] if stop.shape[1] else self.sc, self.sc)
+        t = np.where(any_stop, self.ct[rows, first] if stop.shape[1] else self.st, self.st)
+        fast = pred_p < tau_p
+        return np.where(fast, self.fc, c), np.where(fast, self.ft, t)
 
 
 def train(cfg: ReasoningEvalConfig, work: str | Path) -> dict:
@@ -412,25 +428,30 @@ def train(cfg: ReasoningEvalConfig, work: str | Path) -> dict:
         if wtr.sum() >= 4 and 0 < y_step[wtr].sum() < 100 * wtr.sum():
             m, _ = KVClassifier.fit(X_w[wtr], y_step[wtr], kc, balance=True, batch_size=1024, **fit)
             oof["step"][wte] = m.predict(X_w[wte])
-    step_by_row = [oof["step"][win_row == i] for i in range(n)]
-    # calibration grid: fewest tokens with accuracy >= always-slow - tolerance (on the training rows)
-    slow_acc = float(np.mean([s["correct"] for s in slow]))
+    out = Outcomes(fast, slow, [oof["step"][win_row == i] for i in range(n)])
+    # calibration grid: fewest tokens with accuracy >= always-slow - tolerance (on the training rows); a thinking
+    # budget ending at a checkpoint is part of the grid (it is what the budget forces there)
+    slow_acc = float(out.sc.mean())
     q = np.linspace(0, 100, 21)
     tp = sorted(set([-math.inf] + list(np.percentile(oof["gain"], q)) + [math.inf]))
     ts = sorted(set([-math.inf] + (list(np.percentile(oof["step"], q)) if len(y_step) else [])))
+    caps = [None] + list(range(1, out.valid.shape[1]))
     best = None
     for a in tp:
         for b in ts:
-            c, t = simulate(oof["gain"], a, step_by_row, b, fast, slow)
-            acc, tok = float(c.mean()), float(t.mean())
-            if acc >= slow_acc - cfg.tolerance / 100 and (best is None or (tok, -acc) < (best[2], -best[3])):
-                best = (a, b, tok, acc)
-    tau_p, tau_s, tok, acc = best
-    pc, pt = simulate(oof["paper"], 50.0, [oof["paper"][:0]] * n, -math.inf, fast, slow)
+            for m in caps:
+                c, t = out.simulate(oof["gain"], a, b, m)
+                acc, tok = float(c.mean()), float(t.mean())
+                if acc >= slow_acc - cfg.tolerance / 100 and (best is None or (tok, -acc) < (best[3], -best[4])):
+                    best = (a, b, m, tok, acc)
+    tau_p, tau_s, cap, tok, acc = best
+    cue = json.loads((work / "window.json").read_text()).get("slow_cue_tokens", 0)
+    budget = None if cap is None else (cap + 1) * cfg.every - cue  # thinking tokens up to checkpoint `cap`
+    pc, pt = out.simulate(oof["paper"], 50.0, -math.inf)
     report["calibration"] = {
-        "slow_accuracy": slow_acc, "slow_tokens": float(np.mean([s["tokens"] for s in slow])),
-        "fast_accuracy": float(np.mean([f["correct"] for f in fast])),
-        "tau_gain": _clip(tau_p), "tau_step": _clip(tau_s), "ours_accuracy_oof": acc, "ours_tokens_oof": tok,
+        "slow_accuracy": slow_acc, "slow_tokens": float(out.st.mean()), "fast_accuracy": float(out.fc.mean()),
+        "tau_gain": _clip(tau_p), "tau_step": _clip(tau_s), "thinking_budget": budget,
+        "ours_accuracy_oof": acc, "ours_tokens_oof": tok,
         "paper_prefill_accuracy_oof": float(pc.mean()), "paper_prefill_tokens_oof": float(pt.mean()),
         "tolerance_points": cfg.tolerance}
     report["oof_auroc"] = {"paper": _auroc(oof["paper"], y_paper >= 50), "gain": _auroc(oof["gain"], y_gain >= 50),
@@ -489,12 +510,14 @@ def eval_base(cfg: ReasoningEvalConfig, work: str | Path, runner: Runner | None 
 def _controllers(cfg: ReasoningEvalConfig, work: Path) -> dict[str, dict]:
     paper = KVClassifier.load(work / "clf_paper")
     gain = KVClassifier.load(work / "clf_gain")
-    step = KVClassifier.load(work / "clf_step") if (work / "clf_step").exists() else None
+    step = KVClassifier.load(work / "clf_step") if (work / "clf_step").exists() else False
+    budget = json.loads((work / "train_report.json").read_text())["calibration"].get("thinking_budget")
     return {
         "online_paper": dict(classifier=paper, step_classifier=paper, start="auto", threshold=50.0, delta=20.0,
                              every=cfg.every, max_switches=1, max_answer_tokens=cfg.answer_tokens),
         "online_ours": dict(classifier=gain, step_classifier=step, start="auto", delta=0.0, every=cfg.every,
-                            max_switches=1, max_answer_tokens=cfg.answer_tokens),
+                            max_switches=1, max_answer_tokens=cfg.answer_tokens, switch_to_slow=False,
+                            max_thinking_tokens=budget),
     }
 
 
@@ -544,7 +567,8 @@ def eval_posthoc(cfg: ReasoningEvalConfig, work: str | Path, runner: Runner | No
     for i, (r, prefix), g in zip(where, items, regen):
         n_final = len(prefix) + g["new_tokens"]
         out[i] = {"dataset": r["dataset"], "row": r["row"], "gold": r["gold"], "answer": g["answer"],
-                  "correct": g["correct"], "tokens": n_final, "tokens_all": slow[i]["tokens"] + g["new_tokens"],
+                  "correct": g["correct"], "tokens": n_final,
+                  "tokens_all": slow[i]["tokens"] + len(runner.end_ids(r)) + g["new_tokens"],
                   "posthoc": "switched", "text": g["text"], "prefill_again": len(runner.prompt_ids(r)) + len(prefix)}
     _write_jsonl(work / "eval_posthoc.jsonl", out)
 
@@ -614,7 +638,7 @@ def report(cfg: ReasoningEvalConfig, work: str | Path, out: str | Path | None = 
     if p.exists():
         recs = _read_jsonl(p)
         strategies["post-hoc switching (paper; all decoded tokens)"] = _summ(recs, "tokens_all")
-        strategies["post-hoc switching (paper's count: final output)"] = _summ(recs)
+        strategies["post-hoc switching (final output only, as the paper counts)"] = _summ(recs)
     strategies["oracle router"] = _summ(oracle)
     datasets = [d for d in cfg.datasets if d in strategies["always-slow"]]
     result = {"model": cfg.model, "train_slice": meta["train"], "eval_slice": meta["eval"],
@@ -705,7 +729,7 @@ def plot(st: dict, datasets: list[str], path: Path, budgets: list[int]) -> None:
         pts = sorted((v[d]["tokens"], 100 * v[d]["accuracy"]) for _, v in curve if d in v)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color="grey", lw=1, label="budget-only curve")
         for k, v in st.items():
-            if d not in v or "paper's count" in k:
+            if d not in v or "as the paper counts" in k:
                 continue
             ax.scatter(v[d]["tokens"], 100 * v[d]["accuracy"], s=28)
             ax.annotate(k.replace("post-hoc switching (paper; all decoded tokens)", "post-hoc (paper)"),

@@ -214,6 +214,7 @@ class ControllerConfig(BaseModel):
     delta: float = Field(20.0, description="Hysteresis: slow->fast below threshold-delta, fast->slow above +delta.")
     every: int = Field(16, description="Re-predict (and read the device) every k generated tokens.")
     max_switches: int = Field(1, description="At most m mode switches per sequence.")
+    switch_to_slow: bool = Field(True, description="Allow fast -> slow switches (the format needs start_thinking).")
     capture: bool = Field(False, description="Return the pooled KV features (prefill and every k tokens).")
 
     @field_validator("max_thinking_tokens", "max_answer_tokens")
@@ -266,7 +267,7 @@ class ReasoningController(Component):
 
     ``classifier`` decides the start mode at prefill from the prompt's last-w KV rows (``start="auto"``);
     ``kv_config`` sets the captured features' pooling when there is no classifier (``capture=True``);
-    ``answer_cues`` (one per prompt) fill ``{answer_cue}`` per prompt (a batch mixing tasks); ``step_classifier``
+    ``step_classifier=False`` predicts at prefill only. ``answer_cues`` (one per prompt) fill ``{answer_cue}`` per prompt (a batch mixing tasks); ``step_classifier``
     (default: ``classifier``) re-predicts every ``every`` tokens from the last-w rows of the
     sequence (a ring buffer updated O(1) per step). Both must read the same layers, KV part and window.
 
@@ -300,7 +301,9 @@ class ReasoningController(Component):
             raise ValueError("start='auto' needs a classifier (the start mode is its decision at prefill); "
                              "pass classifier=KVClassifier.load(path) or start='slow'/'fast'")
         self.classifier = classifier
-        self.step_classifier = step_classifier if step_classifier is not None else classifier
+        # step_classifier=False: no re-prediction mid-generation (the start decision only)
+        self.step_classifier = None if step_classifier is False else (
+            step_classifier if step_classifier is not None else classifier)
         if self.classifier is not None and self.step_classifier is not None:
             a, b = self.classifier.config, self.step_classifier.config
             if (a.layers, a.part, a.window) != (b.layers, b.part, b.window):
@@ -424,8 +427,8 @@ class ReasoningController(Component):
 
     def _may_switch(self) -> bool:
         """Host-side: some sequence may still switch (not out of switches, not answering after thinking)."""
-        m = self.config.max_switches
-        return any(len(sw) < m and ph != ANSWER for sw, ph in zip(self.switches, self.phase))
+        m, up = self.config.max_switches, self.config.switch_to_slow
+        return any(len(sw) < m and (ph == THINK or (ph == FAST and up)) for sw, ph in zip(self.switches, self.phase))
 
     def _features(self) -> torch.Tensor:
         last = (self._ring_count - 1) % self.kv_config.window
@@ -470,7 +473,7 @@ class ReasoningController(Component):
                 s = host[3][i]
                 if thinking and s < self.step_threshold - cfg.delta:
                     self._switch(i, t, "fast", "classifier", s, actions, end_idx)
-                elif (self.phase[i] == FAST and self.row_ids[i]["start_thinking"] is not None
+                elif (self.phase[i] == FAST and cfg.switch_to_slow and self.row_ids[i]["start_thinking"] is not None
                       and s > self.step_threshold + cfg.delta):
                     self._switch(i, t, "slow", "classifier", s, actions, start_idx)
         dev = self.thinking.device

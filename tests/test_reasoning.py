@@ -120,6 +120,14 @@ def test_controller_fast_to_slow_switch_and_hysteresis_delta():
     marker = ids_of(PLAIN_FORMAT.render()["start_thinking"])
     assert res.token_ids[24 : 24 + len(marker)] == marker
     assert o["thinking_tokens"] == res.generated_tokens - 24 - len(marker)
+    stub = StubClassifier(lambda step, b: [20.0] * b if step < 16 else [90.0] * b, window=4)
+    ctl = ReasoningController(PLAIN_FORMAT, TOK, classifier=stub, start="auto", every=8, switch_to_slow=False)
+    assert llm.generate(PROMPTS[:1], GREEDY, components=[ctl]).samples[0][0].outputs["reasoning"]["switches"] == []
+    assert ctl.host_reads == 2  # prefill + the planned answer-limit stop; no prediction (nothing can switch)
+    stub = StubClassifier(lambda step, b: [80.0] * b if step < 0 else [10.0] * b, window=4)
+    ctl = ReasoningController(PLAIN_FORMAT, TOK, classifier=stub, start="auto", every=8, step_classifier=False)
+    assert llm.generate(PROMPTS[:1], GREEDY, components=[ctl]).samples[0][0].outputs["reasoning"]["switches"] == []
+    assert stub.calls == [-1]  # prefill only
     # 45 sits in the band 50 -+ 20 (no switch); with delta 0 it is below 50 (switch)
     for delta, switched in ((20.0, False), (0.0, True)):
         stub = StubClassifier(lambda step, b: [80.0] * b if step < 0 else [45.0] * b, window=4)
