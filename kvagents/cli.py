@@ -247,11 +247,17 @@ def cmd_eval_reasoning(args) -> int:
 
 
 def _append_reasoning_results(out: Path, results_md: Path) -> None:
+    import shutil
+
     body = (out / "results.md").read_text()
+    fig = results_md.parent / "figures" / "reasoning_pareto.png"
+    fig.parent.mkdir(parents=True, exist_ok=True)
+    if (out / "pareto.png").exists():
+        shutil.copyfile(out / "pareto.png", fig)
     with open(results_md, "a", encoding="utf-8") as f:
         f.write("\n## Fast/slow thinking with a KV classifier, online (issue 7)\n\n" + body +
-                f"\n![accuracy vs tokens]({out / 'pareto.png'})\n")
-    print(f"appended to {results_md}")
+                "\n![accuracy vs mean generated tokens](figures/reasoning_pareto.png)\n")
+    print(f"appended to {results_md} (figure {fig})")
 
 
 def build_parser() -> argparse.ArgumentParser:
