@@ -112,3 +112,14 @@ def test_every_stage_end_to_end_on_a_tiny_model(tmp_path):
               "--eval-per-dataset", "3", "--budgets", "8", "16", "24", "--work", str(work), "--out",
               str(tmp_path / "out2"), "--append-results", str(md)])
     assert "online ours" in md.read_text() and "(issue 7)" in md.read_text()
+
+
+def test_cli_reports_bad_settings_clearly(tmp_path, capsys):
+    data = write_data(tmp_path / "d", n=6)
+    with pytest.raises(SystemExit, match="would overlap"):
+        cli_main(["eval", "reasoning", "collect", "--data-dir", str(data), "--train-per-dataset", "4",
+                  "--eval-per-dataset", "4", "--work", str(tmp_path / "w")])
+    with pytest.raises(SystemExit, match="every must be >= 1"):
+        cli_main(["eval", "reasoning", "report", "--data-dir", str(data), "--every", "0"])
+    with pytest.raises(SystemExit, match="not found"):
+        cli_main(["eval", "reasoning", "collect", "--data-dir", str(tmp_path / "nowhere"), "--work", str(tmp_path)])
