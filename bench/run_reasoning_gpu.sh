@@ -10,30 +10,32 @@
 #   2. train the paper / gain / step classifiers, calibrate thresholds on out-of-fold predictions
 #   3. online controller (paper classifier) || online controller (ours) || the paper's post-hoc switching
 #   4. report: results.md / results.json / pareto.png in $OUT, records + classifiers + logs in $OUT/reasoning.tgz
-# CPU dry run (a few rows, small model; about 10-15 minutes on 2 busy cores):
-#   DEVICE=cpu DTYPE=float32 TRAIN=4 EVAL=2 SLOW=48 FAST=8 ANSWER=8 EVERY=16 BUDGETS="16 24 32" BATCH=16 \
-#     BENCH=0 PY=.venv/bin/python OUT=/tmp/rdry bench/run_reasoning_gpu.sh smollm2-135m ../shared/data
+# Back here: mkdir -p /tmp/rw && tar xzf FILES/reasoning.tgz -C /tmp/rw && .venv/bin/kvagents eval reasoning report \
+#   --work /tmp/rw --out /tmp/rw/report --budgets 64 128 256 --append-results docs/results.md   (same knobs as the run)
+# CPU dry run (a few rows; a tiny random model folder with a real tokenizer, or smollm2-135m, much slower):
+#   OMP_NUM_THREADS=1 DEVICE=cpu DTYPE=float32 TRAIN=4 EVAL=3 SLOW=40 FAST=8 ANSWER=8 EVERY=16 BUDGETS="16 24 32" \
+#     BATCH=16 BENCH=0 T1=600 T2=300 T3=600 PY=.venv/bin/python OUT=/tmp/rdry bench/run_reasoning_gpu.sh MODEL ../shared/data
 set -uo pipefail
 MODEL=${1:-/tmp/m/model.gguf}; DATA=${2:-.carry}
 OUT=${OUT:-out/reasoning_gpu}; WORK=${WORK:-/tmp/reasoning_work}; PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-bfloat16}
 TRAIN=${TRAIN:-200}; EVAL=${EVAL:-150}; SLOW=${SLOW:-512}; FAST=${FAST:-32}; ANSWER=${ANSWER:-32}
-EVERY=${EVERY:-32}; BUDGETS=${BUDGETS:-"64 128 256"}; BATCH=${BATCH:-300}; BENCH=${BENCH:-1}
+EVERY=${EVERY:-32}; BUDGETS=${BUDGETS:-"64 128 256"}; BATCH=${BATCH:-300}; BENCH=${BENCH:-1}; TOL=${TOL:-0}
 T1=${T1:-250}; T2=${T2:-75}; T3=${T3:-130}
 mkdir -p "$OUT" "$WORK"
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START ))s] $*"; }
 log() { tr '\r' '\n' < "$1" | grep -v "it/s\]$" | grep -v "^\s*$" | tail -n "${2:-12}" || true; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
-export OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TOKENIZERS_PARALLELISM=false
 COMMON=(--model "$MODEL" --data-dir "$DATA" --train-per-dataset "$TRAIN" --eval-per-dataset "$EVAL"
         --slow-tokens "$SLOW" --fast-tokens "$FAST" --answer-tokens "$ANSWER" --every "$EVERY" --budgets $BUDGETS
-        --batch-prompts "$BATCH" --device "$DEVICE" --dtype "$DTYPE" --work "$WORK")
+        --batch-prompts "$BATCH" --tolerance "$TOL" --device "$DEVICE" --dtype "$DTYPE" --work "$WORK")
 ER=("$PY" -m kvagents.cli eval reasoning)
 
 # ---- 0. one-time GGUF conversion || overhead bench ----------------------------------------------------------
 if [ "$BENCH" = 1 ] && [ "$DEVICE" = cuda ]; then
-  timeout 100 "$PY" bench/reasoning_overhead.py --device cuda --new-tokens 128 --repeats 3 --batches 1 64 256 \
+  timeout 110 "$PY" -u bench/reasoning_overhead.py --device cuda --new-tokens 128 --repeats 3 --batches 1 256 \
     --every 16 32 > "$OUT/overhead.txt" 2>&1 &
   BENCH_PID=$!
 fi
@@ -81,5 +83,5 @@ if [ "$R2" = 0 ]; then
   timeout 60 "${ER[@]}" report "${COMMON[@]}" --out "$OUT" > "$WORK/log_report.txt" 2>&1
   cat "$WORK/log_report.txt" | grep -v "it/s\]$" | tail -n 60
 fi
-tar czf "$OUT/reasoning.tgz" -C "$WORK" --exclude='*.npz' --exclude='*.tokens.json' . 2>/dev/null
+tar czf "$OUT/reasoning.tgz" -C "$WORK" --exclude='train_features.npz' --exclude='*.tokens.json' . 2>/dev/null
 stamp "done"; ls -la "$OUT"

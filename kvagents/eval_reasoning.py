@@ -514,16 +514,18 @@ def _controllers(cfg: ReasoningEvalConfig, work: Path) -> dict[str, dict]:
     budget = json.loads((work / "train_report.json").read_text())["calibration"].get("thinking_budget")
     return {
         "online_paper": dict(classifier=paper, step_classifier=paper, start="auto", threshold=50.0, delta=20.0,
-                             every=cfg.every, max_switches=1, max_answer_tokens=cfg.answer_tokens),
+                             every=cfg.every, max_switches=1, max_answer_tokens=cfg.answer_tokens,
+                             stop_thinking_at=cfg.slow_tokens),
         "online_ours": dict(classifier=gain, step_classifier=step, start="auto", delta=0.0, every=cfg.every,
                             max_switches=1, max_answer_tokens=cfg.answer_tokens, switch_to_slow=False,
-                            max_thinking_tokens=budget),
+                            max_thinking_tokens=budget, stop_thinking_at=cfg.slow_tokens),
     }
 
 
 def eval_online(cfg: ReasoningEvalConfig, work: str | Path, runner: Runner | None = None,
                 names: tuple[str, ...] = ("online_paper", "online_ours")) -> None:
-    """The online controllers: decide at prefill, re-predict every ``every`` tokens, switch in the loop."""
+    """The online controllers: decide at prefill, re-predict every ``every`` tokens, switch in the loop. Sequences
+    still thinking at ``slow_tokens`` are cut there, as always-slow is; a switched one may answer past it."""
     work = Path(work)
     runner = runner or Runner(cfg)
     rows = load_rows(cfg, "eval")
@@ -533,7 +535,7 @@ def eval_online(cfg: ReasoningEvalConfig, work: str | Path, runner: Runner | Non
         raise ValueError(f"unknown controllers {bad}; use some of {', '.join(ctls)}")
     for name in names:
         kw = ctls[name]
-        recs = runner.generate(rows, f"eval {name}", cfg.slow_tokens + 64, **kw)
+        recs = runner.generate(rows, f"eval {name}", cfg.slow_tokens + cfg.answer_tokens + 64, **kw)
         _write_jsonl(work / f"eval_{name}.jsonl", recs)
 
 
@@ -721,26 +723,26 @@ def plot(st: dict, datasets: list[str], path: Path, budgets: list[int]) -> None:
     except ImportError:
         return
     panels = ["mixture"] + datasets
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5.6))
     axes = np.atleast_1d(axes)
     for ax, d in zip(axes, panels):
         curve = [("always-fast", st["always-fast"])] + [(k, v) for k, v in st.items() if k.startswith("budget")] + \
             [("always-slow", st["always-slow"])]
         pts = sorted((v[d]["tokens"], 100 * v[d]["accuracy"]) for _, v in curve if d in v)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color="grey", lw=1, label="budget-only curve")
-        for k, v in st.items():
+        markers = "os^vD<>pP*Xh"
+        for j, (k, v) in enumerate(st.items()):
             if d not in v or "as the paper counts" in k:
                 continue
-            ax.scatter(v[d]["tokens"], 100 * v[d]["accuracy"], s=28)
-            ax.annotate(k.replace("post-hoc switching (paper; all decoded tokens)", "post-hoc (paper)"),
-                        (v[d]["tokens"], 100 * v[d]["accuracy"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            label = k.replace("post-hoc switching (paper; all decoded tokens)", "post-hoc switching (paper)")
+            ax.scatter(v[d]["tokens"], 100 * v[d]["accuracy"], s=36, marker=markers[j % len(markers)],
+                       label=label, zorder=3)
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xlabel("mean generated tokens")
         ax.set_ylabel("accuracy %")
         ax.set_title(d)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.15), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -215,9 +215,11 @@ class ControllerConfig(BaseModel):
     every: int = Field(16, description="Re-predict (and read the device) every k generated tokens.")
     max_switches: int = Field(1, description="At most m mode switches per sequence.")
     switch_to_slow: bool = Field(True, description="Allow fast -> slow switches (the format needs start_thinking).")
+    stop_thinking_at: int | None = Field(None, description="Finish sequences still thinking after this many "
+                                         "generated tokens (a length cut, like max_new_tokens, not a forced answer).")
     capture: bool = Field(False, description="Return the pooled KV features (prefill and every k tokens).")
 
-    @field_validator("max_thinking_tokens", "max_answer_tokens")
+    @field_validator("max_thinking_tokens", "max_answer_tokens", "stop_thinking_at")
     @classmethod
     def _budget(cls, v, info):
         if v is not None and v < 1:
@@ -376,6 +378,8 @@ class ReasoningController(Component):
         self.stop_at: list[int | None] = [None] * B
         self.budget_hit = [False] * B
         self.scheduled: set[int] = set()
+        if cfg.stop_thinking_at is not None:
+            self.scheduled.add(cfg.stop_thinking_at - 1)
         actions = []
         for i in range(B):
             cue = self.row_ids[i]["slow_cue"] if slow[i] else self.row_ids[i]["fast_cue"]
@@ -457,6 +461,9 @@ class ReasoningController(Component):
             thinking = host[1][i] > 0
             if not thinking and self.phase[i] == THINK:
                 self.phase[i] = ANSWER  # ended by the model itself
+            if thinking and cfg.stop_thinking_at is not None and t >= cfg.stop_thinking_at - 1:
+                actions.append(StopSequence(i, "length"))
+                continue
             busy = self.busy_until[i] > t
             if predict:
                 self.scores[i].append([t, host[3][i]])

@@ -302,3 +302,19 @@ def test_trained_classifier_inside_the_controller_matches_its_offline_prediction
     got = [g[0].outputs["reasoning"] for g in out.samples]
     np.testing.assert_allclose([o["start_score"] for o in got], offline, rtol=1e-5, atol=1e-4)
     assert [o["start"] for o in got] == ["slow" if v >= 50 else "fast" for v in offline]
+
+
+def test_stop_thinking_at_cuts_only_sequences_still_thinking():
+    llm = llm_for()
+    stub = StubClassifier(lambda step, b: [80.0, 20.0, 80.0] if step < 0 else [90.0, 20.0, 10.0], window=4)
+    ctl = ReasoningController(PLAIN_FORMAT, TOK, classifier=stub, start="auto", every=8, stop_thinking_at=40,
+                              max_answer_tokens=12)
+    res = llm.generate(PROMPTS, GREEDY, components=[ctl])
+    a, b, c = (g[0] for g in res.samples)
+    assert a.generated_tokens == 40 and a.finish_reason == "length" and a.outputs["reasoning"]["switches"] == []
+    assert b.outputs["reasoning"]["start"] == "fast" and b.finish_reason == "answer_limit"
+    end = ids_of(PLAIN_FORMAT.render()["end_thinking"])
+    cue = len(ids_of(PLAIN_FORMAT.render()["slow_cue"]))
+    first = next(t for t in range(cue, 100) if (t + 1) % 8 == 0)  # first check after the forced cue
+    assert c.outputs["reasoning"]["switches"][0]["step"] == first < 40  # switched before the cut: answers past it
+    assert c.generated_tokens == first + 1 + len(end) + 12 > 40 and c.finish_reason == "answer_limit"
