@@ -202,7 +202,8 @@ class KVStepEvents(RunnableSerializable[Any, AIMessage]):
 def budgeted_reasoning(llm: ChatKV, *, thinking: str = "slow", reasoning_effort: str | None = "low",
                        max_thinking_tokens: int | None = None):
     """``llm`` with reasoning on and its controls as configurable fields: ``thinking`` (``slow`` / ``fast`` /
-    ``auto`` / ``off``), ``reasoning_effort`` (``low`` / ``medium`` / ``high``), ``max_thinking_tokens``.
+    ``auto`` / ``off``), ``reasoning_effort`` (``low`` / ``medium`` / ``high``), ``max_thinking_tokens`` and
+    ``kv_classifier`` (the saved classifier that decides and switches fast / slow with ``thinking="auto"``).
 
     Example:
         .. code-block:: python
@@ -219,4 +220,6 @@ def budgeted_reasoning(llm: ChatKV, *, thinking: str = "slow", reasoning_effort:
                                            description="low, medium or high thinking budget"),
         max_thinking_tokens=ConfigurableField(id="max_thinking_tokens", name="Thinking budget",
                                               description="hard budget of thinking tokens (overrides effort)"),
+        kv_classifier=ConfigurableField(id="kv_classifier", name="KV classifier",
+                                        description="saved KVClassifier folder deciding fast/slow (thinking='auto')"),
     )
