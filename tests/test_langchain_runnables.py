@@ -119,3 +119,16 @@ def test_closing_mode_completes_json_within_a_tight_budget(tiny_dir, budget):
     done = run(20)
     Pick.model_validate_json(done.text)
     assert done.generated_tokens <= budget
+
+
+def test_plain_thinking_streams_reasoning_like_invoke(tiny_dir):
+    chat = chat_for(tiny_dir, max_tokens=40, thinking="slow", max_thinking_tokens=6)
+    msg = chat.invoke("What is 2+2?")
+    assert msg.additional_kwargs["reasoning_content"].startswith("Let's think step by step.")
+    assert msg.content.startswith("The final answer is")
+    full = None
+    for c in chat.stream("What is 2+2?"):
+        full = c if full is None else full + c
+    assert full.content == msg.content
+    assert full.additional_kwargs["reasoning_content"] == msg.additional_kwargs["reasoning_content"]
+    assert [b["type"] for b in full.content_blocks][:1] == ["reasoning"]

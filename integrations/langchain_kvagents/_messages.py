@@ -136,13 +136,16 @@ def parse_tool_call(body: str) -> tuple[dict | None, dict | None]:
 
 
 class OutputSplitter:
-    """Splits generated text, as it grows, into answer text, reasoning (``<think>...</think>``) and tool calls
-    (``<tool_call>...</tool_call>``). ``feed(delta)`` returns the new ``(text, reasoning)`` safe to show; tags
+    """Splits generated text, as it grows, into answer text, reasoning (``<think>...</think>``, or a plain
+    format's forced cue ... end-of-thinking sequence: ``think_tags``) and tool calls (``<tool_call>...</tool_call>``). ``feed(delta)`` returns the new ``(text, reasoning)`` safe to show; tags
     and partial tags are held back; tool-call bodies are collected in ``tool_calls`` / ``invalid_tool_calls``.
     ``finish()`` flushes (an unterminated tool call becomes an invalid one)."""
 
-    def __init__(self, *, reasoning: bool, tools: bool) -> None:
+    def __init__(self, *, reasoning: bool, tools: bool, think_tags: tuple[str, str] = (THINK_OPEN, THINK_CLOSE),
+                 keep_open: bool = False) -> None:
         self.reasoning, self.tools = reasoning, tools
+        self.think_open, self.think_close = think_tags
+        self.keep_open = keep_open  # the opening tag is reasoning text (plain formats' forced cue)
         self.buf = ""
         self.state = "text"
         self.tool_calls: list[dict] = []
@@ -151,7 +154,7 @@ class OutputSplitter:
         self.reasoning_text = ""
 
     def _opens(self) -> list[str]:
-        return ([THINK_OPEN] if self.reasoning else []) + ([TOOL_OPEN] if self.tools else [])
+        return ([self.think_open] if self.reasoning else []) + ([TOOL_OPEN] if self.tools else [])
 
     def feed(self, delta: str, final: bool = False) -> tuple[str, str]:
         self.buf += delta
@@ -164,14 +167,16 @@ class OutputSplitter:
                     k, tag = min(hits)
                     text_out += self.buf[:k]
                     self.buf = self.buf[k + len(tag):]
-                    self.state = "think" if tag == THINK_OPEN else "tool"
+                    self.state = "think" if tag == self.think_open and self.reasoning else "tool"
+                    if self.state == "think" and self.keep_open:
+                        reason_out += tag
                     continue
                 keep = 0 if final else max((j for t in opens for j in range(1, len(t)) if self.buf.endswith(t[:j])),
                                            default=0)
                 text_out += self.buf[: len(self.buf) - keep]
                 self.buf = self.buf[len(self.buf) - keep:]
                 break
-            close = THINK_CLOSE if self.state == "think" else TOOL_CLOSE
+            close = self.think_close if self.state == "think" else TOOL_CLOSE
             k = self.buf.find(close)
             if k >= 0:
                 if self.state == "think":

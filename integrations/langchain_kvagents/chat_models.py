@@ -405,18 +405,28 @@ class ChatKV(BaseChatModel):
         for _p, group in enumerate(gen.samples):
             gens = []
             for s in group:
-                split = OutputSplitter(reasoning=self.reasoning and not req.json_output, tools=req.tools_active)
+                split = self._splitter(req)
                 split.feed(s.text, final=True)
                 msg = self._message(req, s, split)
                 gens.append(ChatGeneration(message=msg, generation_info={"finish_reason": s.finish_reason}))
             out.append(ChatResult(generations=gens, llm_output={"model_name": req.model_name}))
         return out
 
+    def _splitter(self, req: _Request) -> OutputSplitter:
+        ctl = req.controller
+        if ctl is not None and not ctl.fmt.native:  # plain format: forced cue ... forced end-of-thinking text
+            r = ctl.fmt.render()
+            end, cue = r["end_thinking"], ctl.fmt.answer_cue
+            close = end[: end.find(cue)] if cue and cue in end else end
+            return OutputSplitter(reasoning=True, tools=req.tools_active, think_tags=(r["slow_cue"], close),
+                                  keep_open=True)
+        return OutputSplitter(reasoning=self.reasoning and not req.json_output, tools=req.tools_active)
+
     def _message(self, req: _Request, s, split: OutputSplitter) -> AIMessage:
         text = split.text.strip() if split.tool_calls or split.invalid_tool_calls else split.text
         reasoning = split.reasoning_text
-        if req.controller is not None and not req.controller.fmt.native:
-            reasoning, text = _split_plain(req.controller, text)
+        if req.controller is not None and not req.controller.fmt.native and not text.strip():
+            reasoning, text = "", reasoning  # thought until EOS without the end sequence: that text is the answer
         md = self._response_metadata(req, s, bool(split.tool_calls))
         if "reasoning" in s.outputs:
             md["reasoning"] = {k: v for k, v in s.outputs["reasoning"].items() if k != "features"}
@@ -485,7 +495,7 @@ class ChatKV(BaseChatModel):
         req = self._prepare([messages], stop, kwargs)
         if req.params.n != 1:  # one stream carries one sample: the others are dropped
             req.params = SamplingParams(**{**req.params.model_dump(), "n": 1})
-        split = OutputSplitter(reasoning=self.reasoning and not req.json_output, tools=req.tools_active)
+        split = self._splitter(req)
         with self._lock(req.llm):
             stream = req.llm.stream(
                 req.prompt_ids, req.params, components=req.components, logits_processors=req.processors()
@@ -505,6 +515,9 @@ class ChatKV(BaseChatModel):
             finally:
                 it.close()
         text, reasoning = split.finish()
+        plain = req.controller is not None and not req.controller.fmt.native
+        if plain and not split.text.strip() and split.reasoning_text:
+            text = split.reasoning_text  # thought until EOS: the reasoning is the answer (as invoke returns it)
         if reasoning:
             yield ChatGenerationChunk(
                 message=AIMessageChunk(content="", additional_kwargs={"reasoning_content": reasoning})
@@ -663,21 +676,6 @@ class _Acquired:
 
     def __exit__(self, *exc) -> None:
         self.llm._lock.release()
-
-
-def _split_plain(controller, text: str) -> tuple[str, str]:
-    """``(reasoning, answer)`` of a plain-format (forced cues) output: the reasoning is the text before the forced
-    end-of-thinking sequence, the answer what follows it from the answer cue on; without that sequence the whole
-    text is the answer."""
-    r = controller.fmt.render()
-    end, cue = r["end_thinking"], controller.fmt.answer_cue
-    k = text.find(end)
-    if k < 0:
-        return "", text
-    tail = text[k:]
-    j = tail.find(cue)
-    answer = tail[j:] if j >= 0 else text[k + len(end):]
-    return text[:k], answer
 
 
 def _key(messages: Sequence[BaseMessage], stop, kwargs: dict) -> str:
