@@ -54,6 +54,10 @@ class TestChatKVUnit(ChatModelUnitTests):
     def chat_model_params(self) -> dict:
         return {"model": MODEL, "dtype": PARAMS["dtype"], "device": DEVICE}
 
+    @property
+    def init_from_env_params(self) -> tuple[dict, dict, dict]:
+        return {"KVAGENTS_CHAT_MODEL": "smollm2-135m"}, {}, {"model": "smollm2-135m"}
+
 
 class TestChatKVIntegration(ChatModelIntegrationTests):
     @property

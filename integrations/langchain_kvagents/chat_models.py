@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -108,8 +109,10 @@ class ChatKV(BaseChatModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
 
-    model: str = Field(default="smollm2-135m", alias="model_name")
-    """Registry name (``smollm2-135m``, ``qwen2.5-coder-0.5b``), hub id or local path / ``.gguf`` file."""
+    model: str = Field(default_factory=lambda: os.environ.get("KVAGENTS_CHAT_MODEL", "smollm2-135m"),
+                       alias="model_name")
+    """Registry name (``smollm2-135m``, ``qwen2.5-coder-0.5b``), hub id or local path / ``.gguf`` file; default
+    ``$KVAGENTS_CHAT_MODEL`` or ``smollm2-135m``."""
     dtype: str = "auto"
     """``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``."""
     device: str = "auto"
