@@ -209,3 +209,14 @@ def test_reasoning_tags_become_reasoning_content_blocks():
     msg = AIMessage(content=s.text, additional_kwargs={"reasoning_content": s.reasoning_text})
     assert [b["type"] for b in msg.content_blocks] == ["reasoning", "text"]
     assert msg.content_blocks[0]["reasoning"] == "two plus two"
+
+
+def test_select_by_puts_the_best_sample_first(tiny_dir):
+    chat = ChatKV(model=tiny_dir, dtype="float32", device="cpu", temperature=1.0, seed=0, n=4, max_tokens=8,
+                  select_by="mean_logprob")
+    gens = chat.generate([[HumanMessage("Hello")]]).generations[0]
+    scores = [g.message.response_metadata["scores"]["mean_logprob"] for g in gens]
+    assert scores[0] == max(scores) and scores[1:] == sorted(scores[1:], reverse=True)
+    assert gens[0].message.response_metadata["chosen"] and "argmax" in gens[0].message.response_metadata[
+        "selection_note"]
+    assert chat.invoke("Hello").content == gens[0].message.content

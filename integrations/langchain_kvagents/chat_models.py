@@ -103,7 +103,7 @@ class ChatKV(BaseChatModel):
             llm.with_structured_output(Joke).invoke("Tell me a joke about cats")
 
     Response metadata: ``model_name``, ``finish_reason`` (``stop``, ``length``, ``tool_calls``, ``timeout``),
-    per-sample ``scores`` when ``return_scores=True``; ``usage_metadata`` with input / output tokens and
+    per-sample ``scores`` when ``return_scores=True`` or ``select_by`` is set; ``usage_metadata`` with input / output tokens and
     ``output_token_details["reasoning"]`` for ``<think>`` text.
     """
 
@@ -141,6 +141,10 @@ class ChatKV(BaseChatModel):
     components: list[Any] = Field(default_factory=list)
     """Extra kvagents components (instances, or zero-argument factories called per request)."""
     return_scores: bool = False
+    select_by: str | None = None
+    """With ``n`` > 1: order each prompt's samples by this score (argmax first, so ``invoke`` returns the best):
+    a ``ProbabilityScores`` key (``lowest_group_confidence``, ``mean_logprob`` ...) or a KV chain-of-embedding
+    key (``kv_coe_layer_r`` ...); every sample's scores land in ``response_metadata["scores"]``."""
     """Add per-sample probability scores (``ProbabilityScores``) to ``response_metadata["scores"]``."""
     reasoning: bool = True
     """Parse ``<think>...</think>`` into reasoning content (``additional_kwargs["reasoning_content"]``)."""
@@ -351,10 +355,14 @@ class ChatKV(BaseChatModel):
         controller = self._controller(llm, kwargs) if response_format is None and not required_calls else None
         if controller is not None:
             comps.append(controller)
-        if self.return_scores:
-            from kvagents.scoring import ProbabilityScores
+        if self.return_scores or self.select_by:
+            from kvagents.scoring import LayerCoE, ProbabilityScores, TokenCoE
 
             comps.append(ProbabilityScores())
+            if self.select_by and self.select_by.startswith("kv_coe_layer"):
+                comps.append(LayerCoE())
+            elif self.select_by and self.select_by.startswith("kv_coe_token"):
+                comps.append(TokenCoE())
         if self.timeout is not None:
             comps.append(_Deadline(self.timeout))
         req = _Request(llm, prompt_ids, params, grammars, comps, tools_active, response_format is not None, name)
@@ -412,8 +420,32 @@ class ChatKV(BaseChatModel):
                 split.feed(s.text, final=True)
                 msg = self._message(req, s, split)
                 gens.append(ChatGeneration(message=msg, generation_info={"finish_reason": s.finish_reason}))
+            if self.select_by and len(group) > 1:
+                gens = self._ordered(group, gens)
             out.append(ChatResult(generations=gens, llm_output={"model_name": req.model_name}))
         return out
+
+    def _ordered(self, group, gens: list[ChatGeneration]) -> list[ChatGeneration]:
+        """Samples ordered by ``select_by`` (kvagents' argmax rule: direction from ``SCORE_DIRECTIONS``, NaN
+        last); the first is the chosen one (``response_metadata["chosen"]``, ``["selection_note"]``)."""
+        from kvagents.scoring import SCORE_DIRECTIONS
+        from kvagents.selection import candidates_from_samples, select
+
+        cands = candidates_from_samples(group)
+        sel = select(cands, "argmax", score=self.select_by)
+        sign = SCORE_DIRECTIONS.get(self.select_by, 1)
+
+        def key(c):
+            v = c.scores.get(self.select_by)
+            return (c.index != sel.chosen.index, -(v * sign) if v is not None and v == v else float("inf"))
+
+        order = [c.index for c in sorted(cands, key=key)]
+        for c, g in zip(cands, gens):
+            g.message.response_metadata["scores"] = dict(c.scores)
+            g.message.response_metadata["sample_index"] = c.index
+            g.message.response_metadata["chosen"] = c.index == sel.chosen.index
+        gens[sel.chosen.index].message.response_metadata["selection_note"] = sel.note
+        return [gens[i] for i in order]
 
     def _splitter(self, req: _Request) -> OutputSplitter:
         ctl = req.controller
