@@ -28,7 +28,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from kvagents import Component, KVModel, SamplingParams, StopSequence
 from kvagents.grammar import GrammarMask, closing_tokens, compile_grammar
 
-from ._messages import THINK_OPEN, TOOL_OPEN, OutputSplitter, to_chat_messages, tools_system_prompt
+from ._messages import TOOL_OPEN, OutputSplitter, to_chat_messages, tools_system_prompt
 from ._shared import get_model, run_on_worker
 
 __all__ = ["ChatKV"]
@@ -827,5 +827,3 @@ def _tool_tag(tools: list[dict], required: bool, parallel: bool, budget: int = 2
         },
     }
 
-
-_ = THINK_OPEN  # re-exported for tests
