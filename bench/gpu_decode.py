@@ -146,6 +146,7 @@ def run_model(label, llm, prompts, args, report, do_hf_compile: bool):
     pad = 0
     n_layers = model.config.num_hidden_layers
     cases = [("B=1", prompts[:1], 1, True), ("1x8", prompts[:1], 8, False), ("32 prompts", prompts[:32], 1, True)]
+    cases = [c for c in cases if c[0] in args.cases]
     rows = []
 
     def hf_inputs(ps):
@@ -403,11 +404,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf-compile", action="store_true")
     ap.add_argument("--hf-compile-all", action="store_true", help="HF static+compile for every case, not B=1 only")
     ap.add_argument("--methods", default="abcde", help="subset of the methods a-e to run")
+    ap.add_argument("--cases", default="B=1,1x8,32 prompts", help="comma-separated subset of the cases")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--no-overhead", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: a tiny Qwen3 config instead of 8B")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args(argv)
+    args.cases = [c.strip() for c in args.cases.split(",")]
     global DEV
     DEV = "cuda" if torch.cuda.is_available() else "cpu"
     import transformers
