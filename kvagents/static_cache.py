@@ -50,10 +50,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def rms_norm(h, w, eps: float):
-    return _rms(h, w, eps)
-
-
 def prologue(ids, pos, col, start, cols, embed_w, cos_t, sin_t, ln_w, eps: float):
     """Embedding, the first input norm, cos/sin of the positions ``[B, 1, d]`` and the additive attention mask
     ``[B, 1, 1, Lb]`` (row ``b`` sees columns ``start[b] .. col``)."""
@@ -216,11 +212,11 @@ class StaticLM:
         if compile:
             import torch._inductor.config as ind
 
-            ind.emulate_precision_casts = True  # round bf16 intermediates like eager (parity with HF)
+            # round bf16 intermediates like eager (parity with HF); a process-wide Inductor setting
+            ind.emulate_precision_casts = True
             if os.environ.get("KVAGENTS_CDT", "0") == "1":
                 ind.coordinate_descent_tuning = True
             opts = dict(dynamic=False, fullgraph=True)
-            self._norm = torch.compile(rms_norm, **opts)
             self._pre = torch.compile(attn_pre, **opts)
             self._post = torch.compile(attn_post, **opts)
             self._final = torch.compile(final_logits, **opts)
@@ -228,8 +224,7 @@ class StaticLM:
             self._attend = torch.compile(att, fullgraph=True, dynamic=True) if self.attn_impl == "reduce" else att
             self._prologue = torch.compile(prologue, fullgraph=True, dynamic=True)
         else:
-            self._norm, self._pre, self._post, self._final, self._attend = (rms_norm, attn_pre, attn_post,
-                                                                            final_logits, att)
+            self._pre, self._post, self._final, self._attend = attn_pre, attn_post, final_logits, att
             self._prologue = prologue
         self._cos = self._sin = None
 
