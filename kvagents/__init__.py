@@ -17,6 +17,7 @@ from .components import (
 )
 from .encoder import Encoder, KVEncoder, SentenceTransformerEncoder, as_encoder
 from .engine import DecodeEngine, NonFiniteLogitsError
+from .fast_decode import FastDecodeEngine
 from .index import IndexRecord, KVIndex, KVIndexError, SearchHit, maximal_marginal_relevance
 from .index_io import IndexChecksumError, IndexFormatError, IndexMismatchError, IndexVersionError
 from .kv_classifier import KVClassifier, KVClassifierConfig
@@ -50,6 +51,7 @@ __all__ = [
     "ControllerConfig",
     "Component",
     "DecodeEngine",
+    "FastDecodeEngine",
     "Encoder",
     "FinishView",
     "ForceTokens",
