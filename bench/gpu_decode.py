@@ -411,6 +411,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",")]
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*[Oo]nline softmax.*")  # Inductor's note on split reductions
     global DEV
     DEV = "cuda" if torch.cuda.is_available() else "cpu"
     import transformers
