@@ -11,8 +11,11 @@ sequence (EOS ignored). tok/s = generated tokens / wall time of the whole call (
 (compilation and graph capture included). Components (e): layer- and token-axis KV-CoE, probability scores, and a
 classifier-like pooled-KV feature component (per-layer mean of the generated K/V, the KV probe's input).
 
-    python bench/gpu_decode.py                                  # 8B shape only
-    python bench/gpu_decode.py --model /tmp/m/model.gguf        # + the real model and its 20-prompt equality
+    python bench/gpu_decode.py --mem-tokens 0                   # 8B shape (about 6 min on the H100)
+    python bench/gpu_decode.py --skip-8b --model /tmp/m/model.gguf   # the real model, its 20-prompt equality
+                                                                # and the 4k-token memory row (about 5 min)
+
+Both together exceed one 10-minute device call: run them as two calls.
 
 Writes ``$OUT/gpu_decode.md`` (markdown for bench/RESULTS.md) and ``$OUT/gpu_decode.json`` (or ``--out DIR``).
 """
