@@ -9,11 +9,12 @@ Grammars come from JSON schemas, regular expressions, EBNF or xgrammar structura
 against a tokenizer is cached per (tokenizer, vocabulary size) and per grammar.
 
 Why xgrammar (``bench/grammar_libs.py``, smollm2-135m's 49k-token vocabulary, 2-core CPU, one thread; all three
-accept the same replayed answers): per-token cost of mask + accept 20 / 12 us (joke / tool schema) for xgrammar,
-58 / 265 us for llguidance, 1869 / 937 us for outlines-core; schema compile 32 / 6 ms, 16 / 1 ms, 347 / 437 ms;
-tokenizer set-up 0.63 s, 1.60 s, 1.33 s. xgrammar has the cheapest steps (the model's own step is ~70 ms here)
+accept the same replayed answers; table in ``bench/RESULTS.md``): per-token cost of mask + accept 18 / 10 us
+(joke / tool schema) for xgrammar, 38 / 27 us for llguidance, 633 / 447 us for outlines-core; schema compile
+12 / 2 ms, 4 / 1 ms, 41 / 72 ms; tokenizer set-up 0.36 s, 0.54 s, 0.48 s. xgrammar has the cheapest steps (the
+model's own step is ~75 ms here)
 and native structural tags (free text until a ``<tool_call>`` trigger, then the tool's schema), which the
-``tool_choice="auto"`` mode needs; llguidance is a close second, outlines-core is two orders slower per token.
+``tool_choice="auto"`` mode needs; llguidance is a close second, outlines-core is ~30x slower per token.
 
 Example:
     >>> from kvagents import KVModel
