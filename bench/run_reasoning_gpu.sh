@@ -19,7 +19,7 @@ set -uo pipefail
 MODEL=${1:-/tmp/m/model.gguf}; DATA=${2:-.carry}
 OUT=${OUT:-out/reasoning_gpu}; WORK=${WORK:-/tmp/reasoning_work}; PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-bfloat16}
-TRAIN=${TRAIN:-200}; EVAL=${EVAL:-150}; SLOW=${SLOW:-512}; FAST=${FAST:-32}; ANSWER=${ANSWER:-32}
+TRAIN=${TRAIN:-200}; EVAL=${EVAL:-200}; SLOW=${SLOW:-512}; FAST=${FAST:-32}; ANSWER=${ANSWER:-32}
 EVERY=${EVERY:-32}; BUDGETS=${BUDGETS:-"64 128 256"}; BATCH=${BATCH:-300}; BENCH=${BENCH:-1}; TOL=${TOL:-0}
 T1=${T1:-250}; T2=${T2:-75}; T3=${T3:-130}
 mkdir -p "$OUT" "$WORK"
