@@ -11,7 +11,7 @@
 #   3. online controller (paper classifier) || online controller (ours) || the paper's post-hoc switching
 #   4. report: results.md / results.json / pareto.png in $OUT, records + classifiers + logs in $OUT/reasoning.tgz
 # Back here: mkdir -p /tmp/rw && tar xzf FILES/reasoning.tgz -C /tmp/rw && .venv/bin/kvagents eval reasoning report \
-#   --work /tmp/rw --out /tmp/rw/report --budgets 64 128 256 --append-results docs/results.md   (same knobs as the run)
+#   --work /tmp/rw --out /tmp/rw/report --append-results docs/results.md   (settings come from /tmp/rw/config.json)
 # CPU dry run (a few rows; a tiny random model folder with a real tokenizer, or smollm2-135m, much slower):
 #   OMP_NUM_THREADS=1 DEVICE=cpu DTYPE=float32 TRAIN=4 EVAL=3 SLOW=40 FAST=8 ANSWER=8 EVERY=16 BUDGETS="16 24 32" \
 #     BATCH=16 BENCH=0 T1=600 T2=300 T3=600 PY=.venv/bin/python OUT=/tmp/rdry bench/run_reasoning_gpu.sh MODEL ../shared/data

@@ -270,7 +270,8 @@ def _save_features(path: Path, recs: list[dict]) -> None:
 
 def _load_features(path: Path) -> tuple[dict[str, np.ndarray], list[list[int]]]:
     z = np.load(path)
-    return {k: z[k] for k in z.files}, json.loads(path.with_suffix(".tokens.json").read_text())
+    tokens = path.with_suffix(".tokens.json")
+    return {k: z[k] for k in z.files}, (json.loads(tokens.read_text()) if tokens.exists() else None)
 
 
 def _window(cfg: ReasoningEvalConfig, runner: Runner, rows: list[dict]) -> int:
@@ -308,7 +309,8 @@ def _prep(cfg: ReasoningEvalConfig, work: Path) -> Path:
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     sl = slices(cfg)
-    (work / "config.json").write_text(json.dumps({"config": cfg.model_dump(), "slices": sl,
+    dev = torch.cuda.get_device_name() if (torch.cuda.is_available() and cfg.device != "cpu") else "cpu"
+    (work / "config.json").write_text(json.dumps({"config": cfg.model_dump(), "slices": sl, "device": dev,
                                                   "train": slice_names(sl["train"]), "eval": slice_names(sl["eval"])},
                                                  indent=2))
     return work
@@ -606,6 +608,7 @@ def report(cfg: ReasoningEvalConfig, work: str | Path, out: str | Path | None = 
     out = Path(out or work)
     out.mkdir(parents=True, exist_ok=True)
     meta = json.loads((work / "config.json").read_text())
+    cfg = ReasoningEvalConfig(**meta["config"])  # the run's own settings (the report may run elsewhere)
     fast, slow = _read_jsonl(work / "eval_fast.jsonl"), _read_jsonl(work / "eval_slow.jsonl")
     feats, _ = _load_features(work / "eval_features.npz")
     strategies: dict[str, dict] = {}
@@ -645,7 +648,7 @@ def report(cfg: ReasoningEvalConfig, work: str | Path, out: str | Path | None = 
     datasets = [d for d in cfg.datasets if d in strategies["always-slow"]]
     result = {"model": cfg.model, "train_slice": meta["train"], "eval_slice": meta["eval"],
               "config": cfg.model_dump(), "strategies": strategies,
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+              "device": meta.get("device", "unknown")}
     tr = work / "train_report.json"
     if tr.exists():
         result["train_report"] = json.loads(tr.read_text())
