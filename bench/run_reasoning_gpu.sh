@@ -21,7 +21,7 @@ OUT=${OUT:-out/reasoning_gpu}; WORK=${WORK:-/tmp/reasoning_work}; PY=${PY:-pytho
 DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-bfloat16}
 TRAIN=${TRAIN:-200}; EVAL=${EVAL:-200}; SLOW=${SLOW:-512}; FAST=${FAST:-32}; ANSWER=${ANSWER:-32}
 EVERY=${EVERY:-32}; BUDGETS=${BUDGETS:-"64 128 256"}; BATCH=${BATCH:-300}; BENCH=${BENCH:-1}; TOL=${TOL:-0}
-T1=${T1:-250}; T2=${T2:-75}; T3=${T3:-130}
+T1=${T1:-220}; T2=${T2:-75}; T3=${T3:-110}  # worst case with phase 0 (120 s) and the report (40 s): 565 s
 mkdir -p "$OUT" "$WORK"
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START ))s] $*"; }
@@ -80,7 +80,7 @@ fi
 
 # ---- 4. report ----------------------------------------------------------------------------------------------------
 if [ "$R2" = 0 ]; then
-  timeout 60 "${ER[@]}" report "${COMMON[@]}" --out "$OUT" > "$WORK/log_report.txt" 2>&1
+  timeout 40 "${ER[@]}" report "${COMMON[@]}" --out "$OUT" > "$WORK/log_report.txt" 2>&1
   cat "$WORK/log_report.txt" | grep -v "it/s\]$" | tail -n 60
 fi
 tar czf "$OUT/reasoning.tgz" -C "$WORK" --exclude='train_features.npz' --exclude='*.tokens.json' . 2>/dev/null
