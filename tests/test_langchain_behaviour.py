@@ -220,3 +220,31 @@ def test_select_by_puts_the_best_sample_first(tiny_dir):
     assert gens[0].message.response_metadata["chosen"] and "argmax" in gens[0].message.response_metadata[
         "selection_note"]
     assert chat.invoke("Hello").content == gens[0].message.content
+
+
+def test_bare_json_tool_calls_are_parsed_and_constrained_in_auto_mode(tiny_dir):
+    s = OutputSplitter(reasoning=False, tools=True)
+    out = [s.feed(p)[0] for p in ["Sure: {\"na", 'me": "f", "arguments": {"a": {"b": 1}}', "}\nDone."]]
+    assert "".join(out) + s.finish()[0] == "Sure: Done."
+    assert s.tool_calls[0]["name"] == "f" and s.tool_calls[0]["args"] == {"a": {"b": 1}}
+
+    import xgrammar as xgr
+
+    from integrations.langchain_kvagents.chat_models import _tool_tag
+    from kvagents.grammar import compile_grammar
+
+    llm = ChatKV(model=tiny_dir, dtype="float32", device="cpu").llm
+    tool = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+    auto = compile_grammar(llm, "structural_tag", _tool_tag([tool], required=False, parallel=False))
+    m = xgr.GrammarMatcher(auto)
+    assert m.accept_string('Sure. {"name": "f", "arguments": {"a": 1}}')
+    m = xgr.GrammarMatcher(auto)
+    assert not m.accept_string('Sure. {"name": "g"')  # the trigger constrains the name to a bound tool
+    m = xgr.GrammarMatcher(auto)
+    assert m.accept_string('```json\n{\n  "name": "f",\n  "arguments": {"a": 2}\n}')  # then only EOS (one call)
+    s = OutputSplitter(reasoning=False, tools=True)
+    s.feed('```json\n{\n  "name": "f",\n  "arguments": {"a": 2}\n}\n```', final=True)
+    assert s.tool_calls[0]["args"] == {"a": 2}
+    req = compile_grammar(llm, "structural_tag", _tool_tag([tool], required=True, parallel=False))
+    assert not xgr.GrammarMatcher(req).accept_string('{"name": "f"')  # required: the tagged form only

@@ -20,6 +20,9 @@ from langchain_core.messages import (
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+BARE_OPEN = '{"name": '  # a tool call written as a bare JSON object (no tags)
+BARE_OPEN_PRETTY = '{\n  "name": '  # ... pretty-printed (as in a ```json block)
+BARE_OPENS = (BARE_OPEN, BARE_OPEN_PRETTY)
 
 #: Content block types that are only bookkeeping for other providers and carry nothing for a text model.
 _SKIPPED_BLOCKS = {"tool_use", "tool_call", "thinking", "reasoning", "redacted_thinking", "server_tool_call"}
@@ -154,7 +157,7 @@ class OutputSplitter:
         self.reasoning_text = ""
 
     def _opens(self) -> list[str]:
-        return ([self.think_open] if self.reasoning else []) + ([TOOL_OPEN] if self.tools else [])
+        return ([self.think_open] if self.reasoning else []) + ([TOOL_OPEN, *BARE_OPENS] if self.tools else [])
 
     def feed(self, delta: str, final: bool = False) -> tuple[str, str]:
         self.buf += delta
@@ -167,15 +170,30 @@ class OutputSplitter:
                     k, tag = min(hits)
                     text_out += self.buf[:k]
                     self.buf = self.buf[k + len(tag):]
-                    self.state = "think" if tag == self.think_open and self.reasoning else "tool"
+                    self.state = "think" if tag == self.think_open and self.reasoning else (
+                        "bare" if tag in BARE_OPENS else "tool")
                     if self.state == "think" and self.keep_open:
                         reason_out += tag
+                    if self.state == "bare":
+                        self.buf = tag + self.buf
                     continue
                 keep = 0 if final else max((j for t in opens for j in range(1, len(t)) if self.buf.endswith(t[:j])),
                                            default=0)
                 text_out += self.buf[: len(self.buf) - keep]
                 self.buf = self.buf[len(self.buf) - keep:]
                 break
+            if self.state == "bare":  # complete when the buffer starts with one whole JSON object
+                try:
+                    _, end = json.JSONDecoder().raw_decode(self.buf)
+                except ValueError:
+                    if final:
+                        self._add_call(self.buf)
+                        self.buf = ""
+                    break
+                self._add_call(self.buf[:end])
+                self.buf = self.buf[end:].lstrip("\n")
+                self.state = "text"
+                continue
             close = self.think_close if self.state == "think" else TOOL_CLOSE
             k = self.buf.find(close)
             if k >= 0:

@@ -28,7 +28,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from kvagents import Component, KVModel, SamplingParams, StopSequence
 from kvagents.grammar import GrammarMask, closing_tokens, compile_grammar
 
-from ._messages import TOOL_OPEN, OutputSplitter, to_chat_messages, tools_system_prompt
+from ._messages import BARE_OPEN, BARE_OPEN_PRETTY, TOOL_OPEN, OutputSplitter, to_chat_messages, tools_system_prompt
 from ._shared import get_model, run_on_worker
 
 __all__ = ["ChatKV"]
@@ -802,8 +802,13 @@ def _tokens_per_char(tok, messages: Sequence[BaseMessage]) -> float:
 
 
 def _tool_tag(tools: list[dict], required: bool, parallel: bool, budget: int = 256, tpc: float = 1.0) -> dict:
-    """xgrammar structural tag for Hermes-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``."""
-    tags = []
+    """xgrammar structural tag for Hermes-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``.
+
+    When the call is optional (``auto``) a bare ``{"name": ..., "arguments": ...}`` object (compact, or
+    pretty-printed with two-space indent as in a ```json block) also triggers the tool's schema: small models (qwen2.5-coder-0.5b) that decide to call a tool often write the JSON without the
+    tags their template asks for.
+    """
+    tags, bare = [], []
     for t in tools:
         fn = t["function"]
         params = fn.get("parameters") or {"type": "object", "properties": {}}
@@ -816,11 +821,22 @@ def _tool_tag(tools: list[dict], required: bool, parallel: bool, budget: int = 2
             "content": {"type": "json_schema", "json_schema": params, "max_whitespace_cnt": 1},
             "end": "}\n</tool_call>",
         })
+        for begin, end, ws in ((f'{BARE_OPEN}{json.dumps(fn["name"])}, "arguments": ', "}", 1),
+                               (f'{BARE_OPEN_PRETTY}{json.dumps(fn["name"])},\n  "arguments": ', "\n}", 8)):
+            bare.append({
+                "type": "tag",
+                "begin": begin,
+                "content": {"type": "json_schema", "json_schema": params, "max_whitespace_cnt": ws},
+                "end": end,
+            })
+    triggers = [TOOL_OPEN]
+    if not required:
+        tags, triggers = tags + bare, [TOOL_OPEN, BARE_OPEN, BARE_OPEN_PRETTY]
     return {
         "type": "structural_tag",
         "format": {
             "type": "triggered_tags",
-            "triggers": [TOOL_OPEN],
+            "triggers": triggers,
             "tags": tags,
             "at_least_one": required,
             "stop_after_first": not parallel,
