@@ -122,10 +122,7 @@ class KVModel:
         if name not in REGISTRY and not Path(name).exists() and "/" not in name:
             from .registry import UnknownModelError
 
-            raise UnknownModelError(
-                f"unknown model {name!r}: not a registry name ({', '.join(sorted(REGISTRY))}), "
-                "a local folder or .gguf file, or a hub id like 'Qwen/Qwen3-8B'"
-            )
+            raise UnknownModelError(name)
         return cls(source=name, dtype=dtype, device=device, attn_implementation=attn_implementation,
                    progress=progress, **kwargs)
 

@@ -86,7 +86,7 @@ def test_embed_rejects_generated_segment(llm):
 
 
 def test_unknown_registry_name():
-    with pytest.raises(UnknownModelError, match=r"qwen-typo"):
+    with pytest.raises(UnknownModelError, match=r"^Unknown model 'qwen-typo': it is not a registry name"):
         KVModel.from_pretrained("qwen-typo")
 
 
