@@ -52,6 +52,19 @@ def layer_info(cache, model=None) -> LayerInfo:
     return LayerInfo(len(cache.layers), attn, k.shape[1] * tp.size, k.shape[3], tp)
 
 
+def check_prompts(prompt_ids: Sequence[Sequence[int]], config, max_new_tokens: int) -> tuple[list[int], int]:
+    """Refuse no prompts / an empty prompt; return the prompt lengths and the new-token count that fits the
+    model's context (``max_position_embeddings``) after the longest prompt."""
+    if len(prompt_ids) == 0:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty (0 tokens)")
+    lengths = [len(p) for p in prompt_ids]
+    ctx = getattr(config, "max_position_embeddings", None)
+    return lengths, max_new_tokens if ctx is None else min(max_new_tokens, max(ctx - max(lengths), 0))
+
+
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, ...]:
     """Left-padded ``ids``, ``mask`` and ``position_ids`` ``[P, T]`` (pads at position 0, as HF ``generate``)."""
     T = max(len(p) for p in prompt_ids)
@@ -203,16 +216,8 @@ class DecodeEngine:
         """
         model, dev = self.model, self.model.device
         n, P = params.n, len(prompt_ids)
-        if P == 0:
-            raise ValueError("no prompts given")
-        for i, p in enumerate(prompt_ids):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty (0 tokens)")
-        B = P * n
-        lengths = [len(p) for p in prompt_ids]
-        T = max(lengths)
-        ctx = getattr(model.config, "max_position_embeddings", None)
-        max_new = params.max_new_tokens if ctx is None else min(params.max_new_tokens, max(ctx - T, 0))
+        lengths, max_new = check_prompts(prompt_ids, model.config, params.max_new_tokens)
+        B, T = P * n, max(lengths)
         stats = GenerationStats(prompts=P, sequences=B)
         calls0 = self.forward_calls
 

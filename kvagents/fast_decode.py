@@ -61,6 +61,7 @@ from .engine import (
     DecodeEngine,
     NonFiniteLogitsError,
     _TextTracker,
+    check_prompts,
     layer_info,
     left_pad,
 )
@@ -522,16 +523,8 @@ class FastDecodeEngine:
         """The loop, as a generator of :class:`StreamEvent` (only when ``stream``) returning the result."""
         model, dev = self.model, self.model.device
         n, P = params.n, len(prompt_ids)
-        if P == 0:
-            raise ValueError("no prompts given")
-        for i, p in enumerate(prompt_ids):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty (0 tokens)")
-        B = P * n
-        lengths = [len(p) for p in prompt_ids]
-        T = max(lengths)
-        ctx = getattr(model.config, "max_position_embeddings", None)
-        max_new = params.max_new_tokens if ctx is None else min(params.max_new_tokens, max(ctx - T, 0))
+        lengths, max_new = check_prompts(prompt_ids, model.config, params.max_new_tokens)
+        B, T = P * n, max(lengths)
         stats = GenerationStats(prompts=P, sequences=B)
         calls0 = self.forward_calls
 
