@@ -5,6 +5,20 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+def check_temperature(v: float) -> float:
+    """Temperature >= 0 (0 = greedy); NaN is refused too. Shared by every config that takes one."""
+    if not v >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {v}")
+    return v
+
+
+def check_n(v: int) -> int:
+    """Samples per prompt >= 1. Shared by every config that takes one."""
+    if v < 1:
+        raise ValueError(f"n (samples per prompt) must be >= 1, got {v}")
+    return v
+
+
 class SamplingParams(BaseModel):
     """How to sample continuations.
 
@@ -38,9 +52,7 @@ class SamplingParams(BaseModel):
     @field_validator("temperature")
     @classmethod
     def _check_temperature(cls, v: float) -> float:
-        if not v >= 0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {v}")
-        return v
+        return check_temperature(v)
 
     @field_validator("top_p")
     @classmethod
@@ -59,9 +71,7 @@ class SamplingParams(BaseModel):
     @field_validator("n")
     @classmethod
     def _check_n(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"n (samples per prompt) must be >= 1, got {v}")
-        return v
+        return check_n(v)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from kvagents import Component, KVModel, SamplingParams, StopSequence
 from kvagents.grammar import GrammarMask, closing_tokens, compile_grammar
+from kvagents.params import check_n, check_temperature
 
 from ._messages import BARE_OPEN, BARE_OPEN_PRETTY, TOOL_OPEN, OutputSplitter, to_chat_messages, tools_system_prompt
 from ._shared import get_model, run_on_worker
@@ -170,16 +171,12 @@ class ChatKV(BaseChatModel):
     @field_validator("temperature")
     @classmethod
     def _check_temperature(cls, v: float) -> float:
-        if not v >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {v}")
-        return v
+        return check_temperature(v)
 
     @field_validator("n")
     @classmethod
     def _check_n(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"n (samples per prompt) must be >= 1, got {v}")
-        return v
+        return check_n(v)
 
     @field_validator("max_tokens")
     @classmethod
