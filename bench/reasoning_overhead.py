@@ -18,20 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scorer_overhead import qwen05b_random  # same random 0.5B-shaped model (bench/ is on sys.path)
 
 from kvagents import KVModel, SamplingParams
 from kvagents.kv_classifier import KVClassifier, KVClassifierConfig
 from kvagents.thinking import PLAIN_FORMAT, HardBudget, ReasoningController
-
-
-def qwen05b_random(device, dtype):
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                      tie_word_embeddings=True, eos_token_id=151645)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
 
 
 class StubTokenizer:
