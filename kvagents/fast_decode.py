@@ -29,6 +29,11 @@ A component runs inside the graph when it offers a graph-safe step (:func:`graph
 * a built-in adapter: :class:`~kvagents.scoring.LayerCoE`, :class:`~kvagents.scoring.TokenCoE`,
   :class:`~kvagents.scoring.ProbabilityScores` and :class:`~kvagents.components.KVEmbedding` (exact types).
 
+A graph component that also needs the host now and then (a decision, an action) adds ``host_check_at(t) -> bool``
+(host state only) and ``on_host_check(view) -> actions``: the engine calls the latter after the replayed step ``t``
+whenever the former says so, and applies its actions as the eager engine does; the other steps cost no host work
+(:class:`~kvagents.thinking.ReasoningController` works this way).
+
 Any other component keeps the plain API: its ``on_step`` runs after each replayed step, outside the graph, with a
 view of the static buffers (actions work as in the eager engine; it costs host time per step).
 
@@ -291,6 +296,13 @@ def graph_step_for(component: Component) -> tuple[Callable, Callable] | None:
     if callable(getattr(component, "step_tensors", None)) and callable(getattr(component, "graph_state", None)):
         return (lambda c: c.graph_state(), lambda c, view: c.step_tensors(view))
     return _builtin_adapters().get(type(component))
+
+
+def _graph_key(c) -> Any:
+    """What identifies a component's captured step besides its state buffers: ``graph_key()`` when it has one
+    (the plain values its ``step_tensors`` reads), else ``repr`` (dataclass components)."""
+    key = getattr(c, "graph_key", None)
+    return (type(c).__qualname__, key()) if callable(key) else repr(c)
 
 
 def _get_attr(obj, name):
@@ -574,7 +586,7 @@ class FastDecodeEngine:
             st.seed_key.fill_(int(seed) & _M32)
 
         # components: graph-safe ones get persistent state buffers (graphs read fixed addresses)
-        gcomps, plain, comp_tensors, comp_attrs = [], [], [], []
+        gcomps, plain, hosted, comp_tensors, comp_attrs = [], [], [], [], []
         for j, c in enumerate(components):
             adapter = graph_step_for(c)
             if adapter is None:
@@ -594,6 +606,8 @@ class FastDecodeEngine:
                 comp_tensors.append(buf)
                 comp_attrs.append((c, name))
             gcomps.append((c, step_fn))
+            if callable(getattr(c, "host_check_at", None)) and callable(getattr(c, "on_host_check", None)):
+                hosted.append(c)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         stats.prefill_s = time.perf_counter() - t0
@@ -603,7 +617,7 @@ class FastDecodeEngine:
         stop_ids = sorted(set([] if params.ignore_eos else self.eos_token_ids) | set(params.stop_token_ids))
         eos_ids = [] if params.ignore_eos else list(self.eos_token_ids)
         samp_key = ("greedy",) if params.greedy else ("sample", params.temperature, params.top_k, params.top_p)
-        gkey = (samp_key, tuple(stop_ids), tuple(eos_ids), tuple((j, repr(c)) for j, (c, _) in enumerate(gcomps)))
+        gkey = (samp_key, tuple(stop_ids), tuple(eos_ids), tuple((j, _graph_key(c)) for j, (c, _) in enumerate(gcomps)))
 
         samp = _Samp(params.greedy, params.temperature, params.top_k, params.top_p)
         stop_t = st.const(stop_ids) if stop_ids else None
@@ -620,7 +634,7 @@ class FastDecodeEngine:
 
         host_stops = bool(params.stop)
         trackers = [_TextTracker(self.tokenizer, params.stop) for _ in range(B)] if (stream or host_stops) else None
-        check_every = 1 if (plain and host_stops) else self.sync_every
+        check_every = 1 if ((plain or hosted) and host_stops) else self.sync_every
         force_queues: dict[int, deque[int]] = {}
         for c, action in prefill_actions:
             if not isinstance(action, ForceTokens):
@@ -677,6 +691,9 @@ class FastDecodeEngine:
             one_step(t)
             if plain:
                 self._plain_step(st, t, plain, force_queues, custom_reason)
+            for c in hosted:
+                if c.host_check_at(t):
+                    self._host_check(st, t, c, force_queues, custom_reason)
             for i, k in applied_stop.items():  # replaying a window: stops found at its check, at their step
                 if k == t:
                     apply_stop(i)
@@ -779,12 +796,23 @@ class FastDecodeEngine:
                               _StaticCacheView(st.K, st.V, int(st.T0) + t) if has_kv else None, self._info,
                               K=st.K, V=st.V, col=st.col.clone())
         for c in plain:
-            for action in c.on_step(view) or ():
-                if isinstance(action, StopSequence):
-                    r = st.reason[action.index]
-                    st.reason[action.index] = torch.where(r == RUNNING, COMPONENT, r)
-                    custom_reason.setdefault(action.index, action.reason)
-                elif isinstance(action, ForceTokens):
-                    force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
-                else:
-                    raise TypeError(f"component {c.name!r} returned an unknown action {action!r}")
+            self._apply(st, c, c.on_step(view), force_queues, custom_reason)
+
+    def _host_check(self, st: _Static, t: int, c, force_queues, custom_reason) -> None:
+        """A graph component's host work at step ``t`` (``on_host_check``), after the replayed step: a view of the
+        live buffers (valid during the call only), its actions applied as a plain component's."""
+        view = StaticStepView(t, st.tok, None, st.logits, st.forced, st.alive, st.finished, st.fed_ids,
+                              st.fed_valid, st.fed_pos, None, self._info, K=st.K, V=st.V, col=st.col)
+        self._apply(st, c, c.on_host_check(view), force_queues, custom_reason)
+
+    @staticmethod
+    def _apply(st: _Static, c, actions, force_queues, custom_reason) -> None:
+        for action in actions or ():
+            if isinstance(action, StopSequence):
+                r = st.reason[action.index]
+                st.reason[action.index] = torch.where(r == RUNNING, COMPONENT, r)
+                custom_reason.setdefault(action.index, action.reason)
+            elif isinstance(action, ForceTokens):
+                force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
+            else:
+                raise TypeError(f"component {c.name!r} returned an unknown action {action!r}")

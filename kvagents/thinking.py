@@ -404,8 +404,25 @@ class ReasoningController(Component):
         if step is not None:
             self.scheduled.add(step)
 
-    def on_step(self, view: StepView):
-        t = view.step
+    # -- per step: device work every step, host work only at the steps that need it ---------------------------
+    def graph_state(self) -> dict[str, torch.Tensor]:
+        """The device state :meth:`step_tensors` updates in place (the fast path keeps it in persistent buffers
+        and runs the update inside its captured step)."""
+        state = {"think_n": self.think_n, "ans_n": self.ans_n, "thinking": self.thinking}
+        if self._ring is not None:
+            state.update(_ring=self._ring, _ring_count=self._ring_count)
+        return state
+
+    def graph_key(self) -> tuple:
+        """What :meth:`step_tensors` reads besides :meth:`graph_state` (plain values baked into a captured step)."""
+        kc = self.kv_config
+        ring = None if self._ring is None else (tuple(self._layers), kc.part, kc.window)
+        return ("ReasoningController", tuple(self.ids["end_token"] or ()), ring)
+
+    def step_tensors(self, view: StepView) -> None:
+        """Device-only work of every step (graph-safe: no host reads, no branching on tensor values): count
+        thinking / answer tokens, notice a native end-of-thinking token, push the fed token's KV rows into the
+        last-w ring buffer."""
         counted = view.alive & ~view.forced
         self.think_n += (counted & self.thinking).long()
         self.ans_n += (counted & ~self.thinking).long()
@@ -419,6 +436,19 @@ class ReasoningController(Component):
             v = view.fed_valid[:, None, None, None, None]
             self._ring[b, slot] = torch.where(v, row, self._ring[b, slot])
             self._ring_count += view.fed_valid.long()
+
+    def host_check_at(self, t: int) -> bool:
+        """Whether step ``t`` needs :meth:`on_host_check` (a prediction every ``every`` tokens, a feature capture,
+        or a scheduled budget / answer-limit step). Host state only: no device read."""
+        if (t + 1) % self.config.every == 0 and (
+                self.config.capture or (self.step_classifier is not None and self._may_switch())):
+            return True
+        return t in self.scheduled
+
+    def on_host_check(self, view: StepView):
+        """Host work of step ``view.step`` (after its :meth:`step_tensors`): predict, switch, stop. One device
+        read."""
+        t = int(view.step)
         at_k = (t + 1) % self.config.every == 0
         predict = at_k and self.step_classifier is not None and self._may_switch()
         if at_k and self.config.capture:
@@ -428,6 +458,12 @@ class ReasoningController(Component):
             return None
         self.scheduled.discard(t)
         return self._check(t, view, predict)
+
+    def on_step(self, view: StepView):
+        self.step_tensors(view)
+        if self.host_check_at(view.step):
+            return self.on_host_check(view)
+        return None
 
     def _may_switch(self) -> bool:
         """Host-side: some sequence may still switch (not out of switches, not answering after thinking)."""

@@ -318,3 +318,62 @@ def test_stop_thinking_at_cuts_only_sequences_still_thinking():
     first = next(t for t in range(cue, 100) if (t + 1) % 8 == 0)  # first check after the forced cue
     assert c.outputs["reasoning"]["switches"][0]["step"] == first < 40  # switched before the cut: answers past it
     assert c.generated_tokens == first + 1 + len(end) + 12 > 40 and c.finish_reason == "answer_limit"
+
+
+# ---- the controller on the fast path (static cache; its per-step work inside the step) --------------------------
+
+
+def _same_results(a, b):
+    for ga, gb in zip(a.samples, b.samples):
+        for x, y in zip(ga, gb):
+            assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason
+            assert x.forced_tokens == y.forced_tokens
+            ra, rb = x.outputs["reasoning"], y.outputs["reasoning"]
+            for k in ("start", "thinking_tokens", "answer_tokens", "forced_tokens", "budget_hit"):
+                assert ra[k] == rb[k], (k, ra[k], rb[k])
+            strip = lambda sw: [{**w, "score": None} for w in sw]  # noqa: E731
+            assert strip(ra["switches"]) == strip(rb["switches"])
+            score = lambda sw: [w["score"] or 0.0 for w in sw]  # noqa: E731
+            assert score(ra["switches"]) == pytest.approx(score(rb["switches"]), rel=1e-4)
+            assert len(ra["scores"]) == len(rb["scores"])
+            for (sa, va), (sb, vb) in zip(ra["scores"], rb["scores"]):
+                assert sa == sb and va == pytest.approx(vb, rel=1e-4, abs=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_fast_path_controller_equals_the_eager_engine_and_reads_the_host_only_at_checks(arch):
+    """Stub switches, a hard budget, and a real KV classifier reading the in-step ring buffer: the fast path (CPU
+    twin of the CUDA-graph step) gives the eager engine's tokens, switches, counts and scores, and calls the host
+    part only at the steps the controller asks for (never ``on_step``)."""
+    llm = llm_for(arch)
+    every = 8
+
+    def fn(step, b):
+        if step < 0:
+            return [80.0, 20.0, 60.0]
+        return [10.0 if step >= 40 else 80.0, 20.0, 45.0]
+
+    c = llm.model.config
+    cfg = KVClassifierConfig(layers=2, window=4, hidden=8)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    clf, _ = KVClassifier.fit(*synthetic(64, cfg.feature_dim(2, c.num_key_value_heads, head_dim), 0), cfg,
+                              max_epochs=3)
+    makers = [
+        lambda: ReasoningController(PLAIN_FORMAT, TOK, classifier=StubClassifier(fn, window=4), start="auto",
+                                    every=every, max_answer_tokens=30),
+        lambda: HardBudget(PLAIN_FORMAT, TOK, 17, max_answer_tokens=9),
+        lambda: ReasoningController(PLAIN_FORMAT, TOK, classifier=clf, start="slow", every=every, delta=0.0,
+                                    threshold=float(np.median(clf.predict(synthetic(64, clf.dim, 1)[0])))),
+    ]
+    for make in makers:
+        eager = llm.generate(PROMPTS, GREEDY, components=[make()])
+        ctl = make()
+        calls = {"host": [], "on_step": 0}
+        orig_host, orig_step = ctl.on_host_check, ctl.on_step
+        ctl.on_host_check = lambda view: (calls["host"].append(int(view.step)), orig_host(view))[1]
+        ctl.on_step = lambda view: (calls.__setitem__("on_step", calls["on_step"] + 1), orig_step(view))[1]
+        fast = llm.generate(PROMPTS, GREEDY, components=[ctl], fast=True)
+        _same_results(eager, fast)
+        assert calls["on_step"] == 0 and 0 < len(calls["host"]) <= 1 + GREEDY.max_new_tokens // every + 6
+        outs = [g[0].outputs["reasoning"] for g in eager.samples]
+        assert any(o["switches"] for o in outs)  # each case really switches (classifier or budget)
