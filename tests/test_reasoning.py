@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from reference import full_forward_kv, ref_pool
 from test_engine import ForwardCounter
 from tiny import ByteTokenizer, tiny_model
@@ -340,12 +341,18 @@ def _same_results(a, b):
                 assert sa == sb and va == pytest.approx(vb, rel=1e-4, abs=1e-3)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_fast_path_controller_equals_the_eager_engine_and_reads_the_host_only_at_checks(arch):
-    """Stub switches, a hard budget, and a real KV classifier reading the in-step ring buffer: the fast path (CPU
-    twin of the CUDA-graph step) gives the eager engine's tokens, switches, counts and scores, and calls the host
-    part only at the steps the controller asks for (never ``on_step``)."""
-    llm = llm_for(arch)
+@pytest.mark.parametrize("arch,device", [
+    ("qwen2", "cpu"), ("qwen3", "cpu"),
+    pytest.param("qwen3", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
+def test_fast_path_controller_equals_the_eager_engine_and_reads_the_host_only_at_checks(arch, device):
+    """Stub switches, a hard budget, and a real KV classifier reading the in-step ring buffer: the fast path (on
+    CUDA: CUDA graphs + compile; on the CPU the same step without graphs) gives the eager engine's tokens,
+    switches, counts and scores, and calls the host part only at the steps the controller asks for (never
+    ``on_step``)."""
+    import copy
+
+    llm = KVModel(copy.deepcopy(tiny_model(arch)).to(device), ByteTokenizer())
     every = 8
 
     def fn(step, b):
@@ -358,6 +365,7 @@ def test_fast_path_controller_equals_the_eager_engine_and_reads_the_host_only_at
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     clf, _ = KVClassifier.fit(*synthetic(64, cfg.feature_dim(2, c.num_key_value_heads, head_dim), 0), cfg,
                               max_epochs=3)
+    clf = clf.to(device)
     makers = [
         lambda: ReasoningController(PLAIN_FORMAT, TOK, classifier=StubClassifier(fn, window=4), start="auto",
                                     every=every, max_answer_tokens=30),
