@@ -203,12 +203,12 @@ class StaticLM:
                 w.kn = kn.weight if kn is not None else None
                 self.layers.append(w)
         self.compiled = compile
-        # SDPA (one fused kernel) by default: the reduction form was ~0.1 ms/step faster at B = 1 on the H100 but
-        # 1.5 ms/step slower at B = 8 (dev runs of bench/fast_variants.py, 2026-11-25)
-        self.attn_impl = os.environ.get("KVAGENTS_ATTN", "sdpa")
-        if self.attn_impl not in ("sdpa", "reduce"):
-            raise ValueError(f"KVAGENTS_ATTN must be 'sdpa' or 'reduce', got {self.attn_impl!r}")
-        att = attend_reduce if self.attn_impl == "reduce" else attend
+        # "auto": the reduction form for one compiled sequence (0.1-0.2 ms/step faster at B = 1 on the H100),
+        # SDPA (one fused kernel) otherwise (the reduction form was 1.5 ms/step slower at B = 8; dev runs of
+        # bench/fast_variants.py, 2026-11-25); "sdpa" / "reduce" force one
+        self.attn_impl = os.environ.get("KVAGENTS_ATTN", "auto")
+        if self.attn_impl not in ("auto", "sdpa", "reduce"):
+            raise ValueError(f"KVAGENTS_ATTN must be 'auto', 'sdpa' or 'reduce', got {self.attn_impl!r}")
         if compile:
             import torch._inductor.config as ind
 
@@ -220,13 +220,20 @@ class StaticLM:
             self._pre = torch.compile(attn_pre, **opts)
             self._post = torch.compile(attn_post, **opts)
             self._final = torch.compile(final_logits, **opts)
-            # the attention length changes with the bucket: static first, dynamic from the second length on
-            self._attend = torch.compile(att, fullgraph=True, dynamic=True) if self.attn_impl == "reduce" else att
+            # the attention length changes with the bucket: dynamic shapes
+            self._attend_reduce = torch.compile(attend_reduce, fullgraph=True, dynamic=True)
             self._prologue = torch.compile(prologue, fullgraph=True, dynamic=True)
         else:
-            self._pre, self._post, self._final, self._attend = attn_pre, attn_post, final_logits, att
+            self._pre, self._post, self._final, self._attend_reduce = attn_pre, attn_post, final_logits, attend_reduce
             self._prologue = prologue
         self._cos = self._sin = None
+
+    def attention_for(self, batch: int):
+        """The attention function of a step over ``batch`` rows (see ``attn_impl``)."""
+        impl = self.attn_impl
+        if impl == "auto":
+            impl = "reduce" if (batch == 1 and self.compiled) else "sdpa"
+        return self._attend_reduce if impl == "reduce" else attend
 
     # -- buffers ------------------------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,13 +264,14 @@ class StaticLM:
         """Feed ``ids`` ``[B]`` at positions ``pos`` ``[B]`` into cache column ``col`` (1-element tensor); rows
         attend to columns ``start[b] .. col``. Returns float32 logits ``[B, V]``. No host synchronisation."""
         layers = self.layers
+        att = self.attention_for(ids.shape[0])
         h, x, cos, sin, mask = self._prologue(ids, pos, col, start, cols[:Lb], self.embed_w, self._cos, self._sin,
                                               layers[0].ln1, self.eps)
         for i, w in enumerate(layers):
             kc, vc = K[i], V[i]
             q = self._pre(x, w.qkv_w, w.qkv_b, w.qn, w.kn, cos, sin, kc, vc, col, self.eps, self.hq, self.hkv,
                           self.d)
-            a = self._attend(q, kc[:, :, :Lb], vc[:, :, :Lb], mask, self.scale, self.hkv)
+            a = att(q, kc[:, :, :Lb], vc[:, :, :Lb], mask, self.scale, self.hkv)
             nxt = layers[i + 1].ln1 if i + 1 < len(layers) else self.norm_w
             h, x = self._post(h, a, w.o_w, w.o_b, w.ln2, w.gu_w, w.gu_b, w.down_w, w.down_b, nxt, self.eps,
                               self.inter)

@@ -241,3 +241,20 @@ def test_prefill_forced_tokens_equal_eager_engine():
     got = fast_for("qwen3").generate(PROMPTS, params, [PrefillForcer(), LayerCoE()])
     assert_same_results(ref, got)
     assert got.flat[1].token_ids[:2] == [70, 71] and got.flat[1].forced_tokens == 2
+
+
+def test_reduction_attention_equals_sdpa_with_padding_mask():
+    """The B=1 GPU attention (elementwise products + reductions, for Inductor) == SDPA, grouped-query heads."""
+    from kvagents.static_cache import attend, attend_reduce
+
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, d, L = 2, 8, 2, 16, 37
+    q, k, v = (torch.randn(*s, generator=g) for s in ((b, hq, d), (b, hkv, L, d), (b, hkv, L, d)))
+    valid = torch.ones(b, L, dtype=torch.bool)
+    valid[1, :5] = False  # row 1 left-padded
+    valid[:, 30:] = False  # columns past the current length in the bucket
+    mask = torch.zeros(b, 1, 1, L).masked_fill(~valid[:, None, None], float("-inf"))
+    want = attend(q, k, v, mask, 0.25, hkv)
+    got = attend_reduce(q, k, v, mask, 0.25, hkv)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert want.shape == (b, hq * d)
