@@ -1,8 +1,9 @@
 """Dev tool: time variants of the fast decode step (attention kernel, Inductor tuning) on the random Qwen3-8B shape,
 B = 1 greedy with components, and profile one. Variants are picked by env vars read when the engine is built
-(KVAGENTS_ATTN = sdpa | reduce, KVAGENTS_CDT = 0 | 1, KVAGENTS_TOPP = bisect | sort): ``attn:cdt:topp``.
+(KVAGENTS_ATTN = auto | sdpa | reduce, KVAGENTS_CDT = 0 | 1, KVAGENTS_TOPP = bisect | sort,
+KVAGENTS_GEMV = auto | fused | torch): ``attn:cdt:topp:gemv`` (missing fields: auto, 0, bisect, auto).
 
-    python bench/fast_variants.py --variants sdpa:0,reduce:0,reduce:1 --profile reduce:0
+    python bench/fast_variants.py --variants sdpa:0:bisect:torch,auto:0:bisect:torch,auto --profile auto
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from kvagents.fast_decode import FastDecodeEngine  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="sdpa:0,reduce:0,reduce:1")
+    ap.add_argument("--variants", default="sdpa:0:bisect:torch,auto:0:bisect:torch,auto")
+    ap.add_argument("--cases", default="B=1,1x8")
     ap.add_argument("--profile", default="")
     ap.add_argument("--new-tokens", type=int, default=256)
     args = ap.parse_args()
@@ -37,8 +39,8 @@ def main():
     prompt = torch.randint(1000, 100000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
     report = dict(profile={})
     for var in args.variants.split(","):
-        attn, cdt, topp = (var.split(":") + ["bisect"])[:3]
-        os.environ.update(KVAGENTS_ATTN=attn, KVAGENTS_CDT=cdt, KVAGENTS_TOPP=topp)
+        attn, cdt, topp, gemv = (var.split(":") + ["auto", "0", "bisect", "auto"][len(var.split(":")):])[:4]
+        os.environ.update(KVAGENTS_ATTN=attn, KVAGENTS_CDT=cdt, KVAGENTS_TOPP=topp, KVAGENTS_GEMV=gemv)
         torch._dynamo.reset()
         llm = KVModel(model, NoTokenizer())
         llm._fast_engine = FastDecodeEngine(model, NoTokenizer())
@@ -46,6 +48,8 @@ def main():
                  ("1x8 top-p", 8, SamplingParams(max_new_tokens=args.new_tokens, temperature=0.7, top_p=0.95, n=8,
                                                  seed=0, ignore_eos=True))]
         for case, n, p in cases:
+            if case.split()[0] not in args.cases.split(","):
+                continue
             res = {}
             for comps in (False, True):
                 sync()

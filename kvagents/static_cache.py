@@ -64,8 +64,13 @@ def attn_pre(x, qkv_w, qkv_b, qn_w, kn_w, cos, sin, k_cache, v_cache, col, eps: 
     column ``col``. ``cos``/``sin`` ``[B, 1, d]``; ``k_cache``/``v_cache`` ``[B, H_kv, cap, d]``; ``col`` a
     1-element long tensor. Returns the rotated queries ``[B, H_q, d]``.
     """
-    b = x.shape[0]
-    qkv = F.linear(x, qkv_w, qkv_b)
+    return rope_write(F.linear(x, qkv_w, qkv_b), qn_w, kn_w, cos, sin, k_cache, v_cache, col, eps, hq, hkv, d)
+
+
+def rope_write(qkv, qn_w, kn_w, cos, sin, k_cache, v_cache, col, eps: float, hq: int, hkv: int, d: int):
+    """:func:`attn_pre` after the projection: split ``qkv`` ``[B, (H_q + 2 H_kv) d]``, q/k norms, RoPE, cache write;
+    returns the rotated queries ``[B, H_q, d]``."""
+    b = qkv.shape[0]
     q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
     q, k, v = q.view(b, hq, d), k.view(b, hkv, d), v.view(b, hkv, d)
     if qn_w is not None:
@@ -209,6 +214,11 @@ class StaticLM:
         self.attn_impl = os.environ.get("KVAGENTS_ATTN", "auto")
         if self.attn_impl not in ("auto", "sdpa", "reduce"):
             raise ValueError(f"KVAGENTS_ATTN must be 'auto', 'sdpa' or 'reduce', got {self.attn_impl!r}")
+        # one-row steps: q/k/v, o, gate/up, down and the LM head as Triton GEMVs with the RMSNorm / SwiGLU /
+        # bias / residual around them fused in (kvagents.fused_gemv; "auto": on CUDA with compile and Triton)
+        self.gemv_impl = os.environ.get("KVAGENTS_GEMV", "auto")
+        if self.gemv_impl not in ("auto", "fused", "torch"):
+            raise ValueError(f"KVAGENTS_GEMV must be 'auto', 'fused' or 'torch', got {self.gemv_impl!r}")
         if compile:
             import torch._inductor.config as ind
 
@@ -218,6 +228,7 @@ class StaticLM:
                 ind.coordinate_descent_tuning = True
             opts = dict(dynamic=False, fullgraph=True)
             self._pre = torch.compile(attn_pre, **opts)
+            self._rope = torch.compile(rope_write, **opts)
             self._post = torch.compile(attn_post, **opts)
             self._final = torch.compile(final_logits, **opts)
             # the attention length changes with the bucket: dynamic shapes
@@ -225,6 +236,7 @@ class StaticLM:
             self._prologue = torch.compile(prologue, fullgraph=True, dynamic=True)
         else:
             self._pre, self._post, self._final, self._attend_reduce = attn_pre, attn_post, final_logits, attend_reduce
+            self._rope = rope_write
             self._prologue = prologue
         self._cos = self._sin = None
 
@@ -234,6 +246,18 @@ class StaticLM:
         if impl == "auto":
             impl = "reduce" if (batch == 1 and self.compiled) else "sdpa"
         return self._attend_reduce if impl == "reduce" else attend
+
+    def fused_gemv_for(self, batch: int) -> bool:
+        """Whether a step over ``batch`` rows runs the fused Triton GEMVs (see ``gemv_impl``)."""
+        if self.gemv_impl == "torch" or batch != 1:
+            return False
+        from . import fused_gemv
+
+        if self.gemv_impl == "fused":
+            if not fused_gemv.available():
+                raise RuntimeError("KVAGENTS_GEMV=fused needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+            return True
+        return self.compiled and self.device.type == "cuda" and fused_gemv.available()
 
     # -- buffers ------------------------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,6 +287,8 @@ class StaticLM:
     def step(self, ids, pos, col, start, K, V, Lb: int, cols: torch.Tensor) -> torch.Tensor:
         """Feed ``ids`` ``[B]`` at positions ``pos`` ``[B]`` into cache column ``col`` (1-element tensor); rows
         attend to columns ``start[b] .. col``. Returns float32 logits ``[B, V]``. No host synchronisation."""
+        if self.fused_gemv_for(ids.shape[0]):
+            return self._step_fused(ids, pos, col, start, K, V, Lb, cols)
         layers = self.layers
         att = self.attention_for(ids.shape[0])
         h, x, cos, sin, mask = self._prologue(ids, pos, col, start, cols[:Lb], self.embed_w, self._cos, self._sin,
@@ -276,3 +302,22 @@ class StaticLM:
             h, x = self._post(h, a, w.o_w, w.o_b, w.ln2, w.gu_w, w.gu_b, w.down_w, w.down_b, nxt, self.eps,
                               self.inter)
         return self._final(x, self.head_w)
+
+    def _step_fused(self, ids, pos, col, start, K, V, Lb: int, cols: torch.Tensor) -> torch.Tensor:
+        """:meth:`step` for one row with the fused GEMVs: five kernels per layer besides attention and RoPE (the
+        same arithmetic and roundings as the unfused step; fp32 accumulation order differs)."""
+        from .fused_gemv import gemv
+
+        layers, eps = self.layers, self.eps
+        att = self.attention_for(1)
+        h, _, cos, sin, mask = self._prologue(ids, pos, col, start, cols[:Lb], self.embed_w, self._cos, self._sin,
+                                              layers[0].ln1, eps)
+        for i, w in enumerate(layers):
+            kc, vc = K[i], V[i]
+            qkv = gemv(h, w.qkv_w, bias=w.qkv_b, rms_weight=w.ln1, eps=eps)
+            q = self._rope(qkv, w.qn, w.kn, cos, sin, kc, vc, col, eps, self.hq, self.hkv, self.d)
+            a = att(q, kc[:, :, :Lb], vc[:, :, :Lb], mask, self.scale, self.hkv)
+            h = gemv(a, w.o_w, bias=w.o_b, residual=h)
+            gu = gemv(h, w.gu_w, bias=w.gu_b, rms_weight=w.ln2, eps=eps)
+            h = gemv(gu, w.down_w, bias=w.down_b, swiglu=True, residual=h)
+        return gemv(h, self.head_w, rms_weight=self.norm_w, eps=eps, out_dtype=torch.float32)
