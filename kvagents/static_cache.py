@@ -251,13 +251,15 @@ class StaticLM:
         """Whether a step over ``batch`` rows runs the fused Triton GEMVs (see ``gemv_impl``)."""
         if self.gemv_impl == "torch" or batch != 1:
             return False
+        if self.gemv_impl == "auto" and not (self.compiled and self.device.type == "cuda"):
+            return False
         from . import fused_gemv
 
         if self.gemv_impl == "fused":
             if not fused_gemv.available():
                 raise RuntimeError("KVAGENTS_GEMV=fused needs triton and a CUDA device (or TRITON_INTERPRET=1)")
             return True
-        return self.compiled and self.device.type == "cuda" and fused_gemv.available()
+        return fused_gemv.available()
 
     # -- buffers ------------------------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
