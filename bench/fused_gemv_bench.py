@@ -217,6 +217,8 @@ def main():
     ap.add_argument("--budget", type=float, default=140.0, help="seconds for the config search over all shapes")
     ap.add_argument("--verbose", action="store_true", help="print every config's time")
     ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes: code paths only")
+    ap.add_argument("--write-configs", default="", help="also write the best configs as JSON here (read by "
+                    "kvagents.fused_gemv when KVAGENTS_GEMV_CONFIGS names the file)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     device = "cpu" if args.smoke else "cuda"
@@ -276,6 +278,11 @@ def main():
     for (n, k), cfg in best_cfgs.items():
         print(f"    ({n}, {k}): {cfg!r},")
     print("}")
+    if args.write_configs:
+        import json
+
+        with open(args.write_configs, "w") as f:
+            json.dump([[n, k, cfg] for (n, k), cfg in best_cfgs.items()], f)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 

@@ -52,6 +52,23 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Best launch configuration per (N, K), from bench/fused_gemv_bench.py on the GPU (paste its printed dict here).
 CONFIGS: dict[tuple[int, int], dict[str, int]] = {}
 
+
+def load_configs(path: str | os.PathLike) -> None:
+    """Add the configurations of a JSON file written by ``bench/fused_gemv_bench.py --write-configs`` to
+    :data:`CONFIGS` (``[[N, K, {...}], ...]``). Read at import from ``KVAGENTS_GEMV_CONFIGS`` when set."""
+    import json
+
+    with open(path) as f:
+        rows = json.load(f)
+    try:
+        CONFIGS.update({(int(n), int(k)): dict(cfg) for n, k, cfg in rows})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: expected [[N, K, {{config}}], ...] as written by fused_gemv_bench.py") from e
+
+
+if os.environ.get("KVAGENTS_GEMV_CONFIGS"):
+    load_configs(os.environ["KVAGENTS_GEMV_CONFIGS"])
+
 _KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 
