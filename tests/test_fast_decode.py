@@ -206,6 +206,10 @@ def test_cuda_graphs_and_compile_equal_eager_engine():
         captured = fast.captures
         assert_same_results(eager.generate(PROMPTS, params, comps()), fast.generate(PROMPTS, params, comps()))
         assert fast.captures == captured  # same shapes: graphs reused
+    # one row: the fused Triton GEMVs (when Triton is there) and the reduction attention
+    one = SamplingParams(max_new_tokens=20, temperature=0)
+    for p in PROMPTS:
+        assert_same_results(eager.generate([p], one, comps()), fast.generate([p], one, comps()))
     s = SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, n=3, seed=1)
     cpu = FastDecodeEngine(tiny_model("qwen3"), ByteTokenizer(), bucket=8)
     assert [x.token_ids for x in fast.generate(PROMPTS, s).flat] == [x.token_ids for x in cpu.generate(PROMPTS, s).flat]

@@ -196,6 +196,30 @@ def test_decoder_layer_from_fused_gemvs_matches_attn_post(interp, dt):
         torch.testing.assert_close(logits, F.linear(ref_x, head_w).float(), rtol=0.02, atol=0.02)
 
 
+def test_fast_path_one_row_step_with_fused_gemvs_equals_the_eager_engine(interp, monkeypatch):
+    """The whole one-row decode step through the fused GEMVs (KVAGENTS_GEMV=fused; Qwen2: q/k/v bias): greedy
+    tokens and KV-CoE scores equal the eager engine's (float32 tiny model; the interpreter is slow: few tokens)."""
+    from tiny import ByteTokenizer, tiny_model
+
+    from kvagents import SamplingParams
+    from kvagents.engine import DecodeEngine
+    from kvagents.fast_decode import FastDecodeEngine
+    from kvagents.scoring import LayerCoE
+
+    monkeypatch.setenv("KVAGENTS_GEMV", "fused")
+    model = tiny_model("qwen2")
+    fast = FastDecodeEngine(model, ByteTokenizer(), bucket=8, sync_every=4)
+    assert fast.lm.fused_gemv_for(1) and not fast.lm.fused_gemv_for(2)
+    eager = DecodeEngine(model, ByteTokenizer())
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    for prompt in ([5, 9, 14, 3, 77, 120], list(range(40, 52))):
+        want = eager.generate([prompt], params, [LayerCoE()]).flat[0]
+        got = fast.generate([prompt], params, [LayerCoE()]).flat[0]
+        assert got.token_ids == want.token_ids
+        a, b = got.outputs["kv_coe_layer"], want.outputs["kv_coe_layer"]
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5) for k in a)
+
+
 # -- arguments ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs,match",
