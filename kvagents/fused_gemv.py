@@ -178,7 +178,7 @@ def _build():
         return r
 
     @triton.jit
-    def _load(ptrs, mask, EVEN: tl.constexpr, POLICY: tl.constexpr = ""):
+    def _load(ptrs, mask, EVEN: tl.constexpr, POLICY: tl.constexpr):
         """float32 of ``ptrs`` (masked to 0 unless ``EVEN``)."""
         if EVEN:
             v = tl.load(ptrs, eviction_policy=POLICY)
@@ -217,16 +217,16 @@ def _build():
             # the weight is read once: do not let it push x (re-read by every program) out of L2
             wt = _load(w_rows + rk[None, :], kmask[None, :], EVEN_K, "evict_first")
             if SWIGLU:
-                g = _load(x_ptr + rk, kmask, EVEN_K)
-                u = _load(x_ptr + K + rk, kmask, EVEN_K)
+                g = _load(x_ptr + rk, kmask, EVEN_K, "")
+                u = _load(x_ptr + K + rk, kmask, EVEN_K, "")
                 s = _round(g / (1.0 + tl.exp(-g)), DT, EMU_BF16)
                 xv = _round(s * u, DT, EMU_BF16)
             elif HAS_RMS:
-                xs = _load(x_ptr + rk, kmask, EVEN_K)
-                gw = _load(rmsw_ptr + rk, kmask, EVEN_K)
+                xs = _load(x_ptr + rk, kmask, EVEN_K, "")
+                gw = _load(rmsw_ptr + rk, kmask, EVEN_K, "")
                 xv = _round(gw * _round(xs * inv, DT, EMU_BF16), DT, EMU_BF16)
             else:
-                xv = _load(x_ptr + rk, kmask, EVEN_K)
+                xv = _load(x_ptr + rk, kmask, EVEN_K, "")
             acc += wt * xv[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
