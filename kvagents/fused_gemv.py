@@ -50,7 +50,14 @@ import torch
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Best launch configuration per (N, K), from bench/fused_gemv_bench.py on the GPU (paste its printed dict here).
-CONFIGS: dict[tuple[int, int], dict[str, int]] = {}
+CONFIGS: dict[tuple[int, int], dict[str, int]] = {
+    # Qwen3-8B shapes, H100 80GB HBM3, triton 3.6 (bench/fused_gemv_bench.py, 2026-11-25)
+    (6144, 4096): {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    (4096, 4096): {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
+    (24576, 4096): {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 3},
+    (4096, 12288): {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
+    (151936, 4096): {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 4},
+}
 
 
 def load_configs(path: str | os.PathLike) -> None:

@@ -208,10 +208,11 @@ class StaticLM:
                 w.kn = kn.weight if kn is not None else None
                 self.layers.append(w)
         self.compiled = compile
-        # "auto": the reduction form for one compiled sequence (0.1-0.2 ms/step faster at B = 1 on the H100),
-        # SDPA (one fused kernel) otherwise (the reduction form was 1.5 ms/step slower at B = 8; dev runs of
-        # bench/fast_variants.py, 2026-11-25); "sdpa" / "reduce" force one
-        self.attn_impl = os.environ.get("KVAGENTS_ATTN", "auto")
+        # SDPA (one fused cuDNN kernel per layer) by default. The reduction form (Inductor) was 0.1-0.2 ms/step
+        # faster at B = 1 in one dev run and 0.3 ms slower in a later one (three split-reduction kernels per layer),
+        # and 1.5 ms/step slower at B = 8 (bench/fast_variants.py, H100, 2026-11-25). "auto": reductions for one
+        # compiled sequence, SDPA otherwise
+        self.attn_impl = os.environ.get("KVAGENTS_ATTN", "sdpa")
         if self.attn_impl not in ("auto", "sdpa", "reduce"):
             raise ValueError(f"KVAGENTS_ATTN must be 'auto', 'sdpa' or 'reduce', got {self.attn_impl!r}")
         # one-row steps: q/k/v, o, gate/up, down and the LM head as Triton GEMVs with the RMSNorm / SwiGLU /

@@ -253,7 +253,8 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 def test_config_lookup_and_clamping(monkeypatch):
-    assert resolve_config(4096, 4096) == fused_gemv.default_config(4096, 4096)
+    assert resolve_config(4000, 4096) == fused_gemv.default_config(4000, 4096)  # not tuned
+    assert resolve_config(4096, 4096) == fused_gemv.CONFIGS[(4096, 4096)]  # tuned
     monkeypatch.setitem(fused_gemv.CONFIGS, (4096, 4096), dict(BLOCK_N=16, num_warps=8))
     assert resolve_config(4096, 4096) == dict(BLOCK_N=16, BLOCK_K=512, num_warps=8, num_stages=3)
     assert resolve_config(4096, 4096, dict(num_stages=1))["num_stages"] == 1
