@@ -586,7 +586,7 @@ class FastDecodeEngine:
             st.seed_key.fill_(int(seed) & _M32)
 
         # components: graph-safe ones get persistent state buffers (graphs read fixed addresses)
-        gcomps, plain, hosted, comp_tensors, comp_attrs = [], [], [], [], []
+        gcomps, plain, hosted, comp_tensors, comp_attrs, state_keys = [], [], [], [], [], []
         for j, c in enumerate(components):
             adapter = graph_step_for(c)
             if adapter is None:
@@ -594,9 +594,10 @@ class FastDecodeEngine:
                 continue
             state_fn, step_fn = adapter
             if hasattr(c, "_grow") and hasattr(c, "PER_TOKEN_STATE"):
-                c._grow(cap)  # TokenCoE: per-token scalars pre-allocated for the whole capacity
+                c._grow(st.cap)  # TokenCoE: per-token scalars for the buffers' whole capacity (stable shapes)
             for name, t in state_fn(c).items():
                 skey = (j, repr(c), name, tuple(t.shape), t.dtype)
+                state_keys.append(skey[2:])
                 buf = st.comp_state.get(skey)
                 if buf is None:
                     buf = st.comp_state[skey] = t
@@ -617,7 +618,9 @@ class FastDecodeEngine:
         stop_ids = sorted(set([] if params.ignore_eos else self.eos_token_ids) | set(params.stop_token_ids))
         eos_ids = [] if params.ignore_eos else list(self.eos_token_ids)
         samp_key = ("greedy",) if params.greedy else ("sample", params.temperature, params.top_k, params.top_p)
-        gkey = (samp_key, tuple(stop_ids), tuple(eos_ids), tuple((j, _graph_key(c)) for j, (c, _) in enumerate(gcomps)))
+        # a captured step reads fixed buffers: the components' state shapes are part of its key
+        gkey = (samp_key, tuple(stop_ids), tuple(eos_ids), tuple((j, _graph_key(c)) for j, (c, _) in enumerate(gcomps)),
+                tuple(state_keys))
 
         samp = _Samp(params.greedy, params.temperature, params.top_k, params.top_p)
         stop_t = st.const(stop_ids) if stop_ids else None
