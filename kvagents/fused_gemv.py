@@ -57,6 +57,12 @@ CONFIGS: dict[tuple[int, int], dict[str, int]] = {
     (24576, 4096): {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 3},
     (4096, 12288): {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
     (151936, 4096): {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 4},
+    # Qwen2.5-0.5B shapes, same device and day
+    (1152, 896): {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    (896, 896): {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    (9728, 896): {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1},
+    (896, 4864): {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 4},
+    (151936, 896): {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 2, "num_stages": 1},
 }
 
 
