@@ -249,12 +249,16 @@ class StaticLM:
         return self._attend_reduce if impl == "reduce" else attend
 
     def fused_gemv_for(self, batch: int) -> bool:
-        """Whether a step over ``batch`` rows runs the fused Triton GEMVs (see ``gemv_impl``)."""
-        if self.gemv_impl == "torch" or batch != 1:
+        """Whether a step over ``batch`` rows runs the fused Triton GEMVs (see ``gemv_impl``): up to
+        ``fused_gemv.MAX_ROWS`` rows, where every weight tile is read once for all rows."""
+        if self.gemv_impl == "torch":
             return False
         if self.gemv_impl == "auto" and not (self.compiled and self.device.type == "cuda"):
             return False
         from . import fused_gemv
+
+        if batch > getattr(fused_gemv, "MAX_ROWS", 1):
+            return False
 
         if self.gemv_impl == "fused":
             if not fused_gemv.available():
@@ -307,12 +311,12 @@ class StaticLM:
         return self._final(x, self.head_w)
 
     def _step_fused(self, ids, pos, col, start, K, V, Lb: int, cols: torch.Tensor) -> torch.Tensor:
-        """:meth:`step` for one row with the fused GEMVs: five kernels per layer besides attention and RoPE (the
+        """:meth:`step` for a few rows with the fused GEMVs: five kernels per layer besides attention and RoPE (the
         same arithmetic and roundings as the unfused step; fp32 accumulation order differs)."""
         from .fused_gemv import gemv
 
         layers, eps = self.layers, self.eps
-        att = self.attention_for(1)
+        att = self.attention_for(ids.shape[0])
         h, _, cos, sin, mask = self._prologue(ids, pos, col, start, cols[:Lb], self.embed_w, self._cos, self._sin,
                                               layers[0].ln1, eps)
         for i, w in enumerate(layers):
