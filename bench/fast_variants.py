@@ -31,6 +31,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="sdpa:0:bisect:torch,auto:0:bisect:torch,auto")
     ap.add_argument("--cases", default="B=1,1x8")
+    ap.add_argument("--profile-cases", default="B=1,1x8", help="of B=1, 1x8, 32")
     ap.add_argument("--profile", default="")
     ap.add_argument("--new-tokens", type=int, default=256)
     args = ap.parse_args()
@@ -69,8 +70,16 @@ def main():
                   f"components {res[True][1]:.3f} ms/step (first {res[True][0]:.1f} s) "
                   f"-> {n * 1000 / res[True][1]:.1f} tok/s", flush=True)
         if var == args.profile:
-            profile_fast(llm, prompt, args, L, report, var)
-            profile_fast(llm, prompt, args, L, report, var + " 1x8", n=8)
+            for case in args.profile_cases.split(","):
+                if case == "B=1":
+                    profile_fast(llm, prompt, args, L, report, var)
+                elif case == "1x8":
+                    profile_fast(llm, prompt, args, L, report, var + " 1x8", n=8)
+                elif case == "32":  # 32 prompts greedy, with and without components (their cost by kernel)
+                    ps = [torch.randint(1000, 100000, (int(k),), generator=torch.Generator().manual_seed(i)).tolist()
+                          for i, k in enumerate(torch.randint(64, 129, (32,), generator=torch.Generator().manual_seed(1)))]
+                    profile_fast(llm, ps, args, L, report, var + " 32 prompts")
+                    profile_fast(llm, ps, args, L, report, var + " 32 prompts, no components", comps=False)
         del llm
         torch.cuda.empty_cache()
 

@@ -228,9 +228,10 @@ def comp_overhead(llm, prompts, args, n_layers, report, label):
     report["overhead"][label] = out
 
 
-def profile_fast(llm, prompt, args, n_layers, report, label, n=1):
+def profile_fast(llm, prompt, args, n_layers, report, label, n=1, comps=True):
     """torch.profiler over one fast-path call with components (B=1 greedy, or one prompt x ``n`` sampled with
-    T=0.7, top-p 0.95): device time by kernel class per step, and the top kernels."""
+    T=0.7, top-p 0.95; ``prompt`` may also be a list of prompts, greedy): device time by kernel class per step,
+    and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     steps = 64
@@ -238,11 +239,13 @@ def profile_fast(llm, prompt, args, n_layers, report, label, n=1):
         p = SamplingParams(max_new_tokens=steps, temperature=0, ignore_eos=True)
     else:
         p = SamplingParams(max_new_tokens=steps, temperature=0.7, top_p=0.95, n=n, seed=0, ignore_eos=True)
-    llm.generate([prompt], p, components=components(n_layers), fast=True)  # warm (same shapes)
+    ps = prompt if isinstance(prompt[0], list) else [prompt]
+    comp = (lambda: components(n_layers)) if comps else (lambda: ())  # noqa: E731
+    llm.generate(ps, p, components=comp(), fast=True)  # warm (same shapes)
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        llm.generate([prompt], p, components=components(n_layers), fast=True)
+        llm.generate(ps, p, components=comp(), fast=True)
         sync()
         wall = time.perf_counter() - t0
     classes: dict[str, float] = {}
