@@ -33,6 +33,10 @@ import torch.nn.functional as F
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
+# batch sizes up to which the "auto" GEMV choice takes the fused Triton kernels (see StaticLM.fused_gemv_for)
+FUSED_ROWS = 1
+
+
 class UnsupportedModelError(ValueError):
     """The fast path has no static decode step for this model; use the eager engine (``fast=False``)."""
 
@@ -249,15 +253,17 @@ class StaticLM:
         return self._attend_reduce if impl == "reduce" else attend
 
     def fused_gemv_for(self, batch: int) -> bool:
-        """Whether a step over ``batch`` rows runs the fused Triton GEMVs (see ``gemv_impl``): up to
-        ``fused_gemv.MAX_ROWS`` rows, where every weight tile is read once for all rows."""
+        """Whether a step over ``batch`` rows runs the fused Triton GEMVs (see ``gemv_impl``): one row by default
+        (``FUSED_ROWS``). The kernel takes up to ``fused_gemv.MAX_ROWS`` rows, but at 8 rows it was 2.9x slower than
+        cuBLAS on the 8B shapes (16.8 vs 5.9 ms/step of projections, bench/fused_gemv_bench.py --rows 8, H100,
+        2026-11-25): ``KVAGENTS_GEMV=fused`` uses it up to ``MAX_ROWS`` anyway."""
         if self.gemv_impl == "torch":
             return False
         if self.gemv_impl == "auto" and not (self.compiled and self.device.type == "cuda"):
             return False
         from . import fused_gemv
 
-        if batch > getattr(fused_gemv, "MAX_ROWS", 1):
+        if batch > (fused_gemv.MAX_ROWS if self.gemv_impl == "fused" else FUSED_ROWS):
             return False
 
         if self.gemv_impl == "fused":
