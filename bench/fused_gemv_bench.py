@@ -1,6 +1,6 @@
-"""Microbenchmark of kvagents/fused_gemv.py (the fused Triton GEMV, M <= 8 rows) against the unfused eager sequence.
+"""Microbenchmark of kvagents/fused_gemv.py (the fused M = 1 Triton GEMV) against the unfused eager sequence.
 
-For the decode-step projections of Qwen3-8B and Qwen2.5-0.5B at batch M (``--rows``, default 1) in bfloat16, times
+For the decode-step projections of Qwen3-8B and Qwen2.5-0.5B at batch 1 in bfloat16, times
 
 - ``unfused``: the eager ops of kvagents/static_cache.py (RMSNorm / SiLU * up / residual add as separate kernels,
   ``F.linear`` through cuBLAS),
@@ -10,18 +10,14 @@ For the decode-step projections of Qwen3-8B and Qwen2.5-0.5B at batch M (``--row
   compiled without spills for sm_90), within a time budget (``--budget``, seconds for the whole search),
 
 each as a CUDA graph of 50 back-to-back calls (weights rotate over copies totalling >= 256 MB so they stream from
-HBM as in a real step, not from L2). Prints one row per shape and M (bytes moved, best config, µs, GB/s and % of the
-measured device-to-device copy bandwidth, max abs diff of fused vs unfused), the per-step totals per M, and a
-``CONFIGS`` dict literal to paste into kvagents/fused_gemv.py (keys ``(N, K)`` for one row, ``(N, K, M)`` for M
-rows). With M rows the search keeps M x (float32 accumulators per thread) <= 128 (8 rows: 8 or 16 weights per thread,
-~130-220 registers without spills for sm_90) and adds ``BLOCK_K = 64``; ``--write-configs`` writes
-``[[N, K, M, {config}], ...]``.
+HBM as in a real step, not from L2). Prints one row per shape (bytes moved, best config, µs, GB/s and % of the
+measured device-to-device copy bandwidth, max abs diff of fused vs unfused), the per-step totals, and a
+``CONFIGS`` dict literal to paste into kvagents/fused_gemv.py.
 
 Needs torch and triton only (the module is loaded from its file, not through the kvagents package):
 
     python3 bench/fused_gemv_bench.py                   # ~2-3 minutes on an H100
     python3 bench/fused_gemv_bench.py --shapes 8b --budget 400 --verbose
-    python3 bench/fused_gemv_bench.py --shapes 8b --rows 1,8 --budget 300 --write-configs gemv.json
     python3 bench/fused_gemv_bench.py --smoke           # CPU, Triton interpreter, tiny shapes: code paths only
 """
 
@@ -52,7 +48,7 @@ _spec.loader.exec_module(fg)
 EPS = 1e-6
 CALLS = 50  # calls per CUDA graph
 ROTATE_BYTES = 256 << 20  # weight copies per shape, so that 50 calls stream from HBM (L2 is 50 MB)
-GRID = dict(BLOCK_N=(4, 8, 16, 32), BLOCK_K=(64, 128, 256, 512, 1024), num_warps=(2, 4, 8), num_stages=(1, 2, 3, 4))
+GRID = dict(BLOCK_N=(4, 8, 16, 32), BLOCK_K=(128, 256, 512, 1024), num_warps=(2, 4, 8), num_stages=(1, 2, 3, 4))
 
 # name, N, K, prologue (None | "rms" | "swiglu"), bias, residual, float32 out; layers per model for the totals
 SHAPES = [
@@ -79,10 +75,10 @@ def rms(x, w, eps):
 
 
 class Case:
-    """The tensors of one shape at ``rows`` activation rows: weight copies, input, norm weight, bias, residual."""
+    """The tensors of one shape: weight copies, input, norm weight, bias, residual."""
 
-    def __init__(self, name, n, k, prologue, bias, residual, fp32_out, device, dtype=torch.bfloat16, rows=1):
-        self.name, self.n, self.k, self.prologue, self.fp32_out, self.rows = name, n, k, prologue, fp32_out, rows
+    def __init__(self, name, n, k, prologue, bias, residual, fp32_out, device, dtype=torch.bfloat16):
+        self.name, self.n, self.k, self.prologue, self.fp32_out = name, n, k, prologue, fp32_out
         g = torch.Generator(device=device).manual_seed(0)
 
         def r(*shape, scale=1.0, shift=0.0):
@@ -91,12 +87,12 @@ class Case:
         wbytes = n * k * 2
         copies = 1 if device == "cpu" else max(1, min(CALLS, math.ceil(ROTATE_BYTES / wbytes)))
         self.ws = [r(n, k, scale=k**-0.5) for _ in range(copies)]
-        self.x = r(rows, 2 * k if prologue == "swiglu" else k)
+        self.x = r(1, 2 * k if prologue == "swiglu" else k)
         self.g = r(k, scale=0.1, shift=1.0) if prologue == "rms" else None
         self.b = r(n, scale=0.1) if bias else None
-        self.res = r(rows, n) if residual else None
-        vec = self.x.numel() + n * (rows + (bias is True) + rows * (residual is True)) + (k if prologue == "rms" else 0)
-        self.bytes = wbytes + 2 * vec + (2 * rows * n if fp32_out else 0)
+        self.res = r(1, n) if residual else None
+        vec = self.x.numel() + n * (1 + (bias is True) + (residual is True)) + (k if prologue == "rms" else 0)
+        self.bytes = wbytes + 2 * vec + (2 * n if fp32_out else 0)
 
     def unfused(self, w):
         x = self.x
@@ -160,12 +156,10 @@ def copy_bandwidth(nbytes=1 << 30):
     return 2 * nbytes / us / 1e3
 
 
-def valid(cfg, n, k, rows=1):
-    """8..64 weights (float32 accumulators) per thread, at most 128 accumulators over all ``rows`` (8 rows: 8 or
-    16 per thread); BLOCK_K = 64 only for several rows (it exists for their smaller tiles)."""
+def valid(cfg, n, k):
     per_thread = cfg["BLOCK_N"] * cfg["BLOCK_K"] // (32 * cfg["num_warps"])
-    return (8 <= per_thread <= 64 and rows * per_thread <= 128 and (rows > 1 or cfg["BLOCK_K"] >= 128)
-            and cfg["BLOCK_K"] <= max(16, fg._next_pow2(k)) and cfg["BLOCK_N"] <= fg._next_pow2(n))  # fmt: skip
+    return (8 <= per_thread <= 64 and cfg["BLOCK_K"] <= max(16, fg._next_pow2(k))
+            and cfg["BLOCK_N"] <= fg._next_pow2(n))  # fmt: skip
 
 
 class OutOfTime(Exception):
@@ -180,7 +174,7 @@ def search(case, n_calls, deadline, verbose):
 
     def ev(cfg, force=False):
         key = tuple(cfg[k] for k in GRID)
-        if key in results or not (force or valid(cfg, case.n, case.k, case.rows)):
+        if key in results or not (force or valid(cfg, case.n, case.k)):
             return
         if results and time.perf_counter() > deadline:  # the first config always runs
             raise OutOfTime
@@ -197,10 +191,10 @@ def search(case, n_calls, deadline, verbose):
     def best():
         return dict(zip(GRID, min(results, key=results.get)))
 
-    start = fg.resolve_config(case.n, case.k, m=case.rows)  # the module's choice, clamped to the shape
+    start = fg.resolve_config(case.n, case.k)  # the module's choice (CONFIGS or default), clamped to the shape
     tiles = [dict(start, BLOCK_N=bn, BLOCK_K=bk) for bn in GRID["BLOCK_N"] for bk in GRID["BLOCK_K"]]
-    if not valid(start, case.n, case.k, case.rows):
-        start = next((c for c in tiles if valid(c, case.n, case.k, case.rows)), start)
+    if not valid(start, case.n, case.k):
+        start = next((c for c in tiles if valid(c, case.n, case.k)), start)
     try:
         ev(start, force=True)
         cur = None
@@ -217,38 +211,14 @@ def search(case, n_calls, deadline, verbose):
     return best(), results
 
 
-def parse_rows(text: str) -> list[int]:
-    """``"1,8"`` -> ``[1, 8]``; every M from 1 to fused_gemv.MAX_ROWS."""
-    try:
-        rows = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--rows must be comma-separated ints, got {text!r}") from None
-    bad = [m for m in rows if not 1 <= m <= fg.MAX_ROWS]
-    if not rows or bad:
-        raise argparse.ArgumentTypeError(f"--rows must be from 1 to {fg.MAX_ROWS}, got {text!r}")
-    return sorted(set(rows))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="", help="comma-separated name prefixes (e.g. 8b, 0.5b.down); default all")
-    ap.add_argument(
-        "--rows",
-        type=parse_rows,
-        default=[1],
-        help="comma-separated activation rows M to time each shape at (1 to 8, e.g. 1,8); default 1",
-    )
-    ap.add_argument(
-        "--budget", type=float, default=140.0, help="seconds for the config search over all shapes and rows"
-    )
+    ap.add_argument("--budget", type=float, default=140.0, help="seconds for the config search over all shapes")
     ap.add_argument("--verbose", action="store_true", help="print every config's time")
     ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes: code paths only")
-    ap.add_argument(
-        "--write-configs",
-        default="",
-        help="also write the best configs as JSON [[N, K, M, {config}], "
-        "...] here (read by kvagents.fused_gemv when KVAGENTS_GEMV_CONFIGS names the file)",
-    )
+    ap.add_argument("--write-configs", default="", help="also write the best configs as JSON here (read by "
+                    "kvagents.fused_gemv when KVAGENTS_GEMV_CONFIGS names the file)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     device = "cpu" if args.smoke else "cuda"
@@ -267,58 +237,52 @@ def main():
     bw = float("nan") if args.smoke else copy_bandwidth()
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)\n", flush=True)
 
-    rows, best_cfgs, times = [], {}, {}  # times[(name, M)] = (fused, unfused, cublas) µs
-    jobs = [(spec, m) for spec in shapes for m in args.rows]
+    rows, best_cfgs = [], {}
     deadline_all = time.perf_counter() + (2.0 if args.smoke else args.budget)
-    for i, (spec, m) in enumerate(jobs):
-        case = Case(*spec, device=device, rows=m)
+    for i, spec in enumerate(shapes):
+        case = Case(*spec, device=device)
         ws = [case.ws[j % len(case.ws)] for j in range(n_calls)]
         unfused_us = time_calls([functools.partial(case.unfused, w) for w in ws])
         cublas_us = time_calls([functools.partial(case.cublas, w) for w in ws])
         left = deadline_all - time.perf_counter()
-        deadline = time.perf_counter() + max(left / (len(jobs) - i), 0.0)
+        deadline = time.perf_counter() + max(left / (len(shapes) - i), 0.0)
         t0 = time.perf_counter()
         cfg, results = search(case, n_calls, deadline, args.verbose)
         fused_us = results[tuple(cfg[k] for k in GRID)]
         diff = (case.fused(case.ws[0], cfg).float() - case.unfused(case.ws[0]).float()).abs().max().item()
-        best_cfgs[(case.n, case.k, m)] = cfg
-        times[(case.name, m)] = (fused_us, unfused_us, cublas_us)
+        best_cfgs[(case.n, case.k)] = cfg
         gbs = case.bytes / fused_us / 1e3
-        rows.append((case.name, str(m), f"{case.n}x{case.k}", case.prologue or "-",
-                     "res" if case.res is not None else "-", f"{case.bytes / 1e6:.1f}",
-                     "{BLOCK_N}/{BLOCK_K}/{num_warps}/{num_stages}".format(**cfg), f"{fused_us:.1f}",
-                     f"{unfused_us:.1f}", f"{cublas_us:.1f}", f"{unfused_us / fused_us:.2f}", f"{gbs:.0f}",
-                     f"{100 * gbs / bw:.0f}", f"{diff:.3g}", str(len(results))))  # fmt: skip
-        print(f"{case.name} M={m}: fused {fused_us:.1f} µs ({cfg}), unfused {unfused_us:.1f} µs, cublas "
-              f"{cublas_us:.1f} µs; {len(results)} configs in {time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+        rows.append((case.name, f"{case.n}x{case.k}", case.prologue or "-", "res" if case.res is not None else "-",
+                     f"{case.bytes / 1e6:.1f}", "{BLOCK_N}/{BLOCK_K}/{num_warps}/{num_stages}".format(**cfg),
+                     f"{fused_us:.1f}", f"{unfused_us:.1f}", f"{cublas_us:.1f}", f"{unfused_us / fused_us:.2f}",
+                     f"{gbs:.0f}", f"{100 * gbs / bw:.0f}", f"{diff:.3g}", str(len(results))))  # fmt: skip
+        print(f"{case.name}: fused {fused_us:.1f} µs ({cfg}), unfused {unfused_us:.1f} µs, cublas {cublas_us:.1f} µs; "
+              f"{len(results)} configs in {time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
         del case
 
-    head = ("shape", "M", "N x K", "prologue", "epilogue", "MB", "BN/BK/warps/stages", "fused µs", "unfused µs",
+    head = ("shape", "N x K", "prologue", "epilogue", "MB", "BN/BK/warps/stages", "fused µs", "unfused µs",
             "cublas µs", "speedup", "fused GB/s", "% copy", "max|diff|", "configs")  # fmt: skip
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         print("| " + " | ".join(r) + " |")
-    print()
     for model, layers in LAYERS.items():
-        for m in args.rows:
-            per = {name.rsplit(".", 1)[1]: t for (name, mm), t in times.items() if mm == m and
-                   name.startswith(model + ".")}  # fmt: skip
-            if len(per) == 5:
-                tot = [layers * sum(v[j] for kind, v in per.items() if kind != "lm_head") + per["lm_head"][j]
-                       for j in range(3)]  # fmt: skip
-                print(f"{model} M={m}: {layers} layers + head, projections and their small ops: fused "
-                      f"{tot[0] / 1e3:.2f} ms, unfused {tot[1] / 1e3:.2f} ms per step (cuBLAS GEMVs alone "
-                      f"{tot[2] / 1e3:.2f} ms)")  # fmt: skip
-    print("\n# paste into kvagents/fused_gemv.py (one row: (N, K); M rows: (N, K, M))")
-    print("CONFIGS: dict[tuple[int, ...], dict[str, int]] = {")
-    for (n, k, m), cfg in best_cfgs.items():
-        print(f"    {(n, k) if m == 1 else (n, k, m)}: {cfg!r},")
+        per = {r[0].rsplit(".", 1)[1]: (float(r[6]), float(r[7])) for r in rows if r[0].startswith(model + ".")}
+        if len(per) == 5:
+            lay = [v for k, v in per.items() if k != "lm_head"]
+            fused = layers * sum(v[0] for v in lay) + per["lm_head"][0]
+            unf = layers * sum(v[1] for v in lay) + per["lm_head"][1]
+            print(f"\n{model}: {layers} layers + head, projections and their small ops: fused {fused / 1e3:.2f} ms, "
+                  f"unfused {unf / 1e3:.2f} ms per step")  # fmt: skip
+    print("\n# paste into kvagents/fused_gemv.py")
+    print("CONFIGS: dict[tuple[int, int], dict[str, int]] = {")
+    for (n, k), cfg in best_cfgs.items():
+        print(f"    ({n}, {k}): {cfg!r},")
     print("}")
     if args.write_configs:
         import json
 
         with open(args.write_configs, "w") as f:
-            json.dump([[n, k, m, cfg] for (n, k, m), cfg in best_cfgs.items()], f)
+            json.dump([[n, k, cfg] for (n, k), cfg in best_cfgs.items()], f)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 
