@@ -33,7 +33,7 @@ import torch.nn.functional as F
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
-# batch sizes up to which the "auto" GEMV choice takes the fused Triton kernels (see StaticLM.fused_gemv_for)
+# batch sizes up to which a step takes the fused Triton GEMVs (see StaticLM.fused_gemv_for)
 FUSED_ROWS = 1
 
 
@@ -253,17 +253,17 @@ class StaticLM:
         return self._attend_reduce if impl == "reduce" else attend
 
     def fused_gemv_for(self, batch: int) -> bool:
-        """Whether a step over ``batch`` rows runs the fused Triton GEMVs (see ``gemv_impl``): one row by default
-        (``FUSED_ROWS``). The kernel takes up to ``fused_gemv.MAX_ROWS`` rows, but at 8 rows it was 2.9x slower than
-        cuBLAS on the 8B shapes (16.8 vs 5.9 ms/step of projections, bench/fused_gemv_bench.py --rows 8, H100,
-        2026-11-25): ``KVAGENTS_GEMV=fused`` uses it up to ``MAX_ROWS`` anyway."""
+        """Whether a step over ``batch`` rows runs the fused Triton GEMVs (see ``gemv_impl``): one row
+        (``FUSED_ROWS``). A variant reading each weight tile once for up to 8 unrolled rows was 2.9x slower than
+        cuBLAS at 8 rows on the 8B shapes (16.8 vs 5.9 ms/step of projections, H100, 2026-11-25; commit 76bba41,
+        reverted): several rows want tensor cores, which cuBLAS already uses."""
         if self.gemv_impl == "torch":
             return False
         if self.gemv_impl == "auto" and not (self.compiled and self.device.type == "cuda"):
             return False
         from . import fused_gemv
 
-        if batch > (fused_gemv.MAX_ROWS if self.gemv_impl == "fused" else FUSED_ROWS):
+        if batch > FUSED_ROWS:
             return False
 
         if self.gemv_impl == "fused":
