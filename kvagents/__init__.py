@@ -17,7 +17,6 @@ from .components import (
 )
 from .encoder import Encoder, KVEncoder, SentenceTransformerEncoder, as_encoder
 from .engine import DecodeEngine, NonFiniteLogitsError
-from .fast_decode import FastDecodeEngine
 from .index import IndexRecord, KVIndex, KVIndexError, SearchHit, maximal_marginal_relevance
 from .index_io import IndexChecksumError, IndexFormatError, IndexMismatchError, IndexVersionError
 from .kv_classifier import KVClassifier, KVClassifierConfig
@@ -37,6 +36,15 @@ from .thinking import (
 )
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # the fast path imports torch's compiler stack (~1.4 s): only when it is asked for
+    if name == "FastDecodeEngine":
+        from .fast_decode import FastDecodeEngine
+
+        return FastDecodeEngine
+    raise AttributeError(f"module 'kvagents' has no attribute {name!r}")
 
 __all__ = [
     "budget_for",
