@@ -228,11 +228,9 @@ def _prob_state(c):
 
 
 def _prob_step(c, view):
-    from .scoring import topk_values
-
     logp = torch.log_softmax(view.logits.float(), dim=-1)
     k = min(c.top_k, logp.shape[-1])
-    top = topk_values(logp, k)
+    top = logp.topk(k, dim=-1).values
     max_logp = top[:, 0]
     chosen = logp.gather(-1, view.token_ids[:, None]).squeeze(-1)
     p = logp.exp()

@@ -138,25 +138,6 @@ def _prefixed(scores: dict[str, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}_{k}": float(v) for k, v in scores.items()}
 
 
-def topk_values(x: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
-    """The ``k`` largest values along the last axis, descending (``x.topk(k).values``), as the top-k of per-chunk
-    top-k's when the axis is long (a vocabulary): many small selections run in parallel where one long radix
-    select per row has few blocks at small batch. Exact (the same values).
-
-    Example:
-        >>> topk_values(torch.arange(10000.0)[None], 3).tolist()
-        [[9999.0, 9998.0, 9997.0]]
-    """
-    v = x.shape[-1]
-    if v <= 4 * chunk or k > chunk:
-        return x.topk(k, dim=-1).values
-    pad = (-v) % chunk
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad), value=float("-inf"))
-    part = x.view(*x.shape[:-1], -1, chunk).topk(k, dim=-1).values
-    return part.flatten(-2).topk(k, dim=-1).values
-
-
 def _angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Angle between ``a`` and ``b`` along the last axis, ``2 atan2(||â - b̂||, ||â + b̂||)``.
 
@@ -383,7 +364,7 @@ class ProbabilityScores(Component):
     def on_step(self, view: StepView) -> None:
         logp = torch.log_softmax(view.logits.float(), dim=-1)  # [B, V]
         k = min(self.top_k, logp.shape[-1])
-        top = topk_values(logp, k)  # [B, k], descending
+        top = logp.topk(k, dim=-1).values  # [B, k], descending
         max_logp = top[:, 0]
         chosen = logp.gather(-1, view.token_ids[:, None]).squeeze(-1)
         p = logp.exp()

@@ -266,17 +266,3 @@ def test_hidden_coe_from_forward_matches_reference():
     assert_scores(got, ref_coe(traj), "hidden_coe", tol=1e-5)
     with pytest.raises(ValueError):
         hidden_coe_from_forward(model, ids, n_prompt=len(ids))
-
-
-def test_two_stage_topk_values_equal_torch_topk():
-    """ProbabilityScores' top-k over a vocabulary: the top-k of per-chunk top-k's gives torch.topk's values
-    (ties, -inf entries, a length that is not a multiple of the chunk, k = 1)."""
-    from kvagents.scoring import topk_values
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 151_936, generator=g).log_softmax(-1)
-    x[1, :100] = x[1, 100]  # ties
-    x[2, 7] = float("-inf")
-    for k in (1, 20, 64):
-        assert torch.equal(topk_values(x, k), x.topk(k, dim=-1).values)
-    assert torch.equal(topk_values(x[:, :999], 20), x[:, :999].topk(20, dim=-1).values)  # short: one stage
