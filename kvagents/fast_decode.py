@@ -804,9 +804,7 @@ class FastDecodeEngine:
     def _host_check(self, st: _Static, t: int, c, force_queues, custom_reason) -> None:
         """A graph component's host work at step ``t`` (``on_host_check``), after the replayed step: a view of the
         live buffers (valid during the call only), its actions applied as a plain component's."""
-        view = StaticStepView(t, st.tok, None, st.logits, st.forced, st.alive, st.finished, st.fed_ids,
-                              st.fed_valid, st.fed_pos, None, self._info, K=st.K, V=st.V, col=st.col)
-        self._apply(st, c, c.on_host_check(view), force_queues, custom_reason)
+        self._apply(st, c, c.on_host_check(self._view(st, t, t > 0)), force_queues, custom_reason)
 
     @staticmethod
     def _apply(st: _Static, c, actions, force_queues, custom_reason) -> None:
