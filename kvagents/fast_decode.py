@@ -82,6 +82,18 @@ _M32 = 0xFFFFFFFF
 _process_logits_eager = torch.compiler.disable(process_logits)
 
 
+def _warm_compile_pool() -> None:
+    """Start Inductor's Triton-compile worker processes now, in the background. Inductor starts them only at the
+    first compile and compiles in the main process, one kernel after another, until they are up (several seconds
+    of a cold first call); started here they come up while the caller prefills. Env ``KVAGENTS_WARM_POOL=0``:
+    leave it to Inductor."""
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:  # another torch: Inductor warms its pool itself
+        return
+    maybe_warm_pool()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Counter-based noise
 
@@ -412,6 +424,8 @@ class FastDecodeEngine:
                 if hasattr(dcfg, name):
                     setattr(dcfg, name, max(getattr(dcfg, name), 64))
         self._head_graph = torch.compile(self._head, dynamic=False) if self.compile_head else self._head
+        if (self.lm.compiled or self.compile_head) and os.environ.get("KVAGENTS_WARM_POOL", "1") != "0":
+            _warm_compile_pool()
         self.eos_token_ids = self.base.eos_token_ids
         self.pad_token_id = self.base.pad_token_id
         self._st: _Static | None = None
