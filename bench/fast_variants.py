@@ -1,7 +1,8 @@
 """Dev tool: time variants of the fast decode step (attention kernel, Inductor tuning) on the random Qwen3-8B shape,
 B = 1 greedy with components, and profile one. Variants are picked by env vars read when the engine is built
 (KVAGENTS_ATTN = auto | sdpa | reduce, KVAGENTS_CDT = 0 | 1, KVAGENTS_TOPP = bisect | sort,
-KVAGENTS_GEMV = auto | fused | torch): ``attn:cdt:topp:gemv`` (missing fields: auto, 0, bisect, auto).
+KVAGENTS_GEMV = auto | fused | torch, KVAGENTS_GEMV_ROWS = rows up to which "auto" fuses): ``attn:cdt:topp:gemv:rows``
+(missing fields: auto, 0, bisect, auto, 1).
 
     python bench/fast_variants.py --variants sdpa:0:bisect:torch,auto:0:bisect:torch,auto --profile auto
 """
@@ -39,30 +40,35 @@ def main():
     L = model.config.num_hidden_layers
     prompt = torch.randint(1000, 100000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
     report = dict(profile={})
+    prompts32 = [torch.randint(1000, 100000, (int(k),), generator=torch.Generator().manual_seed(i)).tolist()
+                 for i, k in enumerate(torch.randint(64, 129, (32,), generator=torch.Generator().manual_seed(1)))]
     for var in args.variants.split(","):
-        attn, cdt, topp, gemv = (var.split(":") + ["auto", "0", "bisect", "auto"][len(var.split(":")):])[:4]
-        os.environ.update(KVAGENTS_ATTN=attn, KVAGENTS_CDT=cdt, KVAGENTS_TOPP=topp, KVAGENTS_GEMV=gemv)
+        attn, cdt, topp, gemv, rows = (var.split(":") + ["auto", "0", "bisect", "auto", "1"][len(var.split(":")):])[:5]
+        os.environ.update(KVAGENTS_ATTN=attn, KVAGENTS_CDT=cdt, KVAGENTS_TOPP=topp, KVAGENTS_GEMV=gemv,
+                          KVAGENTS_GEMV_ROWS=rows)
         torch._dynamo.reset()
         llm = KVModel(model, NoTokenizer())
         llm._fast_engine = FastDecodeEngine(model, NoTokenizer())
         cases = [("B=1 greedy", 1, SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)),
                  ("1x8 top-p", 8, SamplingParams(max_new_tokens=args.new_tokens, temperature=0.7, top_p=0.95, n=8,
-                                                 seed=0, ignore_eos=True))]
+                                                 seed=0, ignore_eos=True)),
+                 ("32 prompts", 32, SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True))]
         for case, n, p in cases:
-            if case.split()[0] not in args.cases.split(","):
+            if case.split()[0] not in args.cases.split(",") and case != args.cases:
                 continue
             res = {}
+            ps = prompts32 if n == 32 else [prompt]
             for comps in (False, True):
                 sync()
                 t0 = time.perf_counter()
-                llm.generate([prompt], p, components=components(L) if comps else (), fast=True)
+                llm.generate(ps, p, components=components(L) if comps else (), fast=True)
                 sync()
                 first = time.perf_counter() - t0
                 ts = []
                 for _ in range(3):
                     sync()
                     t0 = time.perf_counter()
-                    llm.generate([prompt], p, components=components(L) if comps else (), fast=True)
+                    llm.generate(ps, p, components=components(L) if comps else (), fast=True)
                     sync()
                     ts.append(time.perf_counter() - t0)
                 res[comps] = (first, 1000 * statistics.median(ts) / args.new_tokens)
@@ -76,8 +82,7 @@ def main():
                 elif case == "1x8":
                     profile_fast(llm, prompt, args, L, report, var + " 1x8", n=8)
                 elif case == "32":  # 32 prompts greedy, with and without components (their cost by kernel)
-                    ps = [torch.randint(1000, 100000, (int(k),), generator=torch.Generator().manual_seed(i)).tolist()
-                          for i, k in enumerate(torch.randint(64, 129, (32,), generator=torch.Generator().manual_seed(1)))]
+                    ps = prompts32
                     profile_fast(llm, ps, args, L, report, var + " 32 prompts")
                     profile_fast(llm, ps, args, L, report, var + " 32 prompts, no components", comps=False)
         del llm

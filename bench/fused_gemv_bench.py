@@ -1,4 +1,5 @@
-"""Microbenchmark of kvagents/fused_gemv.py (the fused M = 1 Triton GEMV) against the unfused eager sequence.
+"""Microbenchmark of kvagents/fused_gemv.py (the fused Triton GEMV, M = 1, or the tensor-core kernel for
+``--rows M``) against the unfused eager sequence.
 
 For the decode-step projections of Qwen3-8B and Qwen2.5-0.5B at batch 1 in bfloat16, times
 
@@ -49,6 +50,10 @@ EPS = 1e-6
 CALLS = 50  # calls per CUDA graph
 ROTATE_BYTES = 256 << 20  # weight copies per shape, so that 50 calls stream from HBM (L2 is 50 MB)
 GRID = dict(BLOCK_N=(4, 8, 16, 32), BLOCK_K=(128, 256, 512, 1024), num_warps=(2, 4, 8), num_stages=(1, 2, 3, 4))
+# the several-row (tensor-core) kernel, --rows M > 1
+GRID_ROWS = dict(BLOCK_N=(16, 32, 64, 128), BLOCK_K=(64, 128, 256, 512), num_warps=(2, 4, 8),
+                 num_stages=(2, 3, 4, 5, 6))
+ROWS = 1
 
 # name, N, K, prologue (None | "rms" | "swiglu"), bias, residual, float32 out; layers per model for the totals
 SHAPES = [
@@ -87,12 +92,12 @@ class Case:
         wbytes = n * k * 2
         copies = 1 if device == "cpu" else max(1, min(CALLS, math.ceil(ROTATE_BYTES / wbytes)))
         self.ws = [r(n, k, scale=k**-0.5) for _ in range(copies)]
-        self.x = r(1, 2 * k if prologue == "swiglu" else k)
+        self.x = r(ROWS, 2 * k if prologue == "swiglu" else k)
         self.g = r(k, scale=0.1, shift=1.0) if prologue == "rms" else None
         self.b = r(n, scale=0.1) if bias else None
-        self.res = r(1, n) if residual else None
-        vec = self.x.numel() + n * (1 + (bias is True) + (residual is True)) + (k if prologue == "rms" else 0)
-        self.bytes = wbytes + 2 * vec + (2 * n if fp32_out else 0)
+        self.res = r(ROWS, n) if residual else None
+        vec = self.x.numel() + n * (ROWS + (bias is True) + ROWS * (residual is True)) + (k if prologue == "rms" else 0)
+        self.bytes = wbytes + 2 * vec + (2 * n * ROWS if fp32_out else 0)
 
     def unfused(self, w):
         x = self.x
@@ -157,6 +162,11 @@ def copy_bandwidth(nbytes=1 << 30):
 
 
 def valid(cfg, n, k):
+    if ROWS > 1:  # weight tiles of the pipeline in shared memory; 16..128 weight elements per thread and stage
+        per_thread = cfg["BLOCK_N"] * cfg["BLOCK_K"] // (32 * cfg["num_warps"])
+        smem = cfg["BLOCK_N"] * cfg["BLOCK_K"] * 2 * cfg["num_stages"]
+        return (16 <= per_thread <= 128 and smem <= 160 * 1024 and cfg["BLOCK_K"] <= max(16, fg._next_pow2(k))
+                and cfg["BLOCK_N"] <= max(16, fg._next_pow2(n)))  # fmt: skip
     per_thread = cfg["BLOCK_N"] * cfg["BLOCK_K"] // (32 * cfg["num_warps"])
     return (8 <= per_thread <= 64 and cfg["BLOCK_K"] <= max(16, fg._next_pow2(k))
             and cfg["BLOCK_N"] <= fg._next_pow2(n))  # fmt: skip
@@ -191,7 +201,7 @@ def search(case, n_calls, deadline, verbose):
     def best():
         return dict(zip(GRID, min(results, key=results.get)))
 
-    start = fg.resolve_config(case.n, case.k)  # the module's choice (CONFIGS or default), clamped to the shape
+    start = fg.resolve_config(case.n, case.k, rows=ROWS > 1)  # the module's choice (CONFIGS or default), clamped to the shape
     tiles = [dict(start, BLOCK_N=bn, BLOCK_K=bk) for bn in GRID["BLOCK_N"] for bk in GRID["BLOCK_K"]]
     if not valid(start, case.n, case.k):
         start = next((c for c in tiles if valid(c, case.n, case.k)), start)
@@ -217,9 +227,14 @@ def main():
     ap.add_argument("--budget", type=float, default=140.0, help="seconds for the config search over all shapes")
     ap.add_argument("--verbose", action="store_true", help="print every config's time")
     ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes: code paths only")
+    ap.add_argument("--rows", type=int, default=1, help="activation rows M (> 1: the tensor-core kernel)")
     ap.add_argument("--write-configs", default="", help="also write the best configs as JSON here (read by "
                     "kvagents.fused_gemv when KVAGENTS_GEMV_CONFIGS names the file)")
     args = ap.parse_args()
+    global ROWS, GRID
+    ROWS = args.rows
+    if ROWS > 1:
+        GRID = GRID_ROWS
     t_start = time.perf_counter()
     device = "cpu" if args.smoke else "cuda"
     if not args.smoke and not torch.cuda.is_available():
@@ -274,7 +289,7 @@ def main():
             print(f"\n{model}: {layers} layers + head, projections and their small ops: fused {fused / 1e3:.2f} ms, "
                   f"unfused {unf / 1e3:.2f} ms per step")  # fmt: skip
     print("\n# paste into kvagents/fused_gemv.py")
-    print("CONFIGS: dict[tuple[int, int], dict[str, int]] = {")
+    print(("ROW_CONFIGS" if ROWS > 1 else "CONFIGS") + ": dict[tuple[int, int], dict[str, int]] = {")
     for (n, k), cfg in best_cfgs.items():
         print(f"    ({n}, {k}): {cfg!r},")
     print("}")
@@ -282,7 +297,7 @@ def main():
         import json
 
         with open(args.write_configs, "w") as f:
-            json.dump([[n, k, cfg] for (n, k), cfg in best_cfgs.items()], f)
+            json.dump([[n, k, cfg] + (["rows"] if ROWS > 1 else []) for (n, k), cfg in best_cfgs.items()], f)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 

@@ -66,6 +66,13 @@ CONFIGS: dict[tuple[int, int], dict[str, int]] = {
 }
 
 
+# Several rows (2..MAX_ROWS, the tensor-core kernel): best launch configuration per (N, K), same source.
+ROW_CONFIGS: dict[tuple[int, int], dict[str, int]] = {}
+
+#: the most rows one call takes (the tensor-core kernel pads the rows to 16 or 32)
+MAX_ROWS = 32
+
+
 def load_configs(path: str | os.PathLike) -> None:
     """Add the configurations of a JSON file written by ``bench/fused_gemv_bench.py --write-configs`` to
     :data:`CONFIGS` (``[[N, K, {...}], ...]``). Read at import from ``KVAGENTS_GEMV_CONFIGS`` when set."""
@@ -74,15 +81,29 @@ def load_configs(path: str | os.PathLike) -> None:
     with open(path) as f:
         rows = json.load(f)
     try:
-        CONFIGS.update({(int(n), int(k)): dict(cfg) for n, k, cfg in rows})
+        for row in rows:  # [N, K, config] (one row), or [N, K, config, "rows"] (the several-row kernel)
+            n, k, cfg = row[:3]
+            table = ROW_CONFIGS if row[3:] == ["rows"] else CONFIGS
+            table[(int(n), int(k))] = dict(cfg)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: expected [[N, K, {{config}}], ...] as written by fused_gemv_bench.py") from e
+        raise ValueError(f"{path}: expected [[N, K, {{config}}(, \"rows\")], ...] as written by "
+                         "fused_gemv_bench.py") from e
 
 
 if os.environ.get("KVAGENTS_GEMV_CONFIGS"):
     load_configs(os.environ["KVAGENTS_GEMV_CONFIGS"])
 
 _KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+
+def default_row_config(n: int, k: int) -> dict[str, int]:
+    """The several-row kernel's configuration when :data:`ROW_CONFIGS` has no entry for ``(n, k)`` (not tuned).
+
+    Example:
+        >>> default_row_config(4096, 4096)
+        {'BLOCK_N': 32, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 4}
+    """
+    return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
 
 
 def default_config(n: int, k: int) -> dict[str, int]:
@@ -130,16 +151,17 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def resolve_config(n: int, k: int, config: dict | None = None) -> dict[str, int]:
-    """The launch configuration for an ``[N, K]`` weight: ``config``, else ``CONFIGS[(n, k)]``, else
-    :func:`default_config`; blocks are clamped to the (power-of-two padded) matrix so small shapes work.
+def resolve_config(n: int, k: int, config: dict | None = None, rows: bool = False) -> dict[str, int]:
+    """The launch configuration for an ``[N, K]`` weight: ``config``, else ``CONFIGS[(n, k)]`` (``ROW_CONFIGS``
+    for the several-row kernel, ``rows=True``), else the default; blocks are clamped to the (power-of-two padded)
+    matrix so small shapes work (the several-row kernel keeps ``BLOCK_N >= 16``, ``tl.dot``'s least).
 
     Example:
         >>> resolve_config(100, 64, {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 2, "num_stages": 1})
         {'BLOCK_N': 32, 'BLOCK_K': 64, 'num_warps': 2, 'num_stages': 1}
     """
-    cfg = dict(default_config(n, k))
-    cfg.update(CONFIGS.get((n, k), {}))
+    cfg = dict(default_row_config(n, k) if rows else default_config(n, k))
+    cfg.update((ROW_CONFIGS if rows else CONFIGS).get((n, k), {}))
     if config:
         bad = sorted(set(config) - set(_KEYS))
         if bad:
@@ -152,7 +174,7 @@ def resolve_config(n: int, k: int, config: dict | None = None) -> dict[str, int]
     for key in ("BLOCK_N", "BLOCK_K", "num_warps"):
         if cfg[key] & (cfg[key] - 1):
             raise ValueError(f"config {key} must be a power of two, got {cfg[key]}")
-    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _next_pow2(n))
+    cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], _next_pow2(n))) if rows else min(cfg["BLOCK_N"], _next_pow2(n))
     cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], _next_pow2(k)))
     return cfg
 
@@ -249,7 +271,72 @@ def _build():
             y = _round(tl.load(res_ptr + rn, mask=nmask, other=0.0).to(tl.float32) + y, DT, EMU_BF16)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
-    return gemv_kernel, _interpreting()
+    @triton.jit
+    def rows_kernel(
+        x_ptr, w_ptr, bias_ptr, rmsw_ptr, res_ptr, y_ptr,
+        M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, eps,
+        HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XBLOCK: tl.constexpr,
+        NUM_STAGES: tl.constexpr, EVEN_K: tl.constexpr, EMU_BF16: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """``gemv_kernel`` for ``M`` (2..BLOCK_M) rows: the tile product on tensor cores (``tl.dot`` of the
+        prologue's rounded ``[BLOCK_M, BLOCK_K]`` rows with the ``[BLOCK_N, BLOCK_K]`` weight tile), rows past
+        ``M`` masked to zero and not stored."""
+        DT: tl.constexpr = w_ptr.dtype.element_ty
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rm = tl.arange(0, BLOCK_M)
+        mmask = rm < M
+        w_rows = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+        if HAS_RMS:
+            ss = tl.zeros([BLOCK_M, XBLOCK], dtype=tl.float32)
+            for k0 in tl.range(0, K, XBLOCK):
+                rx = k0 + tl.arange(0, XBLOCK)
+                xs = tl.load(x_rows + rx[None, :], mask=mmask[:, None] & (rx < K)[None, :], other=0.0)
+                xs = xs.to(tl.float32)
+                ss += xs * xs
+            inv = tl.math.rsqrt(tl.sum(ss, axis=1) / K + eps)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            kmask = rk < K
+            xmask = mmask[:, None] & kmask[None, :]
+            if EVEN_K:
+                wt = tl.load(w_rows + rk[None, :], eviction_policy="evict_first")
+            else:
+                wt = tl.load(w_rows + rk[None, :], mask=kmask[None, :], other=0.0, eviction_policy="evict_first")
+            if SWIGLU:
+                g = tl.load(x_rows + rk[None, :], mask=xmask, other=0.0).to(tl.float32)
+                u = tl.load(x_rows + K + rk[None, :], mask=xmask, other=0.0).to(tl.float32)
+                s = _round(g / (1.0 + tl.exp(-g)), DT, EMU_BF16)
+                xv = _round(s * u, DT, EMU_BF16)
+            elif HAS_RMS:
+                xs = tl.load(x_rows + rk[None, :], mask=xmask, other=0.0).to(tl.float32)
+                gw = _load(rmsw_ptr + rk, kmask, EVEN_K, "")
+                xv = _round(gw[None, :] * _round(xs * inv[:, None], DT, EMU_BF16), DT, EMU_BF16)
+            else:
+                xv = tl.load(x_rows + rk[None, :], mask=xmask, other=0.0).to(tl.float32)
+            # xv holds values of DT already (rounded): the cast is exact
+            if EMU_BF16:  # the interpreter's dot mishandles bfloat16: the same exact products in float32
+                acc += tl.dot(xv, tl.trans(wt.to(tl.float32)), input_precision="ieee")
+            elif IEEE:
+                acc += tl.dot(xv.to(DT), tl.trans(wt), input_precision="ieee")
+            else:
+                acc += tl.dot(xv.to(DT), tl.trans(wt))
+        y = acc
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        y = _round(y, DT, EMU_BF16)
+        omask = mmask[:, None] & nmask[None, :]
+        if HAS_RES:
+            rv = tl.load(res_ptr + rm.to(tl.int64)[:, None] * stride_rm + rn[None, :], mask=omask, other=0.0)
+            y = _round(rv.to(tl.float32) + y, DT, EMU_BF16)
+        tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=omask)
+
+    return (gemv_kernel, rows_kernel), _interpreting()
 
 
 def _check_vec(name: str, t: torch.Tensor, n: int, x: torch.Tensor) -> torch.Tensor:
@@ -274,21 +361,26 @@ def gemv(
     out_dtype: torch.dtype | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """``F.linear(prologue(x), w, bias)`` (+ ``residual``) for one row ``x`` ``[1, K]`` (or ``[K]``), in one kernel.
+    """``F.linear(prologue(x), w, bias)`` (+ ``residual``) for a few rows ``x`` ``[M, K]`` (or one row ``[K]``),
+    in one kernel.
+
+    One row runs the GEMV kernel (fused multiply-adds, each weight element read once); 2..:data:`MAX_ROWS` rows
+    run the tensor-core kernel (``tl.dot`` of the rows, padded to 16 or 32, with each weight tile, read once for
+    all rows). The prologue and epilogue round as eager PyTorch in both.
 
     Args:
-        x: ``[1, K]`` or ``[K]`` (``[1, 2K]`` / ``[2K]`` with ``swiglu``: gate then up), contiguous, the dtype of
-            ``w`` (bfloat16, float16 or float32).
+        x: ``[M, K]`` or ``[K]`` (``[M, 2K]`` / ``[2K]`` with ``swiglu``: gate then up), unit stride along K, the
+            dtype of ``w`` (bfloat16, float16 or float32); ``M <= MAX_ROWS``.
         w: ``[N, K]`` with unit stride along ``K`` (rows may be padded).
         bias: ``[N]``, added to the float32 accumulator before rounding (as cuBLAS in ``F.linear``).
         rms_weight: ``[K]``: ``x`` is first normed by :func:`kvagents.static_cache._rms` with ``eps``.
         swiglu: ``x`` is ``silu(x[:, :K]) * x[:, K:]`` first (not together with ``rms_weight``).
-        residual: ``[N]`` or ``[1, N]``: returns ``residual + y``, rounded as eager PyTorch.
+        residual: ``[M, N]`` (or ``[N]`` for one row): returns ``residual + y``, rounded as eager PyTorch.
         out_dtype: ``None`` (x's dtype) or ``torch.float32``: the result, rounded to x's dtype, stored as float32
             (``F.linear(x, head_w).float()``).
         config: ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages`` overrides (see :func:`resolve_config`).
 
-    Returns: ``[1, N]`` when ``x`` is 2-D, else ``[N]``.
+    Returns: ``[M, N]`` when ``x`` is 2-D, else ``[N]``.
 
     Example:
         >>> y = gemv(x, qkv_w, bias=qkv_b, rms_weight=ln1, eps=1e-6)  # doctest: +SKIP
@@ -308,34 +400,59 @@ def gemv(
         raise ValueError(f"x is on {x.device}, w on {w.device}")
     n, k = w.shape
     kx = 2 * k if swiglu else k
-    if x.dim() not in (1, 2) or (x.dim() == 2 and x.shape[0] != 1) or x.shape[-1] != kx:
-        what = f"[1, {kx}] or [{kx}]" + (" (gate then up: swiglu doubles K)" if swiglu else "")
-        raise ValueError(
-            f"x must have shape {what} for w {list(w.shape)}, got {list(x.shape)}; more than one row: use F.linear"
-        )
+    if x.dim() not in (1, 2) or x.shape[-1] != kx:
+        what = f"[M, {kx}] or [{kx}]" + (" (gate then up: swiglu doubles K)" if swiglu else "")
+        raise ValueError(f"x must have shape {what} for w {list(w.shape)}, got {list(x.shape)}")
+    m = x.shape[0] if x.dim() == 2 else 1
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"x has {m} rows; gemv takes 1..{MAX_ROWS} (MAX_ROWS): use F.linear for more")
     if swiglu and rms_weight is not None:
         raise ValueError("swiglu and rms_weight are exclusive prologues; got both")
     if out_dtype not in (None, x.dtype, torch.float32):
         raise ValueError(f"out_dtype must be None, {x.dtype} or torch.float32, got {out_dtype}")
-    xf = x.reshape(kx).contiguous()
     b = _check_vec("bias", bias, n, x) if bias is not None else None
     g = _check_vec("rms_weight", rms_weight, k, x) if rms_weight is not None else None
-    r = _check_vec("residual", residual, n, x) if residual is not None else None
-    cfg = resolve_config(n, k, config)
     if w.device.type == "cpu" and not _interpreting():
         raise ValueError(
             "CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 before triton is "
             "imported); use CUDA tensors"
         )
-    out = torch.empty((1, n) if x.dim() == 2 else (n,), dtype=out_dtype or x.dtype, device=x.device)
-    xblock = min(_next_pow2(k), 16 * 32 * cfg["num_warps"])
+    out = torch.empty((m, n) if x.dim() == 2 else (n,), dtype=out_dtype or x.dtype, device=x.device)
+    one_row, several_rows = _kernel()
+    if m == 1:
+        r = _check_vec("residual", residual, n, x) if residual is not None else None
+        xf = x.reshape(kx).contiguous()
+        cfg = resolve_config(n, k, config)
+        xblock = min(_next_pow2(k), 16 * 32 * cfg["num_warps"])
+        grid = ((n + cfg["BLOCK_N"] - 1) // cfg["BLOCK_N"],)
+        one_row[grid](
+            xf, w, b if b is not None else xf, g if g is not None else xf, r if r is not None else xf, out,
+            n, k, w.stride(0), float(eps),
+            HAS_BIAS=b is not None, HAS_RMS=g is not None, SWIGLU=bool(swiglu), HAS_RES=r is not None,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], XBLOCK=xblock, NUM_STAGES=cfg["num_stages"],
+            EVEN_K=k % cfg["BLOCK_K"] == 0, EMU_BF16=_interpreting(),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )  # fmt: skip
+        return out
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    r = None
+    if residual is not None:
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"residual must be {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
+        if tuple(residual.shape) != (m, n):
+            raise ValueError(f"residual must have shape [{m}, {n}], got {list(residual.shape)}")
+        r = residual if residual.stride(-1) == 1 else residual.contiguous()
+    cfg = resolve_config(n, k, config, rows=True)
+    block_m = 16 if m <= 16 else 32
+    xblock = max(16, min(_next_pow2(k), 4096 // block_m))
     grid = ((n + cfg["BLOCK_N"] - 1) // cfg["BLOCK_N"],)
-    _kernel()[grid](
-        xf, w, b if b is not None else xf, g if g is not None else xf, r if r is not None else xf, out,
-        n, k, w.stride(0), float(eps),
+    several_rows[grid](
+        x, w, b if b is not None else x, g if g is not None else x, r if r is not None else x, out,
+        m, n, k, x.stride(0), w.stride(0), r.stride(0) if r is not None else 0, out.stride(0), float(eps),
         HAS_BIAS=b is not None, HAS_RMS=g is not None, SWIGLU=bool(swiglu), HAS_RES=r is not None,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], XBLOCK=xblock, NUM_STAGES=cfg["num_stages"],
-        EVEN_K=k % cfg["BLOCK_K"] == 0, EMU_BF16=_interpreting(),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], XBLOCK=xblock,
+        NUM_STAGES=cfg["num_stages"], EVEN_K=k % cfg["BLOCK_K"] == 0, EMU_BF16=_interpreting(),
+        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
-# batch sizes up to which a step takes the fused Triton GEMVs (see StaticLM.fused_gemv_for)
+# batch sizes up to which a step takes the fused Triton kernels by default (see StaticLM.fused_gemv_for; env
+# KVAGENTS_GEMV_ROWS, read when a StaticLM is built, overrides)
 FUSED_ROWS = 1
 
 
@@ -224,6 +225,10 @@ class StaticLM:
         self.gemv_impl = os.environ.get("KVAGENTS_GEMV", "auto")
         if self.gemv_impl not in ("auto", "fused", "torch"):
             raise ValueError(f"KVAGENTS_GEMV must be 'auto', 'fused' or 'torch', got {self.gemv_impl!r}")
+        rows = os.environ.get("KVAGENTS_GEMV_ROWS", str(FUSED_ROWS))
+        if not rows.isdigit():
+            raise ValueError(f"KVAGENTS_GEMV_ROWS must be a row count (0 for none), got {rows!r}")
+        self.fused_rows = int(rows)
         if compile:
             import torch._inductor.config as ind
 
@@ -253,17 +258,17 @@ class StaticLM:
         return self._attend_reduce if impl == "reduce" else attend
 
     def fused_gemv_for(self, batch: int) -> bool:
-        """Whether a step over ``batch`` rows runs the fused Triton GEMVs (see ``gemv_impl``): one row
-        (``FUSED_ROWS``). A variant reading each weight tile once for up to 8 unrolled rows was 2.9x slower than
-        cuBLAS at 8 rows on the 8B shapes (16.8 vs 5.9 ms/step of projections, H100, 2026-11-25; commit 76bba41,
-        reverted): several rows want tensor cores, which cuBLAS already uses."""
+        """Whether a step over ``batch`` rows runs the fused Triton kernels (see ``gemv_impl``): ``"auto"`` for up
+        to ``FUSED_ROWS`` rows on CUDA with compile, ``"fused"`` for up to ``fused_gemv.MAX_ROWS`` rows anywhere
+        Triton runs. (An earlier several-row variant with unrolled FMA rows was 2.9x slower than cuBLAS at 8 rows:
+        commit 76bba41, reverted; the several-row kernel now uses tensor cores.)"""
         if self.gemv_impl == "torch":
             return False
         if self.gemv_impl == "auto" and not (self.compiled and self.device.type == "cuda"):
             return False
         from . import fused_gemv
 
-        if batch > FUSED_ROWS:
+        if batch > (self.fused_rows if self.gemv_impl == "auto" else fused_gemv.MAX_ROWS):
             return False
 
         if self.gemv_impl == "fused":
@@ -289,7 +294,6 @@ class StaticLM:
             self._cos, self._sin = cos[0].contiguous(), sin[0].contiguous()
             return True
         return False
-        return self._cos, self._sin
 
     @staticmethod
     def bucket_for(col: int, bucket: int, capacity: int) -> int:

@@ -209,7 +209,7 @@ def test_fast_path_one_row_step_with_fused_gemvs_equals_the_eager_engine(interp,
     monkeypatch.setenv("KVAGENTS_GEMV", "fused")
     model = tiny_model("qwen2")
     fast = FastDecodeEngine(model, ByteTokenizer(), bucket=8, sync_every=4)
-    assert fast.lm.fused_gemv_for(1) and not fast.lm.fused_gemv_for(2)
+    assert fast.lm.fused_gemv_for(1) and fast.lm.fused_gemv_for(32) and not fast.lm.fused_gemv_for(33)
     eager = DecodeEngine(model, ByteTokenizer())
     params = SamplingParams(max_new_tokens=8, temperature=0)
     for prompt in ([5, 9, 14, 3, 77, 120], list(range(40, 52))):
@@ -220,12 +220,79 @@ def test_fast_path_one_row_step_with_fused_gemvs_equals_the_eager_engine(interp,
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5) for k in a)
 
 
+# -- several rows (tensor-core kernel) -------------------------------------------------------------------------------
+ROWS_CFG = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m", [2, 8, 17])
+@pytest.mark.parametrize("prologue", ["none", "rms", "swiglu"])
+def test_several_rows_match_eager_ops(interp, dt, m, prologue):
+    """2..32 rows: each row of the tensor-core kernel's result equals the eager ops (F.linear over all rows) up to
+    the summation order; bias, residual and the float32 output as for one row."""
+    n, k = 100, 200
+    g = torch.Generator().manual_seed(m)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(dt)
+
+    w, b, res, gw = r(n, k, scale=k**-0.5), r(n, scale=0.1), r(m, n), r(k, scale=0.1, shift=1.0)
+    x = r(m, 2 * k) if prologue == "swiglu" else r(m, k)
+    xr = _rms(x, gw, EPS) if prologue == "rms" else F.silu(x[:, :k]) * x[:, k:] if prologue == "swiglu" else x
+    y = gemv(x, w, bias=b, rms_weight=gw if prologue == "rms" else None, eps=EPS, swiglu=prologue == "swiglu",
+             residual=res, config=ROWS_CFG)  # fmt: skip
+    check(y, res + F.linear(xr, w, b))
+    head = gemv(x if prologue != "swiglu" else xr, w, rms_weight=gw, eps=EPS, out_dtype=torch.float32,
+                config=ROWS_CFG)  # fmt: skip
+    want = F.linear(_rms(x if prologue != "swiglu" else xr, gw, EPS), w)
+    assert head.dtype == torch.float32 and torch.equal(head.to(dt).float(), head)
+    if dt == torch.float32:
+        check(head, want)
+    else:  # a near-zero product (cancellation) can land a few bf16 ulps away under another summation order
+        u = ulps(head.to(dt), want)
+        assert u.max().item() <= 4 and (u > 0).float().mean().item() <= 0.02
+
+
+def test_several_rows_with_identity_weight_are_bit_equal(interp):
+    """No summation order with an identity weight: the bfloat16 prologues round exactly as eager, row by row."""
+    k, m = 128, 5
+    d = data(k, k, torch.bfloat16, seed=7)
+    x = torch.randn(m, 2 * k).to(torch.bfloat16)
+    eye = torch.eye(k, dtype=torch.bfloat16)
+    assert torch.equal(gemv(x, eye, swiglu=True, config=ROWS_CFG), F.silu(x[:, :k]) * x[:, k:])
+    assert torch.equal(gemv(x[:, :k], eye, rms_weight=d["g"], eps=EPS, config=ROWS_CFG), _rms(x[:, :k], d["g"], EPS))
+
+
+def test_fast_path_eight_row_step_with_fused_gemvs_equals_the_eager_engine(interp, monkeypatch):
+    """One prompt x n=4 and two prompts x n=1 through the several-row kernels (KVAGENTS_GEMV=fused, float32): the
+    same greedy tokens and component outputs as the eager engine."""
+    from tiny import ByteTokenizer, tiny_model
+
+    from kvagents import SamplingParams
+    from kvagents.engine import DecodeEngine
+    from kvagents.fast_decode import FastDecodeEngine
+    from kvagents.scoring import LayerCoE
+
+    monkeypatch.setenv("KVAGENTS_GEMV", "fused")
+    model = tiny_model("qwen3")
+    fast = FastDecodeEngine(model, ByteTokenizer(), bucket=8, sync_every=4)
+    eager = DecodeEngine(model, ByteTokenizer())
+    params = SamplingParams(max_new_tokens=6, temperature=0, n=1)
+    prompts = [[5, 9, 14, 3, 77, 120], list(range(40, 49))]
+    want = eager.generate(prompts, params, [LayerCoE()])
+    got = fast.generate(prompts, params, [LayerCoE()])
+    for a, b in zip(got.flat, want.flat):
+        assert a.token_ids == b.token_ids
+        x, y = a.outputs["kv_coe_layer"], b.outputs["kv_coe_layer"]
+        assert all(x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5) for k in x)
+
+
 # -- arguments ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(x=torch.zeros(2, 8)), "more than one row"),
-        (dict(x=torch.zeros(1, 9)), r"shape \[1, 8\] or \[8\]"),
+        (dict(x=torch.zeros(33, 8)), r"33 rows; gemv takes 1\.\.32"),
+        (dict(x=torch.zeros(1, 9)), r"shape \[M, 8\] or \[8\]"),
         (dict(x=torch.zeros(1, 8), swiglu=True), "swiglu doubles K"),
         (dict(x=torch.zeros(1, 8, dtype=torch.float64)), "dtype"),
         (dict(w=torch.zeros(4, 8, dtype=torch.float64), x=torch.zeros(1, 8, dtype=torch.float64)), "w's dtype"),
@@ -233,6 +300,7 @@ def test_fast_path_one_row_step_with_fused_gemvs_equals_the_eager_engine(interp,
         (dict(bias=torch.zeros(5)), r"bias must have shape \[4\]"),
         (dict(rms_weight=torch.zeros(8, dtype=torch.bfloat16)), "rms_weight must have x's dtype"),
         (dict(residual=torch.zeros(2, 4)), "residual must have shape"),
+        (dict(x=torch.zeros(3, 8), residual=torch.zeros(1, 4)), r"residual must have shape \[3, 4\]"),
         (dict(x=torch.zeros(1, 16), swiglu=True, rms_weight=torch.zeros(8)), "exclusive"),
         (dict(out_dtype=torch.float16), "out_dtype"),
         (dict(config=dict(BLOCK_M=4)), "unknown keys"),
@@ -284,7 +352,7 @@ from triton.compiler import ASTSource
 spec = importlib.util.spec_from_file_location("fused_gemv_aot", sys.argv[1])
 fg = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fg)
-kernel, interpreted = fg._build()
+(kernel, rows_kernel), interpreted = fg._build()
 assert not interpreted
 names = ["x_ptr", "w_ptr", "bias_ptr", "rmsw_ptr", "res_ptr", "y_ptr", "N", "K", "stride_wn", "eps"]
 for flags, out in [((0, 1, 0, 0), "fp32"), ((1, 0, 1, 1), "bf16"), ((0, 0, 0, 1), "bf16")]:
@@ -299,6 +367,16 @@ for flags, out in [((0, 1, 0, 0), "fp32"), ((1, 0, 1, 1), "bf16"), ((0, 0, 0, 1)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1)).asm["ptx"]
     loads = [ln for ln in ptx.splitlines() if "ld.global" in ln and "evict_first" in ln]
     assert loads and all(".v4.b32" in ln for ln in loads), "the weight stream is not read in 16-byte vectors"
+rnames = ["x_ptr", "w_ptr", "bias_ptr", "rmsw_ptr", "res_ptr", "y_ptr", "M", "N", "K", "stride_xm", "stride_wn",
+          "stride_rm", "stride_ym", "eps"]
+for flags, out in [((0, 1, 0, 0), "fp32"), ((1, 0, 1, 1), "bf16"), ((0, 0, 0, 1), "bf16")]:
+    consts = dict(zip(["HAS_BIAS", "HAS_RMS", "SWIGLU", "HAS_RES"], map(bool, flags)), BLOCK_M=16, BLOCK_N=32,
+                  BLOCK_K=256, XBLOCK=256, NUM_STAGES=4, EVEN_K=True, EMU_BF16=False, IEEE=False)
+    sig = dict(zip(rnames, ["*bf16"] * 5 + [f"*{out}"] + ["i32"] * 7 + ["fp32"]), **{k: "constexpr" for k in consts})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(13)}
+    ptx = triton.compile(ASTSource(fn=rows_kernel, signature=sig, constexprs=consts, attrs=attrs),
+                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4)).asm["ptx"]
+    assert "mma" in ptx, "the several-row kernel does not use tensor cores"
 print("OK")
 """
 
