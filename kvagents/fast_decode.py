@@ -118,19 +118,53 @@ def hash_exponential(seed_key: torch.Tensor, step: torch.Tensor, rows: torch.Ten
     return -torch.log(u)
 
 
-def top_p_keep(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+TOP_P_WAYS = 8  # thresholds tested per pass of top_p_keep's search (one read of the row per pass)
+
+
+def top_p_search_pass(bits: torch.Tensor, probs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, top_p: float,
+                      ways: int = TOP_P_WAYS) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of :func:`top_p_keep`'s search: ``ways - 1`` thresholds spread over ``(lo, hi]`` (int64 ``[B]``),
+    the mass above each (``ways - 1`` sums over the same row: one fused reduction), and the narrowed bracket: the
+    largest threshold whose mass above exceeds ``top_p`` and the smallest one whose mass does not."""
+    lo_, hi_ = lo[:, None], hi[:, None]
+    mids = lo_ + ((hi_ - lo_) * torch.arange(1, ways, device=lo.device)) // ways  # [B, ways - 1]
+    mass = torch.stack([torch.where(bits > mids[:, j : j + 1], probs, 0.0).sum(-1) for j in range(ways - 1)], dim=-1)
+    ok = mass <= top_p
+    return torch.where(ok, lo_, mids).amax(-1), torch.where(ok, mids, hi_).amin(-1)
+
+
+_search_pass = top_p_search_pass  # torch.compile'd by FastDecodeEngine when it compiles (see _compile_search_pass)
+
+
+def _compile_search_pass() -> None:
+    """One small compiled kernel for the search pass, reused by every pass: compiling the unrolled search inside
+    the sampling head cost 10-15 s of a cold first call (Inductor's code generation for ~30 reductions)."""
+    global _search_pass
+    if _search_pass is top_p_search_pass:
+        _search_pass = torch.compile(top_p_search_pass, dynamic=False, fullgraph=True)
+
+
+@torch.compiler.disable
+def top_p_keep(probs: torch.Tensor, top_p: float, ways: int = TOP_P_WAYS) -> torch.Tensor:
     """The nucleus ``[B, V]`` (bool) without sorting: keep token ``v`` iff the mass of the tokens more probable than
     it is at most ``top_p`` (the sort-and-cumsum rule of :func:`kvagents.sampling.process_logits`), i.e.
-    ``p_v >= t*``. ``t*`` is found by bisection over the float32 bit patterns of ``probs`` (non-negative floats
-    order like their bits): 31 masked sums, exact, graph-safe, fused by ``torch.compile``."""
+    ``p_v >= t*``. ``t*`` is found by a ``ways``-ary search over the float32 bit patterns of ``probs`` (non-negative
+    floats order like their bits): each pass tests ``ways - 1`` thresholds in one read of the row and narrows the
+    bracket ``ways``-fold, so 11 passes (8 ways) settle the 31 bits. Exact up to the rounding of the masses,
+    graph-safe (no host synchronisation); the passes run outside the compiled head, each one compiled kernel.
+
+    Example:
+        >>> p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+        >>> top_p_keep(p, 0.7).tolist()
+        [[True, True, False, False]]
+    """
     bits = probs.view(torch.int32)
-    lo = torch.zeros(probs.shape[0], dtype=torch.int32, device=probs.device)  # mass above 0 is 1 > top_p
-    hi = bits.max(dim=-1).values  # nothing above the maximum: 0 <= top_p
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        ok = torch.where(bits > mid[:, None], probs, 0.0).sum(-1) <= top_p
-        hi = torch.where(ok, mid, hi)
-        lo = torch.where(ok, lo, mid)
+    lo = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)  # mass above 0 is 1 > top_p
+    hi = bits.max(dim=-1).values.long()  # nothing above the maximum: 0 <= top_p
+    span = 1 << 31
+    while span > 1:
+        lo, hi = _search_pass(bits, probs, lo, hi, float(top_p), ways)
+        span = -(-span // ways)
     return bits >= hi[:, None]
 
 
@@ -424,6 +458,8 @@ class FastDecodeEngine:
                 if hasattr(dcfg, name):
                     setattr(dcfg, name, max(getattr(dcfg, name), 64))
         self._head_graph = torch.compile(self._head, dynamic=False) if self.compile_head else self._head
+        if self.compile_head:
+            _compile_search_pass()
         if (self.lm.compiled or self.compile_head) and os.environ.get("KVAGENTS_WARM_POOL", "1") != "0":
             _warm_compile_pool()
         self.eos_token_ids = self.base.eos_token_ids

@@ -43,7 +43,9 @@ __all__ = [
     "ProbabilityScores",
     "TokenCoE",
     "coe_from_steps",
+    "coe_from_steps_rows",
     "coe_scores",
+    "coe_scores_rows",
     "hidden_coe_from_forward",
 ]
 
@@ -96,6 +98,63 @@ def coe_from_steps(
     x = float((mag_j * np.cos(ang_j)).mean())
     y = float((mag_j * np.sin(ang_j)).mean())
     return {"mag": mag, "ang": ang, "r": mag - ang, "c": math.hypot(x, y) if math.isfinite(x + y) else nan}
+
+
+def coe_from_steps_rows(
+    step_norms: np.ndarray, step_angles: np.ndarray, valid: np.ndarray, total_norm: np.ndarray,
+    total_angle: np.ndarray,
+) -> list[dict[str, float]]:
+    """:func:`coe_from_steps` for ``B`` sequences at once: ``[B, S]`` steps of which ``valid`` ``[B, S]`` count,
+    normalisers ``[B]``; one dict per row, equal to ``coe_from_steps(norms[i, valid[i]], ...)`` up to the order
+    of the sums. (Vectorised: at 32 sequences the per-row loop was ~10 ms of the fast path's ``on_finish``.)
+
+    Example:
+        >>> s = coe_from_steps_rows(np.array([[1.0, 1.0]]), np.array([[0.5, 0.5]]), np.ones((1, 2), bool),
+        ...                         np.array([2.0]), np.array([1.0]))
+        >>> s[0]["mag"], s[0]["ang"], s[0]["r"]
+        (0.5, 0.5, 0.0)
+    """
+    norms = np.asarray(step_norms, dtype=np.float64)
+    angles = np.asarray(step_angles, dtype=np.float64)
+    valid = np.asarray(valid, dtype=bool)
+    tn = np.asarray(total_norm, dtype=np.float64)
+    ta = np.asarray(total_angle, dtype=np.float64)
+    nan = float("nan")
+    count = valid.sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok_n = np.isfinite(tn) & (tn > 0)
+        ok_a = np.isfinite(ta) & (ta > 0)
+        mag_j = np.where(ok_n[:, None], norms / np.where(ok_n, tn, 1.0)[:, None], nan)
+        ang_j = np.where(ok_a[:, None], angles / np.where(ok_a, ta, 1.0)[:, None], nan)
+
+        def mean(v):
+            return np.where(valid, v, 0.0).sum(-1) / np.maximum(count, 1)
+
+        mag, ang = mean(mag_j), mean(ang_j)
+        x, y = mean(mag_j * np.cos(ang_j)), mean(mag_j * np.sin(ang_j))
+        c = np.where(np.isfinite(x + y), np.hypot(x, y), nan)
+    return [dict.fromkeys(_COE, nan) if count[i] == 0 else
+            {"mag": float(mag[i]), "ang": float(ang[i]), "r": float(mag[i] - ang[i]), "c": float(c[i])}
+            for i in range(norms.shape[0])]  # fmt: skip
+
+
+def coe_scores_rows(traj: np.ndarray) -> list[dict[str, float]]:
+    """:func:`coe_scores` of ``B`` trajectories ``[B, N_points, D]`` at once (float64), one dict per row.
+
+    Example:
+        >>> t = np.array([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]])
+        >>> round(coe_scores_rows(t)[0]["mag"], 4)
+        0.7071
+    """
+    h = np.asarray(traj, dtype=np.float64)
+    if h.ndim != 3:
+        raise ValueError(f"coe_scores_rows expects trajectories [B, N_points, D], got shape {h.shape}")
+    if h.shape[1] < 2:
+        return [dict.fromkeys(_COE, float("nan")) for _ in range(h.shape[0])]
+    norms = np.linalg.norm(np.diff(h, axis=1), axis=-1)
+    angles = _np_angle(h[:, 1:], h[:, :-1])
+    return coe_from_steps_rows(norms, angles, np.ones(norms.shape, dtype=bool),
+                               np.linalg.norm(h[:, -1] - h[:, 0], axis=-1), _np_angle(h[:, -1], h[:, 0]))
 
 
 def _np_angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -212,11 +271,9 @@ class LayerCoE(Component):
     def on_finish(self, view: FinishView) -> list[dict[str, float]]:
         traj = self.trajectories().to("cpu", torch.float64).numpy()
         counts = self._count.tolist()
-        out = []
-        for i in range(traj.shape[0]):
-            s = coe_scores(traj[i]) if counts[i] > 0 else dict.fromkeys(_COE, float("nan"))
-            out.append(_prefixed(s, self.prefix))
-        return out
+        scores = coe_scores_rows(traj)
+        return [_prefixed(s if counts[i] > 0 else dict.fromkeys(_COE, float("nan")), self.prefix)
+                for i, s in enumerate(scores)]
 
 
 @dataclass
@@ -303,11 +360,7 @@ class TokenCoE(Component):
         norms = self._step_norm.double().cpu().numpy()
         angles = self._step_angle.double().cpu().numpy()
         ok = self._step_valid.cpu().numpy()
-        out = []
-        for i in range(norms.shape[0]):
-            s = coe_from_steps(norms[i, ok[i]], angles[i, ok[i]], total_norm[i], total_angle[i])
-            out.append(_prefixed(s, self.prefix))
-        return out
+        return [_prefixed(s, self.prefix) for s in coe_from_steps_rows(norms, angles, ok, total_norm, total_angle)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -266,3 +266,35 @@ def test_hidden_coe_from_forward_matches_reference():
     assert_scores(got, ref_coe(traj), "hidden_coe", tol=1e-5)
     with pytest.raises(ValueError):
         hidden_coe_from_forward(model, ids, n_prompt=len(ids))
+
+
+def test_row_batched_coe_equals_the_per_row_reference():
+    """coe_from_steps_rows / coe_scores_rows (the vectorised finish of LayerCoE / TokenCoE) against the per-row
+    reference: random steps with ragged valid masks, a row with no valid step, zero and non-finite normalisers,
+    a NaN step, and trajectories with a repeated end point."""
+    from kvagents.scoring import coe_from_steps, coe_from_steps_rows, coe_scores, coe_scores_rows
+
+    rng = np.random.default_rng(0)
+    B, S = 7, 12
+    norms, angles = rng.random((B, S)) * 3, rng.random((B, S)) * 2
+    valid = rng.random((B, S)) < 0.7
+    valid[3] = False
+    norms[4, 2] = np.nan
+    valid[4, 2] = True
+    tn, ta = rng.random(B) * 5, rng.random(B)
+    tn[5], ta[6] = 0.0, np.inf
+    rows = coe_from_steps_rows(norms, angles, valid, tn, ta)
+    for i in range(B):
+        want = coe_from_steps(norms[i, valid[i]], angles[i, valid[i]], tn[i], ta[i])
+        assert rows[i].keys() == want.keys()
+        for k in want:
+            assert rows[i][k] == pytest.approx(want[k], rel=1e-12, abs=1e-12, nan_ok=True), (i, k)
+    traj = rng.normal(size=(5, 9, 16))
+    traj[2, -1] = traj[2, 0]  # end == start: mag, r, c undefined
+    traj[3, 4] = 0.0  # a zero vector: its angles are NaN
+    for got, h in zip(coe_scores_rows(traj), traj):
+        want = coe_scores(h)
+        assert all(got[k] == pytest.approx(want[k], rel=1e-12, abs=1e-12, nan_ok=True) for k in want)
+    assert all(np.isnan(v) for v in coe_scores_rows(traj[:, :1])[0].values())
+    with pytest.raises(ValueError, match=r"\[B, N_points, D\]"):
+        coe_scores_rows(traj[0])
