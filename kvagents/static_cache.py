@@ -55,13 +55,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def prologue(ids, pos, col, start, cols, embed_w, cos_t, sin_t, ln_w, eps: float):
-    """Embedding, the first input norm, cos/sin of the positions ``[B, 1, d]`` and the additive attention mask
-    ``[B, 1, 1, Lb]`` (row ``b`` sees columns ``start[b] .. col``)."""
+def prologue(ids, pos, embed_w, cos_t, sin_t, ln_w, eps: float):
+    """Embedding, the first input norm and cos/sin of the positions ``[B, 1, d]`` (shapes depend on ``B`` only:
+    compiled once per batch size)."""
     h = F.embedding(ids, embed_w)
+    return h, _rms(h, ln_w, eps), cos_t[pos][:, None], sin_t[pos][:, None]
+
+
+def attention_mask(col, start, cols, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask ``[B, 1, 1, Lb]`` over ``cols`` (``[Lb]``): row ``b`` sees columns
+    ``start[b] .. col``. Its length changes with the bucket, so it stays eager (five small kernels in the captured
+    step; compiled with dynamic shapes it cost 3-5 s of the first call)."""
     valid = (cols[None] >= start[:, None]) & (cols[None] <= col)
-    mask = torch.zeros(valid.shape, dtype=h.dtype, device=h.device).masked_fill(~valid, float("-inf"))
-    return h, _rms(h, ln_w, eps), cos_t[pos][:, None], sin_t[pos][:, None], mask[:, None, None, :]
+    mask = torch.zeros(valid.shape, dtype=dtype, device=cols.device).masked_fill(~valid, float("-inf"))
+    return mask[:, None, None, :]
 
 
 def attn_pre(x, qkv_w, qkv_b, qn_w, kn_w, cos, sin, k_cache, v_cache, col, eps: float, hq: int, hkv: int, d: int):
@@ -243,7 +250,7 @@ class StaticLM:
             self._final = torch.compile(final_logits, **opts)
             # the attention length changes with the bucket: dynamic shapes
             self._attend_reduce = torch.compile(attend_reduce, fullgraph=True, dynamic=True)
-            self._prologue = torch.compile(prologue, fullgraph=True, dynamic=True)
+            self._prologue = torch.compile(prologue, **opts)
         else:
             self._pre, self._post, self._final, self._attend_reduce = attn_pre, attn_post, final_logits, attend_reduce
             self._rope = rope_write
@@ -308,8 +315,8 @@ class StaticLM:
             return self._step_fused(ids, pos, col, start, K, V, Lb, cols)
         layers = self.layers
         att = self.attention_for(ids.shape[0])
-        h, x, cos, sin, mask = self._prologue(ids, pos, col, start, cols[:Lb], self.embed_w, self._cos, self._sin,
-                                              layers[0].ln1, self.eps)
+        h, x, cos, sin = self._prologue(ids, pos, self.embed_w, self._cos, self._sin, layers[0].ln1, self.eps)
+        mask = attention_mask(col, start, cols[:Lb], h.dtype)
         for i, w in enumerate(layers):
             kc, vc = K[i], V[i]
             q = self._pre(x, w.qkv_w, w.qkv_b, w.qn, w.kn, cos, sin, kc, vc, col, self.eps, self.hq, self.hkv,
@@ -327,8 +334,8 @@ class StaticLM:
 
         layers, eps = self.layers, self.eps
         att = self.attention_for(ids.shape[0])
-        h, _, cos, sin, mask = self._prologue(ids, pos, col, start, cols[:Lb], self.embed_w, self._cos, self._sin,
-                                              layers[0].ln1, eps)
+        h, _, cos, sin = self._prologue(ids, pos, self.embed_w, self._cos, self._sin, layers[0].ln1, eps)
+        mask = attention_mask(col, start, cols[:Lb], h.dtype)
         for i, w in enumerate(layers):
             kc, vc = K[i], V[i]
             qkv = gemv(h, w.qkv_w, bias=w.qkv_b, rms_weight=w.ln1, eps=eps)
