@@ -274,9 +274,15 @@ def _prob_state(c):
 
 
 def _prob_step(c, view):
-    logp = torch.log_softmax(view.logits.float(), dim=-1)
+    from .topk_values import topk_values
+
+    # log_softmax is logits - lse: the top-k of the logits (a Triton kernel on CUDA, torch.topk elsewhere) minus
+    # lse are the top-k log-probabilities, and logp itself is never materialised (the reductions below fuse it)
+    logits = view.logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    logp = logits - lse
     k = min(c.top_k, logp.shape[-1])
-    top = logp.topk(k, dim=-1).values
+    top = topk_values(logits, k) - lse
     max_logp = top[:, 0]
     chosen = logp.gather(-1, view.token_ids[:, None]).squeeze(-1)
     p = logp.exp()
