@@ -146,6 +146,18 @@ def coe_scores_rows(traj: np.ndarray) -> list[dict[str, float]]:
         >>> round(coe_scores_rows(t)[0]["mag"], 4)
         0.7071
     """
+    if isinstance(traj, torch.Tensor):  # norms and angles where the tensor is (float64): one small transfer
+        h = traj.detach().to(torch.float64)
+        if h.dim() != 3:
+            raise ValueError(f"coe_scores_rows expects trajectories [B, N_points, D], got shape {tuple(h.shape)}")
+        if h.shape[1] < 2:
+            return [dict.fromkeys(_COE, float("nan")) for _ in range(h.shape[0])]
+        steps = torch.cat([(h[:, 1:] - h[:, :-1]).norm(dim=-1), _torch_angle(h[:, 1:], h[:, :-1]),
+                           (h[:, -1] - h[:, 0]).norm(dim=-1)[:, None], _torch_angle(h[:, -1], h[:, 0])[:, None]],
+                          dim=1).cpu().numpy()  # fmt: skip
+        s = h.shape[1] - 1
+        return coe_from_steps_rows(steps[:, :s], steps[:, s : 2 * s], np.ones((h.shape[0], s), dtype=bool),
+                                   steps[:, 2 * s], steps[:, 2 * s + 1])
     h = np.asarray(traj, dtype=np.float64)
     if h.ndim != 3:
         raise ValueError(f"coe_scores_rows expects trajectories [B, N_points, D], got shape {h.shape}")
@@ -155,6 +167,12 @@ def coe_scores_rows(traj: np.ndarray) -> list[dict[str, float]]:
     angles = _np_angle(h[:, 1:], h[:, :-1])
     return coe_from_steps_rows(norms, angles, np.ones(norms.shape, dtype=bool),
                                np.linalg.norm(h[:, -1] - h[:, 0], axis=-1), _np_angle(h[:, -1], h[:, 0]))
+
+
+def _torch_angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`_np_angle` in torch (same clamp, NaN where a vector is zero)."""
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    return torch.arccos(cos.clamp(-1.0, 1.0))
 
 
 def _np_angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -269,9 +287,8 @@ class LayerCoE(Component):
         return mean.flatten(2)
 
     def on_finish(self, view: FinishView) -> list[dict[str, float]]:
-        traj = self.trajectories().to("cpu", torch.float64).numpy()
         counts = self._count.tolist()
-        scores = coe_scores_rows(traj)
+        scores = coe_scores_rows(self.trajectories())
         return [_prefixed(s if counts[i] > 0 else dict.fromkeys(_COE, float("nan")), self.prefix)
                 for i, s in enumerate(scores)]
 
@@ -354,13 +371,13 @@ class TokenCoE(Component):
         return None
 
     def on_finish(self, view: FinishView) -> list[dict[str, float]]:
-        prev, first = self._prev.cpu().double(), self._first.cpu().double()
-        total_norm = (prev - first).norm(dim=-1).numpy()
-        total_angle = _angle(prev, first).numpy()
-        norms = self._step_norm.double().cpu().numpy()
-        angles = self._step_angle.double().cpu().numpy()
-        ok = self._step_valid.cpu().numpy()
-        return [_prefixed(s, self.prefix) for s in coe_from_steps_rows(norms, angles, ok, total_norm, total_angle)]
+        prev, first = self._prev.double(), self._first.double()  # on the device: one transfer below
+        cap = self._step_norm.shape[1]
+        host = torch.cat([self._step_norm.double(), self._step_angle.double(), self._step_valid.double(),
+                          (prev - first).norm(dim=-1)[:, None], _angle(prev, first)[:, None]], dim=1).cpu().numpy()
+        norms, angles, ok = host[:, :cap], host[:, cap : 2 * cap], host[:, 2 * cap : 3 * cap] > 0
+        rows = coe_from_steps_rows(norms, angles, ok, host[:, 3 * cap], host[:, 3 * cap + 1])
+        return [_prefixed(s, self.prefix) for s in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------------

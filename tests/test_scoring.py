@@ -298,3 +298,14 @@ def test_row_batched_coe_equals_the_per_row_reference():
     assert all(np.isnan(v) for v in coe_scores_rows(traj[:, :1])[0].values())
     with pytest.raises(ValueError, match=r"\[B, N_points, D\]"):
         coe_scores_rows(traj[0])
+
+
+def test_row_batched_coe_of_a_tensor_equals_numpy():
+    """coe_scores_rows on a torch tensor (norms and angles computed in torch, one transfer) equals the numpy path."""
+    from kvagents.scoring import coe_scores_rows
+
+    traj = np.random.default_rng(1).normal(size=(4, 6, 8))
+    traj[1, -1] = traj[1, 0]
+    traj[2, 3] = 0.0
+    for a, b in zip(coe_scores_rows(torch.from_numpy(traj).float()), coe_scores_rows(traj.astype(np.float32))):
+        assert all(a[k] == pytest.approx(b[k], rel=1e-9, abs=1e-9, nan_ok=True) for k in b)
