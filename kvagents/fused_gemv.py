@@ -412,6 +412,16 @@ def gemv(
         raise ValueError(f"out_dtype must be None, {x.dtype} or torch.float32, got {out_dtype}")
     b = _check_vec("bias", bias, n, x) if bias is not None else None
     g = _check_vec("rms_weight", rms_weight, k, x) if rms_weight is not None else None
+    r = None
+    if residual is not None and m == 1:
+        r = _check_vec("residual", residual, n, x)
+    elif residual is not None:
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"residual must be {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
+        if tuple(residual.shape) != (m, n):
+            raise ValueError(f"residual must have shape [{m}, {n}], got {list(residual.shape)}")
+        r = residual if residual.stride(-1) == 1 else residual.contiguous()
+    cfg = resolve_config(n, k, config, rows=m > 1)
     if w.device.type == "cpu" and not _interpreting():
         raise ValueError(
             "CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 before triton is "
@@ -420,9 +430,7 @@ def gemv(
     out = torch.empty((m, n) if x.dim() == 2 else (n,), dtype=out_dtype or x.dtype, device=x.device)
     one_row, several_rows = _kernel()
     if m == 1:
-        r = _check_vec("residual", residual, n, x) if residual is not None else None
         xf = x.reshape(kx).contiguous()
-        cfg = resolve_config(n, k, config)
         xblock = min(_next_pow2(k), 16 * 32 * cfg["num_warps"])
         grid = ((n + cfg["BLOCK_N"] - 1) // cfg["BLOCK_N"],)
         one_row[grid](
@@ -436,14 +444,6 @@ def gemv(
         return out
     if x.stride(-1) != 1:
         x = x.contiguous()
-    r = None
-    if residual is not None:
-        if residual.dtype != x.dtype or residual.device != x.device:
-            raise ValueError(f"residual must be {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
-        if tuple(residual.shape) != (m, n):
-            raise ValueError(f"residual must have shape [{m}, {n}], got {list(residual.shape)}")
-        r = residual if residual.stride(-1) == 1 else residual.contiguous()
-    cfg = resolve_config(n, k, config, rows=True)
     block_m = 16 if m <= 16 else 32
     xblock = max(16, min(_next_pow2(k), 4096 // block_m))
     grid = ((n + cfg["BLOCK_N"] - 1) // cfg["BLOCK_N"],)
