@@ -1,10 +1,10 @@
 """Dev tool: time variants of the fast decode step (attention kernel, Inductor tuning) on the random Qwen3-8B shape,
 B = 1 greedy with components, and profile one. Variants are picked by env vars read when the engine is built
-(KVAGENTS_ATTN = auto | sdpa | reduce, KVAGENTS_CDT = 0 | 1, KVAGENTS_TOPP = bisect | sort,
+(KVAGENTS_ATTN = auto | sdpa | reduce, KVAGENTS_CDT = 0 | 1, KVAGENTS_TOPP = search | sort,
 KVAGENTS_GEMV = auto | fused | torch, KVAGENTS_GEMV_ROWS = rows up to which "auto" fuses): ``attn:cdt:topp:gemv:rows``
-(missing fields: auto, 0, bisect, auto, 1).
+(missing fields: auto, 0, search, auto, 1).
 
-    python bench/fast_variants.py --variants sdpa:0:bisect:torch,auto:0:bisect:torch,auto --profile auto
+    python bench/fast_variants.py --variants sdpa:0:search:torch,auto:0:search:torch,auto --profile auto
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from kvagents.fast_decode import FastDecodeEngine  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="sdpa:0:bisect:torch,auto:0:bisect:torch,auto")
+    ap.add_argument("--variants", default="sdpa:0:search:torch,auto:0:search:torch,auto")
     ap.add_argument("--cases", default="B=1,1x8")
     ap.add_argument("--profile-cases", default="B=1,1x8", help="of B=1, 1x8, 32")
     ap.add_argument("--profile", default="")
@@ -43,7 +43,7 @@ def main():
     prompts32 = [torch.randint(1000, 100000, (int(k),), generator=torch.Generator().manual_seed(i)).tolist()
                  for i, k in enumerate(torch.randint(64, 129, (32,), generator=torch.Generator().manual_seed(1)))]
     for var in args.variants.split(","):
-        attn, cdt, topp, gemv, rows = (var.split(":") + ["auto", "0", "bisect", "auto", "1"][len(var.split(":")):])[:5]
+        attn, cdt, topp, gemv, rows = (var.split(":") + ["auto", "0", "search", "auto", "1"][len(var.split(":")):])[:5]
         os.environ.update(KVAGENTS_ATTN=attn, KVAGENTS_CDT=cdt, KVAGENTS_TOPP=topp, KVAGENTS_GEMV=gemv,
                           KVAGENTS_GEMV_ROWS=rows)
         torch._dynamo.reset()

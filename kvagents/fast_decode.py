@@ -168,7 +168,7 @@ def top_p_keep(probs: torch.Tensor, top_p: float, ways: int = TOP_P_WAYS) -> tor
     return bits >= hi[:, None]
 
 
-def process_logits_bisect(logits: torch.Tensor, params) -> torch.Tensor:
+def process_logits_search(logits: torch.Tensor, params) -> torch.Tensor:
     """:func:`kvagents.sampling.process_logits` with :func:`top_p_keep` in place of the sort (same kept set up to
     the rounding of the masses)."""
     logits = logits / params.temperature
@@ -453,7 +453,9 @@ class FastDecodeEngine:
         self.lm = StaticLM(model, compile=cuda if compile is None else bool(compile))
         self.bucket = bucket
         self.sync_every = sync_every
-        self.top_p_impl = os.environ.get("KVAGENTS_TOPP", "bisect")
+        self.top_p_impl = os.environ.get("KVAGENTS_TOPP", "search")  # or "sort" (eager sort in the graph)
+        if self.top_p_impl not in ("search", "sort"):
+            raise ValueError(f"KVAGENTS_TOPP must be 'search' or 'sort', got {self.top_p_impl!r}")
         if compile_head is None:
             compile_head = self.lm.compiled and os.environ.get("KVAGENTS_COMPILE_HEAD", "1") != "0"
         self.compile_head = bool(compile_head)
@@ -509,7 +511,7 @@ class FastDecodeEngine:
             if self.top_p_impl == "sort":
                 probs = _process_logits_eager(logits, params).softmax(dim=-1)
             else:
-                probs = process_logits_bisect(logits, params).softmax(dim=-1)
+                probs = process_logits_search(logits, params).softmax(dim=-1)
             tok = (probs / hash_exponential(st.seed_key, st.step, st.rows, st.vocab)).argmax(dim=-1)
         alive = st.reason == RUNNING
         tok = torch.where(st.force_mask, st.force_tok, tok)

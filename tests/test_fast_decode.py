@@ -215,7 +215,10 @@ def test_cuda_graphs_and_compile_equal_eager_engine():
     assert [x.token_ids for x in fast.generate(PROMPTS, s).flat] == [x.token_ids for x in cpu.generate(PROMPTS, s).flat]
 
 
-def test_bisection_top_p_keeps_the_sorted_nucleus():
+@pytest.mark.parametrize("ways", [2, 3, 8])
+def test_top_p_search_keeps_the_sorted_nucleus(ways):
+    """The sort-free nucleus (a ways-ary search over the probabilities' bit patterns; 2 = bisection) equals the
+    sort-and-cumsum rule of kvagents.sampling."""
     from kvagents.fast_decode import top_p_keep
 
     g = torch.Generator().manual_seed(0)
@@ -226,7 +229,7 @@ def test_bisection_top_p_keeps_the_sorted_nucleus():
             sp, order = probs.sort(-1, descending=True)
             keep_sorted = (sp.cumsum(-1) - sp) <= top_p
             want = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-            got = top_p_keep(probs, top_p)
+            got = top_p_keep(probs, top_p, ways=ways)
             assert torch.equal(got, want), (scale, top_p, (got != want).sum())
 
 
