@@ -137,8 +137,8 @@ _search_pass = top_p_search_pass  # torch.compile'd by FastDecodeEngine when it 
 
 
 def _compile_search_pass() -> None:
-    """One small compiled kernel for the search pass, reused by every pass: compiling the unrolled search inside
-    the sampling head cost 10-15 s of a cold first call (Inductor's code generation for ~30 reductions)."""
+    """One small compiled kernel for the search pass, reused by every pass: with the search unrolled inside it,
+    the sampling head's compile took 16-21 s of a cold first call (H100 host, 2026-11-25), 7-9 s without."""
     global _search_pass
     if _search_pass is top_p_search_pass:
         _search_pass = torch.compile(top_p_search_pass, dynamic=False, fullgraph=True)

@@ -138,8 +138,9 @@ def coe_from_steps_rows(
             for i in range(norms.shape[0])]  # fmt: skip
 
 
-def coe_scores_rows(traj: np.ndarray) -> list[dict[str, float]]:
-    """:func:`coe_scores` of ``B`` trajectories ``[B, N_points, D]`` at once (float64), one dict per row.
+def coe_scores_rows(traj: np.ndarray | torch.Tensor) -> list[dict[str, float]]:
+    """:func:`coe_scores` of ``B`` trajectories ``[B, N_points, D]`` at once (float64), one dict per row. A torch
+    tensor gets its norms and angles computed where it is (float64 on its device) and makes one small transfer.
 
     Example:
         >>> t = np.array([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]])
