@@ -339,11 +339,17 @@ def _build():
     return (gemv_kernel, rows_kernel), _interpreting()
 
 
-def _check_vec(name: str, t: torch.Tensor, n: int, x: torch.Tensor) -> torch.Tensor:
+def _check_vec(name: str, t: torch.Tensor, n: int, x: torch.Tensor, rows: int = 1) -> torch.Tensor:
+    """``t`` checked against ``x``'s dtype and device: ``[n]`` (or ``[1, n]``) flattened to ``[n]``; with ``rows``
+    > 1, ``[rows, n]`` with unit stride along ``n``."""
     if t.dtype != x.dtype:
         raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    if rows > 1:
+        if tuple(t.shape) != (rows, n):
+            raise ValueError(f"{name} must have shape [{rows}, {n}], got {list(t.shape)}")
+        return t if t.stride(-1) == 1 else t.contiguous()
     if t.numel() != n or (t.dim() == 2 and t.shape[0] != 1) or t.dim() > 2:
         raise ValueError(f"{name} must have shape [{n}] or [1, {n}], got {list(t.shape)}")
     return t.reshape(n).contiguous()
@@ -412,15 +418,7 @@ def gemv(
         raise ValueError(f"out_dtype must be None, {x.dtype} or torch.float32, got {out_dtype}")
     b = _check_vec("bias", bias, n, x) if bias is not None else None
     g = _check_vec("rms_weight", rms_weight, k, x) if rms_weight is not None else None
-    r = None
-    if residual is not None and m == 1:
-        r = _check_vec("residual", residual, n, x)
-    elif residual is not None:
-        if residual.dtype != x.dtype or residual.device != x.device:
-            raise ValueError(f"residual must be {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
-        if tuple(residual.shape) != (m, n):
-            raise ValueError(f"residual must have shape [{m}, {n}], got {list(residual.shape)}")
-        r = residual if residual.stride(-1) == 1 else residual.contiguous()
+    r = _check_vec("residual", residual, n, x, rows=m) if residual is not None else None
     cfg = resolve_config(n, k, config, rows=m > 1)
     if w.device.type == "cpu" and not _interpreting():
         raise ValueError(
