@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gpu_decode  # noqa: E402
-from gpu_decode import NoTokenizer, components, qwen3_8b_random, sync  # noqa: E402
+from gpu_decode import NoTokenizer, bench_prompts, components, qwen3_8b_random, sync  # noqa: E402
 
 from kvagents import KVModel, SamplingParams  # noqa: E402
 
@@ -54,9 +54,7 @@ def main() -> None:
     model = qwen3_8b_random(dtype=torch.float32, tiny=True) if args.tiny else qwen3_8b_random()
     L = model.config.num_hidden_layers
     llm = KVModel(model, NoTokenizer())
-    prompt = torch.randint(1000, 100000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
-    prompts32 = [torch.randint(1000, 100000, (int(k),), generator=torch.Generator().manual_seed(i)).tolist()
-                 for i, k in enumerate(torch.randint(64, 129, (32,), generator=torch.Generator().manual_seed(1)))]
+    prompt, prompts32 = bench_prompts()
     for c in components(L):
         for meth in ("on_prefill", "on_finish"):
             if meth in type(c).__dict__:

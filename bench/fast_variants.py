@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_decode import NoTokenizer, components, profile_fast, qwen3_8b_random, sync  # noqa: E402
+from gpu_decode import NoTokenizer, bench_prompts, components, profile_fast, qwen3_8b_random, sync  # noqa: E402
 
 from kvagents import KVModel, SamplingParams  # noqa: E402
 from kvagents.fast_decode import FastDecodeEngine  # noqa: E402
@@ -38,10 +38,8 @@ def main():
     args = ap.parse_args()
     model = qwen3_8b_random()
     L = model.config.num_hidden_layers
-    prompt = torch.randint(1000, 100000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt, prompts32 = bench_prompts()
     report = dict(profile={})
-    prompts32 = [torch.randint(1000, 100000, (int(k),), generator=torch.Generator().manual_seed(i)).tolist()
-                 for i, k in enumerate(torch.randint(64, 129, (32,), generator=torch.Generator().manual_seed(1)))]
     for var in args.variants.split(","):
         attn, cdt, topp, gemv, rows = (var.split(":") + ["auto", "0", "search", "auto", "1"][len(var.split(":")):])[:5]
         os.environ.update(KVAGENTS_ATTN=attn, KVAGENTS_CDT=cdt, KVAGENTS_TOPP=topp, KVAGENTS_GEMV=gemv,

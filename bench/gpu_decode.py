@@ -80,6 +80,16 @@ def qwen3_8b_random(dtype=torch.bfloat16, tiny=False):
     return model.eval()
 
 
+def bench_prompts() -> tuple[list[int], list[list[int]]]:
+    """The dev benches' inputs (warmup.py, fast_variants.py, component_cost.py): one 128-token prompt, and 32
+    prompts of 64..128 tokens (random ids, fixed seeds)."""
+    prompt = torch.randint(1000, 100000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    lens = torch.randint(64, 129, (32,), generator=torch.Generator().manual_seed(1))
+    prompts32 = [torch.randint(1000, 100000, (int(k),), generator=torch.Generator().manual_seed(i)).tolist()
+                 for i, k in enumerate(lens)]
+    return prompt, prompts32
+
+
 def sync():
     if DEV == "cuda":
         torch.cuda.synchronize()

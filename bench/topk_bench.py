@@ -6,36 +6,17 @@
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fused_gemv_bench import time_calls  # noqa: E402
 
 from kvagents.topk_values import topk_values  # noqa: E402
-
-
-def per_call_us(fn, calls: int = 100, reps: int = 10) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(ts)
 
 
 def main() -> None:
@@ -44,8 +25,8 @@ def main() -> None:
     for B in (1, 8, 32, 64):
         x = torch.randn(B, V, device="cuda")
         same = torch.equal(topk_values(x, k), torch.topk(x, k, dim=-1).values)
-        t_torch = per_call_us(lambda: torch.topk(x, k, dim=-1).values)  # noqa: B023
-        t_ours = per_call_us(lambda: topk_values(x, k))  # noqa: B023
+        t_torch = time_calls([lambda: torch.topk(x, k, dim=-1).values] * 100)  # noqa: B023
+        t_ours = time_calls([lambda: topk_values(x, k)] * 100)  # noqa: B023
         print(f"B={B:3d}: torch.topk {t_torch:7.1f} µs, topk_values {t_ours:7.1f} µs, identical {same}", flush=True)
 
 

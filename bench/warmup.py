@@ -30,7 +30,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_decode import NoTokenizer, components, qwen3_8b_random, sync  # noqa: E402
+from gpu_decode import NoTokenizer, bench_prompts, components, qwen3_8b_random, sync  # noqa: E402
 
 from kvagents import KVModel, SamplingParams  # noqa: E402
 
@@ -89,9 +89,7 @@ def child(args) -> None:
     model = qwen3_8b_random()
     L = model.config.num_hidden_layers
     llm = KVModel(model, NoTokenizer())
-    prompt = torch.randint(1000, 100000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
-    prompts32 = [torch.randint(1000, 100000, (int(k),), generator=torch.Generator().manual_seed(i)).tolist()
-                 for i, k in enumerate(torch.randint(64, 129, (32,), generator=torch.Generator().manual_seed(1)))]
+    prompt, prompts32 = bench_prompts()
     sync()
     print(f"import {t0 - T_START:.1f} s, model built in {time.perf_counter() - t0:.1f} s", flush=True)
     first = FirstCalls()
