@@ -15,7 +15,8 @@ HBM as in a real step, not from L2). Prints one row per shape (bytes moved, best
 measured device-to-device copy bandwidth, max abs diff of fused vs unfused), the per-step totals, and a
 ``CONFIGS`` dict literal to paste into kvagents/fused_gemv.py.
 
-Needs torch and triton only (the module is loaded from its file, not through the kvagents package):
+Needs torch, triton and the kvagents package importable (the module is loaded from its file; it imports
+``kvagents.triton_support``, hence the package's ``__init__``):
 
     python3 bench/fused_gemv_bench.py                   # ~2-3 minutes on an H100
     python3 bench/fused_gemv_bench.py --shapes 8b --budget 400 --verbose
@@ -42,6 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the module imports kvagents.triton_support
 _spec = importlib.util.spec_from_file_location("fused_gemv", ROOT / "kvagents" / "fused_gemv.py")
 fg = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fg)

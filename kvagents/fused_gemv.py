@@ -47,6 +47,11 @@ import os
 
 import torch
 
+# absolute: the kernel tests and benches also load this module from its file, outside the package
+from kvagents.triton_support import interpreting as _interpreting
+from kvagents.triton_support import next_pow2 as _next_pow2
+from kvagents.triton_support import triton_modules as _triton
+
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Best launch configuration per (N, K), from bench/fused_gemv_bench.py on the GPU (paste its printed dict here).
@@ -117,25 +122,6 @@ def default_config(n: int, k: int) -> dict[str, int]:
     return {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 
 
-@functools.lru_cache(maxsize=1)
-def _triton():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:  # pragma: no cover - depends on the machine
-        return None
-    return triton, tl
-
-
-def _interpreting() -> bool:
-    tt = _triton()
-    if tt is not None:
-        knobs = getattr(tt[0], "knobs", None)
-        if knobs is not None:
-            return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def available() -> bool:
     """True when :func:`gemv` can run here: Triton imports and there is a CUDA device (or Triton's interpreter is
     on, ``TRITON_INTERPRET=1``, for CPU tensors).
@@ -145,10 +131,6 @@ def available() -> bool:
         True
     """
     return _triton() is not None and (torch.cuda.is_available() or _interpreting())
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def resolve_config(n: int, k: int, config: dict | None = None, rows: bool = False) -> dict[str, int]:

@@ -72,33 +72,18 @@ Example:
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+# absolute: the kernel tests and benches also load this module from its file, outside the package
+from kvagents.triton_support import interpreting as _interpreting
+from kvagents.triton_support import next_pow2 as _next_pow2
+from kvagents.triton_support import triton_modules as _triton
 
 MAX_K = 64
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KEYS = ("BLOCK", "GROUP", "num_warps", "merge_warps")
 _MAX_V = 2**31 - 2**20  # int32 offsets and group indices in the kernels
-
-
-@functools.lru_cache(maxsize=1)
-def _triton():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:  # pragma: no cover - depends on the machine
-        return None
-    return triton, tl
-
-
-def _interpreting() -> bool:
-    tt = _triton()
-    if tt is not None:
-        knobs = getattr(tt[0], "knobs", None)
-        if knobs is not None:
-            return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def available() -> bool:
@@ -111,10 +96,6 @@ def available() -> bool:
         True
     """
     return _triton() is not None and (torch.cuda.is_available() or _interpreting())
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def default_config(v: int, k: int) -> dict[str, int]:
