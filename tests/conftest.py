@@ -26,3 +26,12 @@ def _one_thread_for_tiny_models(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def interp():
+    """Triton kernel tests on CPU tensors: skip unless this process runs Triton's interpreter (see
+    tests/triton_interpreter.py, which the kernel test modules import before kvagents)."""
+    from triton_interpreter import require_interpreter
+
+    require_interpreter()

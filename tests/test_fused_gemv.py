@@ -11,19 +11,13 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-# Triton's interpreter must be on before Triton is first imported (importing kvagents imports it, through torch's
-# compile stack): turn it on here when this module is the first to get there, and not on a GPU machine (it would
-# turn Inductor's GPU kernels into interpreted ones for the rest of the session).
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-
-import torch.nn.functional as F  # noqa: E402
+# before kvagents: turns Triton's interpreter on when this process can have it (see tests/triton_interpreter.py)
+from triton_interpreter import rerun_under_interpreter  # noqa: E402
 
 from kvagents import fused_gemv  # noqa: E402
 from kvagents.fused_gemv import gemv, resolve_config  # noqa: E402
@@ -32,24 +26,8 @@ from kvagents.static_cache import _rms, attn_post  # noqa: E402
 EPS = 1e-6
 
 
-@pytest.fixture(scope="module")
-def interp():
-    """CPU tensors through Triton's interpreter; when Triton was imported without it (another test module came
-    first, or a GPU machine), test_kernel_tests_in_a_subprocess runs these tests instead."""
-    pytest.importorskip("triton")
-    if not INTERPRETER:
-        pytest.skip("Triton was imported before TRITON_INTERPRET=1: test_kernel_tests_in_a_subprocess runs them")
-
-
 def test_kernel_tests_in_a_subprocess():
-    pytest.importorskip("triton")
-    if INTERPRETER:
-        pytest.skip("the kernel tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
-    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    rerun_under_interpreter(__file__)
 
 
 def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

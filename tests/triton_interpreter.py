@@ -1,0 +1,44 @@
+"""Shared by the Triton kernel tests (test_fused_gemv.py, test_topk_values.py): CPU tensors through Triton's
+interpreter. Import this module before kvagents.
+
+Triton's interpreter must be on before Triton is first imported (importing kvagents imports it, through torch's
+compile stack): importing this module turns it on when it gets there first, and not on a GPU machine (it would turn
+Inductor's GPU kernels into interpreted ones for the rest of the session). Otherwise the ``interp`` fixture skips
+the kernel tests in-process (:func:`require_interpreter`) and :func:`rerun_under_interpreter` runs the test file
+again in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def require_interpreter() -> None:
+    """Skip unless this process runs Triton's interpreter (the ``interp`` fixture of tests/conftest.py): when
+    Triton was imported without it (another test module came first, or a GPU machine), the file's
+    test_kernel_tests_in_a_subprocess runs these tests instead."""
+    pytest.importorskip("triton")
+    if not INTERPRETER:
+        pytest.skip("Triton was imported before TRITON_INTERPRET=1: test_kernel_tests_in_a_subprocess runs them")
+
+
+def rerun_under_interpreter(test_file: str) -> None:
+    """Run ``test_file`` in a subprocess with the interpreter on (skipped when this process has it on)."""
+    pytest.importorskip("triton")
+    if INTERPRETER:
+        pytest.skip("the kernel tests run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(test_file).resolve())]
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
