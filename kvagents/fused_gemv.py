@@ -50,6 +50,7 @@ import torch
 # absolute: the kernel tests and benches also load this module from its file, outside the package
 from kvagents.triton_support import interpreting as _interpreting
 from kvagents.triton_support import next_pow2 as _next_pow2
+from kvagents.triton_support import same_mode as _same_mode
 from kvagents.triton_support import triton_modules as _triton
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -162,13 +163,7 @@ def resolve_config(n: int, k: int, config: dict | None = None, rows: bool = Fals
 
 
 def _kernel():
-    kernel, interpreted = _build()
-    if interpreted != _interpreting():
-        raise RuntimeError(
-            f"the gemv kernel was built with TRITON_INTERPRET={int(interpreted)} and is now called "
-            f"with TRITON_INTERPRET={int(not interpreted)}: one mode per process"
-        )
-    return kernel
+    return _same_mode(_build(), "the gemv kernels were")
 
 
 @functools.lru_cache(maxsize=1)

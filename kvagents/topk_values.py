@@ -78,6 +78,7 @@ import torch
 # absolute: the kernel tests and benches also load this module from its file, outside the package
 from kvagents.triton_support import interpreting as _interpreting
 from kvagents.triton_support import next_pow2 as _next_pow2
+from kvagents.triton_support import same_mode as _same_mode
 from kvagents.triton_support import triton_modules as _triton
 
 MAX_K = 64
@@ -134,13 +135,7 @@ def resolve_config(v: int, k: int, config: dict | None = None) -> dict[str, int]
 
 
 def _kernels():
-    kernels, interpreted = _build()
-    if interpreted != _interpreting():
-        raise RuntimeError(
-            f"the top-k kernels were built with TRITON_INTERPRET={int(interpreted)} and are now called "
-            f"with TRITON_INTERPRET={int(not interpreted)}: one mode per process"
-        )
-    return kernels
+    return _same_mode(_build(), "the top-k kernels were")
 
 
 @functools.lru_cache(maxsize=1)

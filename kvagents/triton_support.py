@@ -38,3 +38,16 @@ def interpreting() -> bool:
 def next_pow2(n: int) -> int:
     """The least power of two ``>= n`` (1 for ``n <= 1``)."""
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def same_mode(built: tuple, what: str):
+    """The kernels of ``built`` (``(kernels, interpreted)``, from a module's cached ``_build()``), after checking
+    that Triton's interpreter mode has not changed since they were defined: one mode per process. ``what`` names
+    them in the error, e.g. ``"the gemv kernels were"``."""
+    kernels, interpreted = built
+    if interpreted != interpreting():
+        raise RuntimeError(
+            f"{what} built with TRITON_INTERPRET={int(interpreted)} and are now called "
+            f"with TRITON_INTERPRET={int(not interpreted)}: one mode per process"
+        )
+    return kernels
