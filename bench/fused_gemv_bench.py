@@ -203,7 +203,7 @@ def search(case, n_calls, deadline, verbose):
     def best():
         return dict(zip(GRID, min(results, key=results.get)))
 
-    start = fg.resolve_config(case.n, case.k, rows=ROWS > 1)  # the module's choice (CONFIGS or default), clamped to the shape
+    start = fg.resolve_config(case.n, case.k, rows=ROWS)  # the module's choice (CONFIGS or default), clamped to the shape
     tiles = [dict(start, BLOCK_N=bn, BLOCK_K=bk) for bn in GRID["BLOCK_N"] for bk in GRID["BLOCK_K"]]
     if not valid(start, case.n, case.k):
         start = next((c for c in tiles if valid(c, case.n, case.k)), start)

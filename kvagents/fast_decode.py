@@ -550,7 +550,7 @@ class FastDecodeEngine:
         st.fed_valid.copy_(st.reason == RUNNING)
         st.fed_pos.copy_(st.lengths + st.step - 1)
         st.col.copy_((st.T0 + st.step - 1).view(1))
-        st.logits.copy_(self.lm.step(st.tok, st.fed_pos, st.col, st.start, st.K, st.V, Lb, st.cols))
+        st.logits.copy_(self.lm.step(st.tok, st.fed_pos, st.col, st.start, st.K, st.V, Lb, st.cols, st.fed_valid))
 
     def _snapshot(self, st: _Static, comp_tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [t.clone() for t in st.engine_state() + comp_tensors]

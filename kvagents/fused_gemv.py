@@ -46,6 +46,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 # absolute: the kernel tests and benches also load this module from its file, outside the package
 from kvagents.triton_support import interpreting as _interpreting
@@ -72,8 +73,15 @@ CONFIGS: dict[tuple[int, int], dict[str, int]] = {
 }
 
 
-# Several rows (2..MAX_ROWS, the tensor-core kernel): best launch configuration per (N, K), same source.
-ROW_CONFIGS: dict[tuple[int, int], dict[str, int]] = {}
+# Several rows (2..16, the tensor-core kernel with its rows padded to 16): best launch configuration per (N, K),
+# same source, tuned at 8 rows; 17..MAX_ROWS rows (padded to 32: twice the shared memory) take default_row_config.
+ROW_CONFIGS: dict[tuple[int, int], dict[str, int]] = {
+    # Qwen3-8B shapes, H100 80GB HBM3, triton 3.6 (bench/fused_gemv_bench.py --rows 8, 2026-11-25)
+    (6144, 4096): {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+    (4096, 4096): {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 2, "num_stages": 5},
+    (24576, 4096): {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+    (151936, 4096): {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+}
 
 #: the most rows one call takes (the tensor-core kernel pads the rows to 16 or 32)
 MAX_ROWS = 32
@@ -134,17 +142,21 @@ def available() -> bool:
     return _triton() is not None and (torch.cuda.is_available() or _interpreting())
 
 
-def resolve_config(n: int, k: int, config: dict | None = None, rows: bool = False) -> dict[str, int]:
-    """The launch configuration for an ``[N, K]`` weight: ``config``, else ``CONFIGS[(n, k)]`` (``ROW_CONFIGS``
-    for the several-row kernel, ``rows=True``), else the default; blocks are clamped to the (power-of-two padded)
-    matrix so small shapes work (the several-row kernel keeps ``BLOCK_N >= 16``, ``tl.dot``'s least).
+def resolve_config(n: int, k: int, config: dict | None = None, rows: int = 1) -> dict[str, int]:
+    """The launch configuration for an ``[N, K]`` weight and ``rows`` activation rows: ``config``, else
+    ``CONFIGS[(n, k)]`` (one row) or ``ROW_CONFIGS[(n, k)]`` (2..16 rows), else the default (the several-row kernel
+    takes :func:`default_row_config` for 17..32 rows); blocks are clamped to the (power-of-two padded) matrix so small
+    shapes work (the several-row kernel keeps ``BLOCK_N >= 16``, ``tl.dot``'s least).
 
     Example:
         >>> resolve_config(100, 64, {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 2, "num_stages": 1})
         {'BLOCK_N': 32, 'BLOCK_K': 64, 'num_warps': 2, 'num_stages': 1}
     """
-    cfg = dict(default_row_config(n, k) if rows else default_config(n, k))
-    cfg.update((ROW_CONFIGS if rows else CONFIGS).get((n, k), {}))
+    if not isinstance(rows, int) or isinstance(rows, bool) or not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"rows must be an int in 1..{MAX_ROWS} (MAX_ROWS), got {rows!r}")
+    several = rows > 1
+    cfg = dict(default_row_config(n, k) if several else default_config(n, k))
+    cfg.update((ROW_CONFIGS if several else CONFIGS).get((n, k), {}) if rows <= 16 else {})
     if config:
         bad = sorted(set(config) - set(_KEYS))
         if bad:
@@ -157,7 +169,7 @@ def resolve_config(n: int, k: int, config: dict | None = None, rows: bool = Fals
     for key in ("BLOCK_N", "BLOCK_K", "num_warps"):
         if cfg[key] & (cfg[key] - 1):
             raise ValueError(f"config {key} must be a power of two, got {cfg[key]}")
-    cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], _next_pow2(n))) if rows else min(cfg["BLOCK_N"], _next_pow2(n))
+    cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], _next_pow2(n))) if several else min(cfg["BLOCK_N"], _next_pow2(n))
     cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], _next_pow2(k)))
     return cfg
 
@@ -252,13 +264,13 @@ def _build():
     def rows_kernel(
         x_ptr, w_ptr, bias_ptr, rmsw_ptr, res_ptr, y_ptr,
         M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, eps,
-        HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, HAS_RES: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XBLOCK: tl.constexpr,
         NUM_STAGES: tl.constexpr, EVEN_K: tl.constexpr, EMU_BF16: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         """``gemv_kernel`` for ``M`` (2..BLOCK_M) rows: the tile product on tensor cores (``tl.dot`` of the
         prologue's rounded ``[BLOCK_M, BLOCK_K]`` rows with the ``[BLOCK_N, BLOCK_K]`` weight tile), rows past
-        ``M`` masked to zero and not stored."""
+        ``M`` masked to zero and not stored. No SwiGLU prologue: :func:`gemv` computes it first."""
         DT: tl.constexpr = w_ptr.dtype.element_ty
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -284,12 +296,7 @@ def _build():
                 wt = tl.load(w_rows + rk[None, :], eviction_policy="evict_first")
             else:
                 wt = tl.load(w_rows + rk[None, :], mask=kmask[None, :], other=0.0, eviction_policy="evict_first")
-            if SWIGLU:
-                g = tl.load(x_rows + rk[None, :], mask=xmask, other=0.0).to(tl.float32)
-                u = tl.load(x_rows + K + rk[None, :], mask=xmask, other=0.0).to(tl.float32)
-                s = _round(g / (1.0 + tl.exp(-g)), DT, EMU_BF16)
-                xv = _round(s * u, DT, EMU_BF16)
-            elif HAS_RMS:
+            if HAS_RMS:
                 xs = tl.load(x_rows + rk[None, :], mask=xmask, other=0.0).to(tl.float32)
                 gw = _load(rmsw_ptr + rk, kmask, EVEN_K, "")
                 xv = _round(gw[None, :] * _round(xs * inv[:, None], DT, EMU_BF16), DT, EMU_BF16)
@@ -349,7 +356,8 @@ def gemv(
 
     One row runs the GEMV kernel (fused multiply-adds, each weight element read once); 2..:data:`MAX_ROWS` rows
     run the tensor-core kernel (``tl.dot`` of the rows, padded to 16 or 32, with each weight tile, read once for
-    all rows). The prologue and epilogue round as eager PyTorch in both.
+    all rows; a SwiGLU prologue is computed eagerly before it). The prologue and epilogue round as eager PyTorch in
+    both.
 
     Args:
         x: ``[M, K]`` or ``[K]`` (``[M, 2K]`` / ``[2K]`` with ``swiglu``: gate then up), unit stride along K, the
@@ -396,7 +404,7 @@ def gemv(
     b = _check_vec("bias", bias, n, x) if bias is not None else None
     g = _check_vec("rms_weight", rms_weight, k, x) if rms_weight is not None else None
     r = _check_vec("residual", residual, n, x, rows=m) if residual is not None else None
-    cfg = resolve_config(n, k, config, rows=m > 1)
+    cfg = resolve_config(n, k, config, rows=m)
     if w.device.type == "cpu" and not _interpreting():
         raise ValueError(
             "CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 before triton is "
@@ -417,6 +425,10 @@ def gemv(
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
         return out
+    if swiglu:
+        # SwiGLU first, eagerly (exactly the reference's rounding): each of the 100+ programs re-reading the
+        # [M, 2K] input and recomputing its SwiGLU made the 8B down_proj 120 us against 50 unfused at 8 rows
+        x = F.silu(x[:, :k]) * x[:, k:]
     if x.stride(-1) != 1:
         x = x.contiguous()
     block_m = 16 if m <= 16 else 32
@@ -425,7 +437,7 @@ def gemv(
     several_rows[grid](
         x, w, b if b is not None else x, g if g is not None else x, r if r is not None else x, out,
         m, n, k, x.stride(0), w.stride(0), r.stride(0) if r is not None else 0, out.stride(0), float(eps),
-        HAS_BIAS=b is not None, HAS_RMS=g is not None, SWIGLU=bool(swiglu), HAS_RES=r is not None,
+        HAS_BIAS=b is not None, HAS_RMS=g is not None, HAS_RES=r is not None,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], XBLOCK=xblock,
         NUM_STAGES=cfg["num_stages"], EVEN_K=k % cfg["BLOCK_K"] == 0, EMU_BF16=_interpreting(),
         IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -33,6 +33,9 @@ import torch.nn.functional as F
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
+# KVAGENTS_ATTN values (see StaticLM.attention_for)
+ATTN_IMPLS = ("auto", "sdpa", "reduce", "triton")
+
 # batch sizes up to which a step takes the fused Triton kernels by default (see StaticLM.fused_gemv_for; env
 # KVAGENTS_GEMV_ROWS, read when a StaticLM is built, overrides)
 FUSED_ROWS = 1
@@ -224,9 +227,11 @@ class StaticLM:
         # faster at B = 1 in one dev run and 0.3 ms slower in a later one (three split-reduction kernels per layer),
         # and 1.5 ms/step slower at B = 8 (bench/fast_variants.py, H100, 2026-11-25). "auto": reductions for one
         # compiled sequence, SDPA otherwise
+        # "triton" (kvagents.decode_attention): each row reads only its own columns start[b] .. col and a finished
+        # row reads nothing
         self.attn_impl = os.environ.get("KVAGENTS_ATTN", "sdpa")
-        if self.attn_impl not in ("auto", "sdpa", "reduce"):
-            raise ValueError(f"KVAGENTS_ATTN must be 'auto', 'sdpa' or 'reduce', got {self.attn_impl!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"KVAGENTS_ATTN must be one of {', '.join(map(repr, ATTN_IMPLS))}, got {self.attn_impl!r}")
         # one-row steps: q/k/v, o, gate/up, down and the LM head as Triton GEMVs with the RMSNorm / SwiGLU /
         # bias / residual around them fused in (kvagents.fused_gemv; "auto": on CUDA with compile and Triton)
         self.gemv_impl = os.environ.get("KVAGENTS_GEMV", "auto")
@@ -257,12 +262,29 @@ class StaticLM:
             self._prologue = prologue
         self._cos = self._sin = None
 
-    def attention_for(self, batch: int):
-        """The attention function of a step over ``batch`` rows (see ``attn_impl``)."""
+    def attention_for(self, batch: int) -> str:
+        """The attention of a step over ``batch`` rows: ``"sdpa"``, ``"reduce"`` or ``"triton"`` (see
+        ``attn_impl``)."""
         impl = self.attn_impl
         if impl == "auto":
             impl = "reduce" if (batch == 1 and self.compiled) else "sdpa"
-        return self._attend_reduce if impl == "reduce" else attend
+        if impl == "triton":
+            from . import decode_attention
+
+            if not decode_attention.available():
+                raise RuntimeError("KVAGENTS_ATTN=triton needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+        return impl
+
+    def _attend(self, impl: str, q, kc, vc, Lb: int, mask, start, col, live):
+        """Attention of one layer: ``q`` ``[B, H_q, d]`` over the layer's cache ``kc``/``vc`` ``[B, H_kv, cap, d]``,
+        columns ``start[b] .. col`` (``mask`` over the first ``Lb``, or the ranges themselves for ``"triton"``,
+        where rows with ``live`` False read nothing and give zeros)."""
+        if impl == "triton":
+            from .decode_attention import decode_attention
+
+            return decode_attention(q, kc, vc, start, col, live, self.scale, Lb)
+        f = self._attend_reduce if impl == "reduce" else attend
+        return f(q, kc[:, :, :Lb], vc[:, :, :Lb], mask, self.scale, self.hkv)
 
     def fused_gemv_for(self, batch: int) -> bool:
         """Whether a step over ``batch`` rows runs the fused Triton kernels (see ``gemv_impl``): ``"auto"`` for up
@@ -308,39 +330,42 @@ class StaticLM:
         return min(capacity, int(math.ceil((col + 1) / bucket)) * bucket)
 
     # -- the step -----------------------------------------------------------------------------------------------
-    def step(self, ids, pos, col, start, K, V, Lb: int, cols: torch.Tensor) -> torch.Tensor:
+    def step(self, ids, pos, col, start, K, V, Lb: int, cols: torch.Tensor, live=None) -> torch.Tensor:
         """Feed ``ids`` ``[B]`` at positions ``pos`` ``[B]`` into cache column ``col`` (1-element tensor); rows
-        attend to columns ``start[b] .. col``. Returns float32 logits ``[B, V]``. No host synchronisation."""
+        attend to columns ``start[b] .. col``. ``live`` ``[B]`` bool (None: all rows): rows still running; with
+        the ``"triton"`` attention a row that is not live costs no attention reads (its logits are then
+        meaningless). Returns float32 logits ``[B, V]``. No host synchronisation."""
+        impl = self.attention_for(ids.shape[0])
+        if impl == "triton" and live is None:
+            live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         if self.fused_gemv_for(ids.shape[0]):
-            return self._step_fused(ids, pos, col, start, K, V, Lb, cols)
+            return self._step_fused(ids, pos, col, start, K, V, Lb, cols, impl, live)
         layers = self.layers
-        att = self.attention_for(ids.shape[0])
         h, x, cos, sin = self._prologue(ids, pos, self.embed_w, self._cos, self._sin, layers[0].ln1, self.eps)
-        mask = attention_mask(col, start, cols[:Lb], h.dtype)
+        mask = None if impl == "triton" else attention_mask(col, start, cols[:Lb], h.dtype)
         for i, w in enumerate(layers):
             kc, vc = K[i], V[i]
             q = self._pre(x, w.qkv_w, w.qkv_b, w.qn, w.kn, cos, sin, kc, vc, col, self.eps, self.hq, self.hkv,
                           self.d)
-            a = att(q, kc[:, :, :Lb], vc[:, :, :Lb], mask, self.scale, self.hkv)
+            a = self._attend(impl, q, kc, vc, Lb, mask, start, col, live)
             nxt = layers[i + 1].ln1 if i + 1 < len(layers) else self.norm_w
             h, x = self._post(h, a, w.o_w, w.o_b, w.ln2, w.gu_w, w.gu_b, w.down_w, w.down_b, nxt, self.eps,
                               self.inter)
         return self._final(x, self.head_w)
 
-    def _step_fused(self, ids, pos, col, start, K, V, Lb: int, cols: torch.Tensor) -> torch.Tensor:
+    def _step_fused(self, ids, pos, col, start, K, V, Lb: int, cols: torch.Tensor, impl: str, live) -> torch.Tensor:
         """:meth:`step` for a few rows with the fused GEMVs: five kernels per layer besides attention and RoPE (the
         same arithmetic and roundings as the unfused step; fp32 accumulation order differs)."""
         from .fused_gemv import gemv
 
         layers, eps = self.layers, self.eps
-        att = self.attention_for(ids.shape[0])
         h, _, cos, sin = self._prologue(ids, pos, self.embed_w, self._cos, self._sin, layers[0].ln1, eps)
-        mask = attention_mask(col, start, cols[:Lb], h.dtype)
+        mask = None if impl == "triton" else attention_mask(col, start, cols[:Lb], h.dtype)
         for i, w in enumerate(layers):
             kc, vc = K[i], V[i]
             qkv = gemv(h, w.qkv_w, bias=w.qkv_b, rms_weight=w.ln1, eps=eps)
             q = self._rope(qkv, w.qn, w.kn, cos, sin, kc, vc, col, eps, self.hq, self.hkv, self.d)
-            a = att(q, kc[:, :, :Lb], vc[:, :, :Lb], mask, self.scale, self.hkv)
+            a = self._attend(impl, q, kc, vc, Lb, mask, start, col, live)
             h = gemv(a, w.o_w, bias=w.o_b, residual=h)
             gu = gemv(h, w.gu_w, bias=w.gu_b, rms_weight=w.ln2, eps=eps)
             h = gemv(gu, w.down_w, bias=w.down_b, swiglu=True, residual=h)

@@ -306,6 +306,13 @@ def test_config_lookup_and_clamping(monkeypatch):
     assert resolve_config(4096, 4096, dict(num_stages=1))["num_stages"] == 1
     small = resolve_config(3, 20, dict(BLOCK_N=32, BLOCK_K=1024))
     assert small == dict(BLOCK_N=4, BLOCK_K=32, num_warps=4, num_stages=3)
+    # several rows: ROW_CONFIGS (tuned at 8 rows, the rows padded to 16) up to 16 rows, the default beyond
+    assert resolve_config(4096, 4096, rows=8) == fused_gemv.ROW_CONFIGS[(4096, 4096)]
+    assert resolve_config(4096, 4096, rows=17) == fused_gemv.default_row_config(4096, 4096)
+    assert resolve_config(3, 20, rows=2)["BLOCK_N"] == 16  # tl.dot's least
+    for bad in (0, 33, True, 2.0):
+        with pytest.raises(ValueError, match=r"rows must be an int in 1\.\.32"):
+            resolve_config(4096, 4096, rows=bad)
 
 
 def test_module_imports_without_triton(monkeypatch):
@@ -347,8 +354,8 @@ for flags, out in [((0, 1, 0, 0), "fp32"), ((1, 0, 1, 1), "bf16"), ((0, 0, 0, 1)
     assert loads and all(".v4.b32" in ln for ln in loads), "the weight stream is not read in 16-byte vectors"
 rnames = ["x_ptr", "w_ptr", "bias_ptr", "rmsw_ptr", "res_ptr", "y_ptr", "M", "N", "K", "stride_xm", "stride_wn",
           "stride_rm", "stride_ym", "eps"]
-for flags, out in [((0, 1, 0, 0), "fp32"), ((1, 0, 1, 1), "bf16"), ((0, 0, 0, 1), "bf16")]:
-    consts = dict(zip(["HAS_BIAS", "HAS_RMS", "SWIGLU", "HAS_RES"], map(bool, flags)), BLOCK_M=16, BLOCK_N=32,
+for flags, out in [((0, 1, 0), "fp32"), ((1, 0, 1), "bf16"), ((0, 0, 1), "bf16")]:
+    consts = dict(zip(["HAS_BIAS", "HAS_RMS", "HAS_RES"], map(bool, flags)), BLOCK_M=16, BLOCK_N=32,
                   BLOCK_K=256, XBLOCK=256, NUM_STAGES=4, EVEN_K=True, EMU_BF16=False, IEEE=False)
     sig = dict(zip(rnames, ["*bf16"] * 5 + [f"*{out}"] + ["i32"] * 7 + ["fp32"]), **{k: "constexpr" for k in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(13)}
