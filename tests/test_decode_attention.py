@@ -182,6 +182,33 @@ def test_sizes_and_grids_follow_shapes_not_values(interp, monkeypatch):
 
 
 # -- the split plan and the configuration ---------------------------------------------------------------------------
+@pytest.mark.parametrize("gemv", ["torch", "fused"])
+def test_fast_path_with_range_attention_equals_the_eager_engine(interp, monkeypatch, gemv):
+    """The whole fast path with KVAGENTS_ATTN=triton (float32 tiny Qwen3, CPU): mixed prompt lengths, n = 2, rows
+    finishing early on a stop token (from then on they read no K/V), components on: the same tokens, finish
+    reasons and component outputs as the eager engine (which keeps computing finished rows)."""
+    from test_fast_decode import assert_same_results, comps
+    from tiny import ByteTokenizer, tiny_model
+
+    from kvagents import SamplingParams
+    from kvagents.engine import DecodeEngine
+    from kvagents.fast_decode import FastDecodeEngine
+
+    monkeypatch.setenv("KVAGENTS_ATTN", "triton")
+    monkeypatch.setenv("KVAGENTS_GEMV", gemv)
+    model = tiny_model("qwen3")
+    fast = FastDecodeEngine(model, ByteTokenizer(), bucket=8, sync_every=3)
+    assert fast.lm.attention_for(6) == "triton"
+    eager = DecodeEngine(model, ByteTokenizer())
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41, 42], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
+    free = eager.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0)).flat
+    stops = [free[0].token_ids[2], free[2].token_ids[6]]  # rows finish at different steps
+    params = SamplingParams(max_new_tokens=12, temperature=0, n=2, stop_token_ids=stops)
+    want = eager.generate(prompts, params, comps())
+    assert {s.finish_reason for s in want.flat} >= {"stop", "length"}
+    assert_same_results(want, fast.generate(prompts, params, comps()))
+
+
 def test_plan_fills_the_gpu_without_tiny_chunks():
     assert plan(1, 8, 4096) == (128, 32)  # 256 programs
     assert plan(8, 8, 4096) == (832, 5)  # 320

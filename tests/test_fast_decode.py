@@ -215,6 +215,30 @@ def test_cuda_graphs_and_compile_equal_eager_engine():
     assert [x.token_ids for x in fast.generate(PROMPTS, s).flat] == [x.token_ids for x in cpu.generate(PROMPTS, s).flat]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graphs + torch.compile + Triton)")
+def test_cuda_range_attention_and_row_kernels_equal_eager_engine(monkeypatch):
+    """Graphs + compile with the per-row-range Triton attention (finished rows read nothing) and the several-row
+    fused GEMVs: mixed prompt lengths, n samples, rows finishing early on a stop token, components on."""
+    import copy
+
+    pytest.importorskip("triton")
+    monkeypatch.setenv("KVAGENTS_ATTN", "triton")
+    monkeypatch.setenv("KVAGENTS_GEMV_ROWS", "32")
+    model = copy.deepcopy(tiny_model("qwen3")).cuda()
+    eager = DecodeEngine(model, ByteTokenizer())
+    fast = FastDecodeEngine(model, ByteTokenizer(), bucket=8, sync_every=4)
+    assert fast.lm.attention_for(4) == "triton" and fast.lm.fused_gemv_for(8)
+    free = eager.generate(PROMPTS, SamplingParams(max_new_tokens=20, temperature=0)).flat
+    stops = [free[0].token_ids[3], free[2].token_ids[9]]  # rows 0 and 2 finish early, at different steps
+    for params in (SamplingParams(max_new_tokens=20, temperature=0, n=2, stop_token_ids=stops),
+                   SamplingParams(max_new_tokens=20, temperature=0, stop=["a", "Q"]),
+                   SamplingParams(max_new_tokens=20, temperature=0)):
+        assert_same_results(eager.generate(PROMPTS, params, comps()), fast.generate(PROMPTS, params, comps()))
+    for p in PROMPTS:
+        one = SamplingParams(max_new_tokens=20, temperature=0)
+        assert_same_results(eager.generate([p], one, comps()), fast.generate([p], one, comps()))
+
+
 @pytest.mark.parametrize("ways", [2, 3, 8])
 def test_top_p_search_keeps_the_sorted_nucleus(ways):
     """The sort-free nucleus (a ways-ary search over the probabilities' bit patterns; 2 = bisection) equals the
