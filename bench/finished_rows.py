@@ -14,6 +14,7 @@ point is the attention difference, not the best step time).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -37,9 +38,8 @@ def main() -> int:
     if args.tiny:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.batch, args.context, args.reps = 4, 40, 1
-    import torch
-
     import gpu_decode
+    import torch
 
     from kvagents.static_cache import StaticLM
 
@@ -67,9 +67,7 @@ def main() -> int:
         for frac in (float(x) for x in args.live.split(",")):
             live.fill_(False)
             live[: max(1, round(B * frac))] = True
-
-            def fn():
-                return lm.step(ids, pos, col, start, K, V, L, cols, live)
+            fn = functools.partial(lm.step, ids, pos, col, start, K, V, L, cols, live)
             if cuda:
                 s = torch.cuda.Stream()
                 s.wait_stream(torch.cuda.current_stream())
@@ -96,7 +94,7 @@ def main() -> int:
                 ts = [(time.perf_counter() - t0) * 1e3]
             out[frac] = statistics.median(ts)
         rows.append((impl, out))
-        del K, V
+        fn = K = V = None  # free the cache before the next one
         if cuda:
             torch.cuda.empty_cache()
     fracs = [float(x) for x in args.live.split(",")]

@@ -76,10 +76,11 @@ CONFIGS: dict[tuple[int, int], dict[str, int]] = {
 # Several rows (2..16, the tensor-core kernel with its rows padded to 16): best launch configuration per (N, K),
 # same source, tuned at 8 rows; 17..MAX_ROWS rows (padded to 32: twice the shared memory) take default_row_config.
 ROW_CONFIGS: dict[tuple[int, int], dict[str, int]] = {
-    # Qwen3-8B shapes, H100 80GB HBM3, triton 3.6 (bench/fused_gemv_bench.py --rows 8, 2026-11-25)
-    (6144, 4096): {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+    # Qwen3-8B shapes, H200, triton 3.6 (bench/fused_gemv_bench.py --rows 8, 2026-11-25, SwiGLU computed before)
+    (6144, 4096): {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
     (4096, 4096): {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 2, "num_stages": 5},
     (24576, 4096): {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+    (4096, 12288): {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 4, "num_stages": 4},
     (151936, 4096): {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
 }
 

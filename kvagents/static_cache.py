@@ -37,8 +37,9 @@ SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen
 ATTN_IMPLS = ("auto", "sdpa", "reduce", "triton")
 
 # batch sizes up to which a step takes the fused Triton kernels by default (see StaticLM.fused_gemv_for; env
-# KVAGENTS_GEMV_ROWS, read when a StaticLM is built, overrides)
-FUSED_ROWS = 1
+# KVAGENTS_GEMV_ROWS, read when a StaticLM is built, overrides). 8: one prompt x n=8 decoded 6.27 ms/step with the
+# several-row kernels against 6.43 with Inductor + cuBLAS (bench/fast_variants.py, H200, 2026-11-25)
+FUSED_ROWS = 8
 
 
 class UnsupportedModelError(ValueError):
@@ -223,13 +224,12 @@ class StaticLM:
                 w.kn = kn.weight if kn is not None else None
                 self.layers.append(w)
         self.compiled = compile
-        # SDPA (one fused cuDNN kernel per layer) by default. The reduction form (Inductor) was 0.1-0.2 ms/step
-        # faster at B = 1 in one dev run and 0.3 ms slower in a later one (three split-reduction kernels per layer),
-        # and 1.5 ms/step slower at B = 8 (bench/fast_variants.py, H100, 2026-11-25). "auto": reductions for one
-        # compiled sequence, SDPA otherwise
-        # "triton" (kvagents.decode_attention): each row reads only its own columns start[b] .. col and a finished
-        # row reads nothing
-        self.attn_impl = os.environ.get("KVAGENTS_ATTN", "sdpa")
+        # "auto" (the default): "triton" on CUDA where Triton runs (kvagents.decode_attention: each row reads only
+        # its own columns start[b] .. col and a finished row reads nothing; faster than SDPA in every case of
+        # bench/attention_bench.py, H200, 2026-11-25, e.g. 7.6 vs 13.0 us at B=1, 384 columns), else "sdpa" (one
+        # fused kernel per layer over the bucket, with a mask). "reduce": the Inductor reduction form, 0.1-0.2
+        # ms/step faster than SDPA at B = 1 in one H100 run, 0.3 ms slower in another, 1.5 ms slower at B = 8
+        self.attn_impl = os.environ.get("KVAGENTS_ATTN", "auto")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"KVAGENTS_ATTN must be one of {', '.join(map(repr, ATTN_IMPLS))}, got {self.attn_impl!r}")
         # one-row steps: q/k/v, o, gate/up, down and the LM head as Triton GEMVs with the RMSNorm / SwiGLU /
@@ -264,10 +264,13 @@ class StaticLM:
 
     def attention_for(self, batch: int) -> str:
         """The attention of a step over ``batch`` rows: ``"sdpa"``, ``"reduce"`` or ``"triton"`` (see
-        ``attn_impl``)."""
+        ``attn_impl``; the same for every ``batch`` today)."""
         impl = self.attn_impl
         if impl == "auto":
-            impl = "reduce" if (batch == 1 and self.compiled) else "sdpa"
+            from . import decode_attention
+
+            pow2 = self.d >= 16 and not self.d & (self.d - 1)  # the kernel's tl.dot over the head size
+            impl = "triton" if (self.device.type == "cuda" and pow2 and decode_attention.available()) else "sdpa"
         if impl == "triton":
             from . import decode_attention
 

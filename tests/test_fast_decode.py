@@ -206,7 +206,7 @@ def test_cuda_graphs_and_compile_equal_eager_engine():
         captured = fast.captures
         assert_same_results(eager.generate(PROMPTS, params, comps()), fast.generate(PROMPTS, params, comps()))
         assert fast.captures == captured  # same shapes: graphs reused
-    # one row: the fused Triton GEMVs (when Triton is there) and the reduction attention
+    # one row: the one-row fused Triton GEMVs (when Triton is there)
     one = SamplingParams(max_new_tokens=20, temperature=0)
     for p in PROMPTS:
         assert_same_results(eager.generate([p], one, comps()), fast.generate([p], one, comps()))
