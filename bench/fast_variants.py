@@ -1,8 +1,8 @@
 """Dev tool: time variants of the fast decode step (attention kernel, Inductor tuning) on the random Qwen3-8B shape,
 B = 1 greedy with components, and profile one. Variants are picked by env vars read when the engine is built
-(KVAGENTS_ATTN = auto | sdpa | reduce, KVAGENTS_CDT = 0 | 1, KVAGENTS_TOPP = search | sort,
+(KVAGENTS_ATTN = auto | sdpa | reduce | triton, KVAGENTS_CDT = 0 | 1, KVAGENTS_TOPP = search | sort,
 KVAGENTS_GEMV = auto | fused | torch, KVAGENTS_GEMV_ROWS = rows up to which "auto" fuses): ``attn:cdt:topp:gemv:rows``
-(missing fields: auto, 0, search, auto, 1).
+(missing fields: auto, 0, search, auto, static_cache.FUSED_ROWS).
 
     python bench/fast_variants.py --variants sdpa:0:search:torch,auto:0:search:torch,auto --profile auto
 """
@@ -26,6 +26,7 @@ from gpu_decode import NoTokenizer, bench_prompts, components, profile_fast, qwe
 
 from kvagents import KVModel, SamplingParams  # noqa: E402
 from kvagents.fast_decode import FastDecodeEngine  # noqa: E402
+from kvagents.static_cache import FUSED_ROWS  # noqa: E402
 
 
 def main():
@@ -41,7 +42,7 @@ def main():
     prompt, prompts32 = bench_prompts()
     report = dict(profile={})
     for var in args.variants.split(","):
-        attn, cdt, topp, gemv, rows = (var.split(":") + ["auto", "0", "search", "auto", "1"][len(var.split(":")):])[:5]
+        attn, cdt, topp, gemv, rows = (var.split(":") + ["auto", "0", "search", "auto", str(FUSED_ROWS)][len(var.split(":")):])[:5]
         os.environ.update(KVAGENTS_ATTN=attn, KVAGENTS_CDT=cdt, KVAGENTS_TOPP=topp, KVAGENTS_GEMV=gemv,
                           KVAGENTS_GEMV_ROWS=rows)
         torch._dynamo.reset()
