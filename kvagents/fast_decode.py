@@ -214,7 +214,17 @@ class StaticStepView(StepView):
             self._rows = {}
         key = (tuple(layers), part, heads)
         if key not in self._rows and heads == "mean":
-            self._rows[key] = self.kv_rows(layers, part).mean(dim=3, keepdim=True)
+            rows = self.kv_rows(layers, part)
+            n = rows.shape[3]
+            if n <= 16:
+                # the head mean as an unrolled float32 sum (a pointwise kernel reading along d): Inductor's
+                # reduction over the strided head axis read across rows and cost 0.18 ms/step at 32 rows (H200)
+                acc = rows[:, :, :, 0:1].float()
+                for h in range(1, n):
+                    acc = acc + rows[:, :, :, h : h + 1].float()
+                self._rows[key] = (acc / n).to(rows.dtype)
+            else:
+                self._rows[key] = rows.mean(dim=3, keepdim=True)
         if key not in self._rows:
             if "all" not in self._rows:
                 k = self.K.index_select(3, self.col).squeeze(3).transpose(0, 1)  # [B, L, H, d]

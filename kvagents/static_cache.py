@@ -362,7 +362,10 @@ class StaticLM:
         from .fused_gemv import gemv
 
         layers, eps = self.layers, self.eps
-        h, _, cos, sin = self._prologue(ids, pos, self.embed_w, self._cos, self._sin, layers[0].ln1, eps)
+        # eager: three small kernels once a step, where compiling the prologue cost 1-2 s of the first call (the
+        # first norm is fused into the q/k/v GEMV)
+        h = F.embedding(ids, self.embed_w)
+        cos, sin = self._cos[pos][:, None], self._sin[pos][:, None]
         mask = None if impl == "triton" else attention_mask(col, start, cols[:Lb], h.dtype)
         for i, w in enumerate(layers):
             kc, vc = K[i], V[i]
