@@ -10,7 +10,9 @@ wrote are one strided read for the components). Prompts are left-padded as in :f
 row ``b`` holds its prompt in columns ``start[b] .. T - 1`` and the token fed at decode step ``t`` (``t >= 1``) in
 column ``T + t - 1``, the same for every row. Attention reads columns ``0 .. Lb - 1`` only, where ``Lb`` is the
 current length rounded up to a bucket (:meth:`StaticLM.bucket_for`): its cost follows the current length, not the
-capacity. Keys are stored after RoPE, as Hugging Face caches store them.
+capacity. On CUDA the default attention (:mod:`kvagents.decode_attention`) goes further: each row reads only its own
+columns ``start[b] .. col``, and a row that has finished (``live`` False) reads nothing. Keys are stored after RoPE,
+as Hugging Face caches store them.
 
 The arithmetic repeats the Hugging Face modules op for op (RMSNorm in float32 cast back before the weight, RoPE
 in the model dtype from the same cos/sin table), so float32 results equal theirs to rounding; the q/k/v and
