@@ -359,11 +359,16 @@ class StaticLM:
         return self._final(x, self.head_w)
 
     def _step_fused(self, ids, pos, col, start, K, V, Lb: int, cols: torch.Tensor, impl: str, live) -> torch.Tensor:
-        """:meth:`step` for a few rows with the fused GEMVs: five kernels per layer besides attention and RoPE (the
-        same arithmetic and roundings as the unfused step; fp32 accumulation order differs)."""
+        """:meth:`step` for a few rows with the fused GEMVs: five kernels per layer besides attention and the fused
+        q/k-norm + RoPE + cache write (the same arithmetic and roundings as the unfused step; fp32 accumulation order
+        differs)."""
+        from . import fused_rope
         from .fused_gemv import gemv
 
         layers, eps = self.layers, self.eps
+        # q/k norms + RoPE + cache write: one Triton kernel (JIT in well under a second, where compiling the same
+        # piece with Inductor cost 3-4 s of each batch size's first call)
+        rope = fused_rope.rope_write_kernel if fused_rope.available() else self._rope
         # eager: three small kernels once a step, where compiling the prologue cost 1-2 s of the first call (the
         # first norm is fused into the q/k/v GEMV)
         h = F.embedding(ids, self.embed_w)
@@ -372,7 +377,7 @@ class StaticLM:
         for i, w in enumerate(layers):
             kc, vc = K[i], V[i]
             qkv = gemv(h, w.qkv_w, bias=w.qkv_b, rms_weight=w.ln1, eps=eps)
-            q = self._rope(qkv, w.qn, w.kn, cos, sin, kc, vc, col, eps, self.hq, self.hkv, self.d)
+            q = rope(qkv, w.qn, w.kn, cos, sin, kc, vc, col, eps, self.hq, self.hkv, self.d)
             a = self._attend(impl, q, kc, vc, Lb, mask, start, col, live)
             h = gemv(a, w.o_w, bias=w.o_b, residual=h)
             gu = gemv(h, w.gu_w, bias=w.gu_b, rms_weight=w.ln2, eps=eps)
