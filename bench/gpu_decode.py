@@ -302,12 +302,13 @@ def equality(llm, tok, args, report, label):
 
     model = llm.model
     new = args.eq_tokens
-    res = []
+    res, all_ids, all_hf = [], [], []
     for q in QUESTIONS:
         enc = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
         if hasattr(enc, "keys"):
             enc = enc["input_ids"]
         ids = [int(x) for x in enc]
+        all_ids.append(ids)
         fast = llm.generate([ids], SamplingParams(max_new_tokens=new, temperature=0), fast=True).flat[0].token_ids
         gc = GenerationConfig(max_new_tokens=new, do_sample=False, output_scores=True, return_dict_in_generate=True,
                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
@@ -316,6 +317,7 @@ def equality(llm, tok, args, report, label):
         eos = llm.fast_engine.eos_token_ids
         cut = next((k + 1 for k, t in enumerate(hf) if t in eos), len(hf))
         hf = hf[:cut]
+        all_hf.append(hf)
         if fast == hf:
             res.append(dict(prompt=q, equal=True, tokens=len(hf)))
             continue
@@ -334,6 +336,14 @@ def equality(llm, tok, args, report, label):
             print(f"   differs at token {r['first_divergence']} (HF top-2 logit margin {r['hf_top2_margin']}): "
                   f"{r['prompt'][:40]!r}")
     report["equality"][label] = res
+    # the same prompts as ONE left-padded batch on the fast path (mixed lengths; rows finish at their own EOS and
+    # then cost no attention), each row against HF's one-prompt output
+    batch = llm.generate(all_ids, SamplingParams(max_new_tokens=new, temperature=0), fast=True).flat
+    same = [b.token_ids == h for b, h in zip(batch, all_hf)]
+    print(f"{label} greedy equality, the {len(all_ids)} prompts as one fast batch vs HF one prompt at a time: "
+          f"{sum(same)}/{len(same)} identical")
+    report["equality_batch"] = report.get("equality_batch", {})
+    report["equality_batch"][label] = same
 
 
 def memory_long(llm, prompt, args, n_layers, report, label, hidden, layers_p1):
@@ -392,6 +402,10 @@ def markdown(report) -> str:
             if not r["equal"]:
                 lines.append(f" First divergence at token {r['first_divergence']} of {r['prompt'][:30]!r}: HF "
                              f"top-2 logit margin {r['hf_top2_margin']}.")
+        same = report.get("equality_batch", {}).get(label)
+        if same is not None:
+            lines.append(f" The same prompts as one fast-path batch (left-padded, range attention): {sum(same)}/"
+                         f"{len(same)} identical to HF's one-prompt outputs.")
         lines.append("\n")
     for label, m in report["memory"].items():
         lines.append(f"\nMemory, {label}, {m['tokens']} generated tokens: fast path + components peak "
