@@ -144,28 +144,59 @@ def _compile_search_pass() -> None:
         _search_pass = torch.compile(top_p_search_pass, dynamic=False, fullgraph=True)
 
 
-@torch.compiler.disable
 def top_p_keep(probs: torch.Tensor, top_p: float, ways: int = TOP_P_WAYS) -> torch.Tensor:
     """The nucleus ``[B, V]`` (bool) without sorting: keep token ``v`` iff the mass of the tokens more probable than
     it is at most ``top_p`` (the sort-and-cumsum rule of :func:`kvagents.sampling.process_logits`), i.e.
     ``p_v >= t*``. ``t*`` is found by a ``ways``-ary search over the float32 bit patterns of ``probs`` (non-negative
     floats order like their bits): each pass tests ``ways - 1`` thresholds in one read of the row and narrows the
     bracket ``ways``-fold, so 11 passes (8 ways) settle the 31 bits. Exact up to the rounding of the masses,
-    graph-safe (no host synchronisation); the passes run outside the compiled head, each one compiled kernel.
+    graph-safe (no host synchronisation).
+
+    A custom op (``torch.ops.kvagents.top_p_keep``), opaque to Dynamo: a compiled sampling head stays one graph
+    around it (a graph break here split the head and its caller into four compiled graphs), and the passes run
+    inside it, each one small compiled kernel.
 
     Example:
         >>> p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
         >>> top_p_keep(p, 0.7).tolist()
         [[True, True, False, False]]
     """
+    return _TOP_P_OP(probs, float(top_p), int(ways))
+
+
+def _top_p_keep_impl(probs: torch.Tensor, top_p: float, ways: int) -> torch.Tensor:
     bits = probs.view(torch.int32)
     lo = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)  # mass above 0 is 1 > top_p
     hi = bits.max(dim=-1).values.long()  # nothing above the maximum: 0 <= top_p
     span = 1 << 31
     while span > 1:
-        lo, hi = _search_pass(bits, probs, lo, hi, float(top_p), ways)
+        lo, hi = _search_pass(bits, probs, lo, hi, top_p, ways)
         span = -(-span // ways)
     return bits >= hi[:, None]
+
+
+def _top_p_keep_fake(probs: torch.Tensor, top_p: float, ways: int) -> torch.Tensor:
+    return torch.empty(probs.shape, dtype=torch.bool, device=probs.device)
+
+
+# custom_op reads the annotations: real types, not the strings of `from __future__ import annotations`
+_top_p_keep_impl.__annotations__ = _top_p_keep_fake.__annotations__ = {
+    "probs": torch.Tensor, "top_p": float, "ways": int, "return": torch.Tensor,
+}  # fmt: skip
+
+
+def _register_top_p():
+    """``torch.ops.kvagents.top_p_keep(probs, top_p, ways)``, once per process."""
+    try:
+        return torch.ops.kvagents.top_p_keep
+    except (AttributeError, RuntimeError):
+        pass
+    op = torch.library.custom_op("kvagents::top_p_keep", mutates_args=())(_top_p_keep_impl)
+    op.register_fake(_top_p_keep_fake)
+    return torch.ops.kvagents.top_p_keep
+
+
+_TOP_P_OP = _register_top_p()
 
 
 def process_logits_search(logits: torch.Tensor, params) -> torch.Tensor:
