@@ -55,6 +55,7 @@ import torch
 
 # absolute: the kernel tests and benches also load this module from its file, outside the package
 from kvagents.triton_support import interpreting as _interpreting
+from kvagents.triton_support import jit_round as _jit_round
 from kvagents.triton_support import same_mode as _same_mode
 from kvagents.triton_support import triton_modules as _triton
 
@@ -85,19 +86,7 @@ def _build():
         raise RuntimeError("kvagents.fused_rope needs triton (pip install triton); available() is False")
     triton, tl = tt
 
-    @triton.jit
-    def _round(v, DT: tl.constexpr, EMU_BF16: tl.constexpr):
-        """float32 ``v`` rounded (nearest even) to ``DT``, returned as float32."""
-        if DT == tl.float32:
-            r = v
-        elif DT == tl.bfloat16 and EMU_BF16:
-            # the interpreter truncates float32 -> bfloat16: round to nearest even on the bits instead
-            b = v.to(tl.uint32, bitcast=True)
-            b = (b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000
-            r = b.to(tl.float32, bitcast=True)
-        else:
-            r = v.to(DT).to(tl.float32)
-        return r
+    _round = _jit_round()
 
     # Triton resolves the names a kernel calls in its module's globals (not in this closure): publish the helper
     globals().update(_round=_round)

@@ -1,5 +1,6 @@
-"""Triton, when it is installed: the checks shared by kvagents' Triton kernels (:mod:`kvagents.fused_gemv`,
-:mod:`kvagents.topk_values`).
+"""Triton, when it is installed: the checks and the rounding helper shared by kvagents' Triton kernels
+(:mod:`kvagents.fused_gemv`, :mod:`kvagents.topk_values`, :mod:`kvagents.decode_attention`,
+:mod:`kvagents.fused_rope`).
 
 Nothing here is cached, so a module loaded while ``import triton`` fails (the kernels' no-Triton tests) sees that,
 and later imports see Triton again.
@@ -51,3 +52,32 @@ def same_mode(built: tuple, what: str):
             f"with TRITON_INTERPRET={int(not interpreted)}: one mode per process"
         )
     return kernels
+
+
+def jit_round():
+    """The ``@triton.jit`` helper ``_round(v, DT, EMU_BF16)``: float32 ``v`` rounded (nearest even) to the dtype
+    ``DT``, returned as float32. Under Triton's interpreter (``EMU_BF16``) bfloat16 rounding is done on the bits,
+    because the interpreter truncates float32 -> bfloat16 casts where the GPU rounds. A kernel module calls this in
+    its cached ``_build()`` and publishes the result in its globals (Triton resolves the names a kernel calls
+    there, not in a closure)."""
+    tt = triton_modules()
+    if tt is None:
+        raise RuntimeError("jit_round needs triton")
+    triton, tl = tt
+    # Triton's interpreter looks for triton.language in a jit function's module globals
+    globals()["tl"] = tl
+
+    @triton.jit
+    def _round(v, DT: tl.constexpr, EMU_BF16: tl.constexpr):
+        if DT == tl.float32:
+            r = v
+        elif DT == tl.bfloat16 and EMU_BF16:
+            # the interpreter truncates float32 -> bfloat16: round to nearest even on the bits instead
+            b = v.to(tl.uint32, bitcast=True)
+            b = (b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000
+            r = b.to(tl.float32, bitcast=True)
+        else:
+            r = v.to(DT).to(tl.float32)
+        return r
+
+    return _round
