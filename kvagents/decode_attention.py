@@ -63,7 +63,7 @@ import torch
 
 # absolute: the kernel tests and benches also load this module from its file, outside the package
 from kvagents.triton_support import interpreting as _interpreting
-from kvagents.triton_support import jit_round as _jit_round
+from kvagents.triton_support import kernel_scope as _kernel_scope
 from kvagents.triton_support import next_pow2 as _next_pow2
 from kvagents.triton_support import same_mode as _same_mode
 from kvagents.triton_support import triton_modules as _triton
@@ -159,6 +159,10 @@ def plan(b: int, hkv: int, length: int, block_n: int = 64) -> tuple[int, int]:
     return chunk, -(-length // chunk)
 
 
+# the rounding jit helper the kernels call: set by _build() (triton_support.kernel_scope), where Triton looks for it
+_round = None
+
+
 def _kernels():
     return _same_mode(_build(), "the decode attention kernels were")
 
@@ -167,15 +171,7 @@ def _kernels():
 def _build():
     """Define the kernels on first use (so ``TRITON_INTERPRET`` is read then, and the module imports without
     Triton); returns ``((split_kernel, merge_kernel), interpreted)``."""
-    tt = _triton()
-    if tt is None:
-        raise RuntimeError("kvagents.decode_attention needs triton (pip install triton); available() is False")
-    triton, tl = tt
-
-    _round = _jit_round()
-
-    # Triton resolves the names a kernel calls in its module's globals (not in this closure): publish the helper
-    globals().update(_round=_round)
+    triton, tl = _kernel_scope("kvagents.decode_attention", globals())  # publishes _round
 
     @triton.jit
     def split_kernel(

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 # absolute: the kernel tests and benches also load this module from its file, outside the package
 from kvagents.triton_support import interpreting as _interpreting
-from kvagents.triton_support import jit_round as _jit_round
+from kvagents.triton_support import kernel_scope as _kernel_scope
 from kvagents.triton_support import next_pow2 as _next_pow2
 from kvagents.triton_support import same_mode as _same_mode
 from kvagents.triton_support import triton_modules as _triton
@@ -176,6 +176,10 @@ def resolve_config(n: int, k: int, config: dict | None = None, rows: int = 1) ->
     return cfg
 
 
+# the rounding jit helper the kernels call: set by _build() (triton_support.kernel_scope), where Triton looks for it
+_round = None
+
+
 def _kernel():
     return _same_mode(_build(), "the gemv kernels were")
 
@@ -184,12 +188,7 @@ def _kernel():
 def _build():
     """Define the kernel on first use (so ``TRITON_INTERPRET`` is read then, and the module imports without
     Triton); returns ``(kernel, interpreted)``."""
-    tt = _triton()
-    if tt is None:
-        raise RuntimeError("kvagents.fused_gemv needs triton (pip install triton); available() is False")
-    triton, tl = tt
-
-    _round = _jit_round()
+    triton, tl = _kernel_scope("kvagents.fused_gemv", globals())  # publishes _round
 
     @triton.jit
     def _load(ptrs, mask, EVEN: tl.constexpr, POLICY: tl.constexpr):
@@ -200,8 +199,8 @@ def _build():
             v = tl.load(ptrs, mask=mask, other=0.0, eviction_policy=POLICY)
         return v.to(tl.float32)
 
-    # Triton resolves the names a kernel calls in its module's globals (not in this closure): publish the helpers
-    globals().update(_round=_round, _load=_load)
+    # Triton resolves the names a kernel calls in its module's globals (not in this closure): publish the helper
+    globals().update(_load=_load)
 
     @triton.jit
     def gemv_kernel(

@@ -55,7 +55,7 @@ import torch
 
 # absolute: the kernel tests and benches also load this module from its file, outside the package
 from kvagents.triton_support import interpreting as _interpreting
-from kvagents.triton_support import jit_round as _jit_round
+from kvagents.triton_support import kernel_scope as _kernel_scope
 from kvagents.triton_support import same_mode as _same_mode
 from kvagents.triton_support import triton_modules as _triton
 
@@ -73,6 +73,10 @@ def available() -> bool:
     return _triton() is not None and (torch.cuda.is_available() or _interpreting())
 
 
+# the rounding jit helper the kernels call: set by _build() (triton_support.kernel_scope), where Triton looks for it
+_round = None
+
+
 def _kernel():
     return _same_mode(_build(), "the rope kernel was")
 
@@ -81,15 +85,7 @@ def _kernel():
 def _build():
     """Define the kernel on first use (so ``TRITON_INTERPRET`` is read then, and the module imports without
     Triton); returns ``(kernel, interpreted)``."""
-    tt = _triton()
-    if tt is None:
-        raise RuntimeError("kvagents.fused_rope needs triton (pip install triton); available() is False")
-    triton, tl = tt
-
-    _round = _jit_round()
-
-    # Triton resolves the names a kernel calls in its module's globals (not in this closure): publish the helper
-    globals().update(_round=_round)
+    triton, tl = _kernel_scope("kvagents.fused_rope", globals())  # publishes _round
 
     @triton.jit
     def rope_kernel(

@@ -81,3 +81,14 @@ def jit_round():
         return r
 
     return _round
+
+
+def kernel_scope(module: str, namespace: dict):
+    """``(triton, triton.language)`` for a kernel module's cached ``_build()``: a RuntimeError naming ``module``
+    when Triton does not import, and :func:`jit_round`'s ``_round`` published in ``namespace`` (the module's
+    globals, where Triton resolves the names a kernel calls)."""
+    tt = triton_modules()
+    if tt is None:
+        raise RuntimeError(f"{module} needs triton (pip install triton); available() is False")
+    namespace["_round"] = jit_round()
+    return tt

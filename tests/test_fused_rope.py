@@ -23,7 +23,7 @@ import pytest
 import torch
 
 # before kvagents: turns Triton's interpreter on when this process can have it (see tests/triton_interpreter.py)
-from triton_interpreter import rerun_under_interpreter  # noqa: E402
+from triton_interpreter import rerun_under_interpreter, ulps  # noqa: E402
 
 from kvagents import fused_rope as fr  # noqa: E402
 from kvagents.fused_rope import rope_write_kernel  # noqa: E402
@@ -35,16 +35,6 @@ LAYER = 1
 
 def test_kernel_tests_in_a_subprocess():
     rerun_under_interpreter(__file__)
-
-
-def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Distance in bfloat16 units in the last place (monotone integer view of the bits)."""
-
-    def key(t):
-        i = t.contiguous().view(torch.int16).int()
-        return torch.where(i < 0, -(i & 0x7FFF), i)
-
-    return (key(a) - key(b)).abs()
 
 
 class Case:

@@ -1,4 +1,4 @@
-"""Shared by the Triton kernel tests (test_fused_gemv.py, test_topk_values.py): CPU tensors through Triton's
+"""Shared by the Triton kernel tests (test_fused_gemv.py, test_topk_values.py, ...): CPU tensors through Triton's
 interpreter. Import this module before kvagents.
 
 Triton's interpreter must be on before Triton is first imported (importing kvagents imports it, through torch's
@@ -42,3 +42,13 @@ def rerun_under_interpreter(test_file: str) -> None:
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(test_file).resolve())]
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in bfloat16 units in the last place (monotone integer view of the bits)."""
+
+    def key(t):
+        i = t.contiguous().view(torch.int16).int()
+        return torch.where(i < 0, -(i & 0x7FFF), i)
+
+    return (key(a) - key(b)).abs()
