@@ -65,8 +65,8 @@ import torch
 from kvagents.triton_support import interpreting as _interpreting
 from kvagents.triton_support import kernel_scope as _kernel_scope
 from kvagents.triton_support import next_pow2 as _next_pow2
+from kvagents.triton_support import runnable as _runnable
 from kvagents.triton_support import same_mode as _same_mode
-from kvagents.triton_support import triton_modules as _triton
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: stage-1 programs aimed at: twice the SMs of an H100
@@ -85,7 +85,7 @@ def available() -> bool:
         >>> isinstance(available(), bool)
         True
     """
-    return _triton() is not None and (torch.cuda.is_available() or _interpreting())
+    return _runnable()
 
 
 def default_config(d: int) -> dict[str, int]:

@@ -56,8 +56,8 @@ import torch
 # absolute: the kernel tests and benches also load this module from its file, outside the package
 from kvagents.triton_support import interpreting as _interpreting
 from kvagents.triton_support import kernel_scope as _kernel_scope
+from kvagents.triton_support import runnable as _runnable
 from kvagents.triton_support import same_mode as _same_mode
-from kvagents.triton_support import triton_modules as _triton
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -70,7 +70,7 @@ def available() -> bool:
         >>> isinstance(available(), bool)
         True
     """
-    return _triton() is not None and (torch.cuda.is_available() or _interpreting())
+    return _runnable()
 
 
 # the rounding jit helper the kernels call: set by _build() (triton_support.kernel_scope), where Triton looks for it

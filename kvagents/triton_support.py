@@ -36,6 +36,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def runnable() -> bool:
+    """Whether Triton kernels can run here: Triton imports and there is a CUDA device, or Triton's interpreter is
+    on (``TRITON_INTERPRET=1``, for CPU tensors)."""
+    import torch
+
+    return triton_modules() is not None and (torch.cuda.is_available() or interpreting())
+
+
 def next_pow2(n: int) -> int:
     """The least power of two ``>= n`` (1 for ``n <= 1``)."""
     return 1 << max(0, int(n) - 1).bit_length()
