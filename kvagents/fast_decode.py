@@ -144,7 +144,7 @@ def _compile_search_pass() -> None:
         _search_pass = torch.compile(top_p_search_pass, dynamic=False, fullgraph=True)
 
 
-def top_p_keep(probs: torch.Tensor, top_p: float, ways: int = TOP_P_WAYS) -> torch.Tensor:
+def top_p_keep(probs: torch.Tensor, top_p: float, ways: int = TOP_P_WAYS, kernel: bool | None = None) -> torch.Tensor:
     """The nucleus ``[B, V]`` (bool) without sorting: keep token ``v`` iff the mass of the tokens more probable than
     it is at most ``top_p`` (the sort-and-cumsum rule of :func:`kvagents.sampling.process_logits`), i.e.
     ``p_v >= t*``. ``t*`` is found by a ``ways``-ary search over the float32 bit patterns of ``probs`` (non-negative
@@ -153,18 +153,27 @@ def top_p_keep(probs: torch.Tensor, top_p: float, ways: int = TOP_P_WAYS) -> tor
     graph-safe (no host synchronisation).
 
     A custom op (``torch.ops.kvagents.top_p_keep``), opaque to Dynamo: a compiled sampling head stays one graph
-    around it (a graph break here split the head and its caller into four compiled graphs), and the passes run
-    inside it, each one small compiled kernel.
+    around it (a graph break here split the head and its caller into four compiled graphs). ``kernel``: the
+    passes as Triton kernels (:mod:`kvagents.top_p_search`, one launch a pass), else as one small compiled torch
+    reduction each; None: the kernels where they run (CUDA with Triton).
 
     Example:
         >>> p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
         >>> top_p_keep(p, 0.7).tolist()
         [[True, True, False, False]]
     """
-    return _TOP_P_OP(probs, float(top_p), int(ways))
+    if kernel is None:
+        from . import top_p_search
+
+        kernel = probs.is_cuda and top_p_search.available()
+    return _TOP_P_OP(probs, float(top_p), int(ways), bool(kernel))
 
 
-def _top_p_keep_impl(probs: torch.Tensor, top_p: float, ways: int) -> torch.Tensor:
+def _top_p_keep_impl(probs: torch.Tensor, top_p: float, ways: int, kernel: bool = False) -> torch.Tensor:
+    if kernel:
+        from .top_p_search import top_p_keep_kernel
+
+        return top_p_keep_kernel(probs, top_p, ways)
     bits = probs.view(torch.int32)
     lo = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)  # mass above 0 is 1 > top_p
     hi = bits.max(dim=-1).values.long()  # nothing above the maximum: 0 <= top_p
@@ -175,18 +184,18 @@ def _top_p_keep_impl(probs: torch.Tensor, top_p: float, ways: int) -> torch.Tens
     return bits >= hi[:, None]
 
 
-def _top_p_keep_fake(probs: torch.Tensor, top_p: float, ways: int) -> torch.Tensor:
+def _top_p_keep_fake(probs: torch.Tensor, top_p: float, ways: int, kernel: bool = False) -> torch.Tensor:
     return torch.empty(probs.shape, dtype=torch.bool, device=probs.device)
 
 
 # custom_op reads the annotations: real types, not the strings of `from __future__ import annotations`
 _top_p_keep_impl.__annotations__ = _top_p_keep_fake.__annotations__ = {
-    "probs": torch.Tensor, "top_p": float, "ways": int, "return": torch.Tensor,
+    "probs": torch.Tensor, "top_p": float, "ways": int, "kernel": bool, "return": torch.Tensor,
 }  # fmt: skip
 
 
 def _register_top_p():
-    """``torch.ops.kvagents.top_p_keep(probs, top_p, ways)``, once per process."""
+    """``torch.ops.kvagents.top_p_keep(probs, top_p, ways, kernel)``, once per process."""
     try:
         return torch.ops.kvagents.top_p_keep
     except (AttributeError, RuntimeError):
@@ -199,7 +208,7 @@ def _register_top_p():
 _TOP_P_OP = _register_top_p()
 
 
-def process_logits_search(logits: torch.Tensor, params) -> torch.Tensor:
+def process_logits_search(logits: torch.Tensor, params, kernel: bool | None = None) -> torch.Tensor:
     """:func:`kvagents.sampling.process_logits` with :func:`top_p_keep` in place of the sort (same kept set up to
     the rounding of the masses)."""
     logits = logits / params.temperature
@@ -207,7 +216,7 @@ def process_logits_search(logits: torch.Tensor, params) -> torch.Tensor:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        logits = logits.masked_fill(~top_p_keep(logits.softmax(dim=-1), params.top_p), float("-inf"))
+        logits = logits.masked_fill(~top_p_keep(logits.softmax(dim=-1), params.top_p, kernel=kernel), float("-inf"))
     return logits
 
 
@@ -494,9 +503,15 @@ class FastDecodeEngine:
         self.lm = StaticLM(model, compile=cuda if compile is None else bool(compile))
         self.bucket = bucket
         self.sync_every = sync_every
-        self.top_p_impl = os.environ.get("KVAGENTS_TOPP", "search")  # or "sort" (eager sort in the graph)
-        if self.top_p_impl not in ("search", "sort"):
-            raise ValueError(f"KVAGENTS_TOPP must be 'search' or 'sort', got {self.top_p_impl!r}")
+        # "auto": the nucleus search as Triton kernels on CUDA (kvagents.top_p_search), else as compiled torch
+        # passes; "kernel" / "search" force one of them; "sort": eager sort-and-cumsum in the graph
+        self.top_p_impl = os.environ.get("KVAGENTS_TOPP", "auto")
+        if self.top_p_impl not in ("auto", "kernel", "search", "sort"):
+            raise ValueError(f"KVAGENTS_TOPP must be 'auto', 'kernel', 'search' or 'sort', got {self.top_p_impl!r}")
+        from . import top_p_search
+
+        # resolved here: a plain bool to the compiled head
+        self._topp_kernel = {"auto": cuda and top_p_search.available(), "kernel": True}.get(self.top_p_impl, False)
         if compile_head is None:
             compile_head = self.lm.compiled and os.environ.get("KVAGENTS_COMPILE_HEAD", "1") != "0"
         self.compile_head = bool(compile_head)
@@ -552,7 +567,7 @@ class FastDecodeEngine:
             if self.top_p_impl == "sort":
                 probs = _process_logits_eager(logits, params).softmax(dim=-1)
             else:
-                probs = process_logits_search(logits, params).softmax(dim=-1)
+                probs = process_logits_search(logits, params, self._topp_kernel).softmax(dim=-1)
             tok = (probs / hash_exponential(st.seed_key, st.step, st.rows, st.vocab)).argmax(dim=-1)
         alive = st.reason == RUNNING
         tok = torch.where(st.force_mask, st.force_tok, tok)

@@ -168,6 +168,28 @@ def test_empty_shapes_launch_nothing(interp, monkeypatch):
 
 
 # -- the plan -------------------------------------------------------------------------------------------------------
+def test_fast_path_sampling_with_the_kernels_equals_the_torch_search(interp, monkeypatch):
+    """The fast path's sampled decoding (n = 3, temperature + top-p) with KVAGENTS_TOPP=kernel takes the same tokens
+    as with the torch search passes (KVAGENTS_TOPP=search), and top_p_keep(kernel=True) goes through the custom op."""
+    from tiny import ByteTokenizer, tiny_model
+
+    from kvagents import SamplingParams
+    from kvagents.fast_decode import FastDecodeEngine, top_p_keep
+
+    probs = torch.randn(3, 500).mul(3).softmax(-1)
+    assert torch.equal(top_p_keep(probs, 0.9, kernel=True), top_p_keep(probs, 0.9, kernel=False))
+    model = tiny_model("qwen3")
+    params = SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, n=3, seed=3)
+    prompts = [[5, 6, 7, 8, 9], [40, 41, 42]]
+    out = {}
+    for impl in ("kernel", "search"):
+        monkeypatch.setenv("KVAGENTS_TOPP", impl)
+        fast = FastDecodeEngine(model, ByteTokenizer(), bucket=8, sync_every=4)
+        assert fast._topp_kernel == (impl == "kernel")
+        out[impl] = [x.token_ids for x in fast.generate(prompts, params).flat]
+    assert out["kernel"] == out["search"]
+
+
 def test_passes_and_default_blocks():
     assert [n_passes(w) for w in range(2, 17)] == [31, 20, 16, 14, 12, 12, 11, 10, 10, 9, 9, 9, 9, 8, 8]
     assert default_block(1, 151936) == 1024  # 149 programs
