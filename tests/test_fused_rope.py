@@ -13,7 +13,6 @@ the import without Triton, and (without a GPU) an sm_90 compilation of the kerne
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 import torch
 
 # before kvagents: turns Triton's interpreter on when this process can have it (see tests/triton_interpreter.py)
-from triton_interpreter import rerun_under_interpreter, ulps  # noqa: E402
+from triton_interpreter import load_without_triton, rerun_under_interpreter, ulps  # noqa: E402
 
 from kvagents import fused_rope as fr  # noqa: E402
 from kvagents.fused_rope import rope_write_kernel  # noqa: E402
@@ -253,12 +252,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 def test_module_imports_without_triton(monkeypatch):
-    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
-    monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("fused_rope_no_triton", fr.__file__)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.available() is False
+    mod = load_without_triton(monkeypatch, fr, "fused_rope_no_triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="needs triton"):
         mod.rope_write_kernel(**_args())

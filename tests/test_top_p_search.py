@@ -11,7 +11,6 @@ only), the argument errors, the import without Triton, and (without a GPU) an sm
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 # before kvagents: turns Triton's interpreter on when this process can have it (see tests/triton_interpreter.py)
-from triton_interpreter import rerun_under_interpreter  # noqa: E402
+from triton_interpreter import load_without_triton, rerun_under_interpreter  # noqa: E402
 
 from kvagents import top_p_search as tps  # noqa: E402
 from kvagents.fast_decode import _top_p_keep_impl  # noqa: E402
@@ -239,12 +238,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 def test_module_imports_without_triton(monkeypatch):
-    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
-    monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("top_p_search_no_triton", tps.__file__)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.available() is False
+    mod = load_without_triton(monkeypatch, tps, "top_p_search_no_triton")
     with pytest.raises(RuntimeError, match="needs triton"):
         mod._build()
 

@@ -52,3 +52,17 @@ def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.where(i < 0, -(i & 0x7FFF), i)
 
     return (key(a) - key(b)).abs()
+
+
+def load_without_triton(monkeypatch, module, name: str):
+    """A fresh copy of the kernel ``module`` loaded from its file while ``import triton`` fails (the kernel tests'
+    "imports without Triton" checks): ``available()`` must say False and the kernels must say what is missing."""
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location(name, module.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.available() is False
+    return mod
