@@ -76,7 +76,7 @@ def instrument(llm, first: FirstCalls) -> None:
 
     eng = llm.fast_engine
     lm = eng.lm
-    for name in ("_prologue", "_rope", "_pre", "_post", "_final"):
+    for name in ("_prologue", "_pre", "_post", "_final"):
         setattr(lm, name, first.wrap(name, getattr(lm, name)))
     eng._head_graph = first.wrap("head (compiled)", eng._head_graph)
     eng.base.prefill = first.wrap("prefill (eager)", eng.base.prefill)

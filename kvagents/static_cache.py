@@ -234,6 +234,7 @@ class StaticLM:
         self.attn_impl = os.environ.get("KVAGENTS_ATTN", "auto")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"KVAGENTS_ATTN must be one of {', '.join(map(repr, ATTN_IMPLS))}, got {self.attn_impl!r}")
+        self.attention = self._resolve_attention()
         # one-row steps: q/k/v, o, gate/up, down and the LM head as Triton GEMVs with the RMSNorm / SwiGLU /
         # bias / residual around them fused in (kvagents.fused_gemv; "auto": on CUDA with compile and Triton)
         self.gemv_impl = os.environ.get("KVAGENTS_GEMV", "auto")
@@ -252,7 +253,6 @@ class StaticLM:
                 ind.coordinate_descent_tuning = True
             opts = dict(dynamic=False, fullgraph=True)
             self._pre = torch.compile(attn_pre, **opts)
-            self._rope = torch.compile(rope_write, **opts)
             self._post = torch.compile(attn_post, **opts)
             self._final = torch.compile(final_logits, **opts)
             # the attention length changes with the bucket: dynamic shapes
@@ -260,25 +260,28 @@ class StaticLM:
             self._prologue = torch.compile(prologue, **opts)
         else:
             self._pre, self._post, self._final, self._attend_reduce = attn_pre, attn_post, final_logits, attend_reduce
-            self._rope = rope_write
             self._prologue = prologue
         self._cos = self._sin = None
 
+    def _resolve_attention(self) -> str:
+        """``attn_impl`` made concrete once, when the model is wrapped: ``"sdpa"``, ``"reduce"`` or ``"triton"``."""
+        impl = self.attn_impl
+        if impl not in ("auto", "triton"):
+            return impl
+        from . import decode_attention
+
+        ok = decode_attention.available()
+        if impl == "auto":
+            pow2 = self.d >= 16 and not self.d & (self.d - 1)  # the kernel's tl.dot over the head size
+            return "triton" if (self.device.type == "cuda" and pow2 and ok) else "sdpa"
+        if not ok:
+            raise RuntimeError("KVAGENTS_ATTN=triton needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+        return impl
+
     def attention_for(self, batch: int) -> str:
         """The attention of a step over ``batch`` rows: ``"sdpa"``, ``"reduce"`` or ``"triton"`` (see
-        ``attn_impl``; the same for every ``batch`` today)."""
-        impl = self.attn_impl
-        if impl == "auto":
-            from . import decode_attention
-
-            pow2 = self.d >= 16 and not self.d & (self.d - 1)  # the kernel's tl.dot over the head size
-            impl = "triton" if (self.device.type == "cuda" and pow2 and decode_attention.available()) else "sdpa"
-        if impl == "triton":
-            from . import decode_attention
-
-            if not decode_attention.available():
-                raise RuntimeError("KVAGENTS_ATTN=triton needs triton and a CUDA device (or TRITON_INTERPRET=1)")
-        return impl
+        ``attn_impl``; the same for every ``batch`` today, resolved when the model was wrapped)."""
+        return self.attention
 
     def _attend(self, impl: str, q, kc, vc, Lb: int, mask, start, col, live):
         """Attention of one layer: ``q`` ``[B, H_q, d]`` over the layer's cache ``kc``/``vc`` ``[B, H_kv, cap, d]``,
@@ -362,13 +365,12 @@ class StaticLM:
         """:meth:`step` for a few rows with the fused GEMVs: five kernels per layer besides attention and the fused
         q/k-norm + RoPE + cache write (the same arithmetic and roundings as the unfused step; fp32 accumulation order
         differs)."""
-        from . import fused_rope
         from .fused_gemv import gemv
+        from .fused_rope import rope_write_kernel as rope  # runs wherever the fused GEMVs do
 
         layers, eps = self.layers, self.eps
         # q/k norms + RoPE + cache write: one Triton kernel (JIT in well under a second, where compiling the same
         # piece with Inductor cost 3-4 s of each batch size's first call)
-        rope = fused_rope.rope_write_kernel if fused_rope.available() else self._rope
         # eager: three small kernels once a step, where compiling the prologue cost 1-2 s of the first call (the
         # first norm is fused into the q/k/v GEMV)
         h = F.embedding(ids, self.embed_w)
