@@ -62,6 +62,8 @@ import numbers
 import torch
 
 # absolute: the kernel tests and benches also load this module from its file, outside the package
+from kvagents.triton_support import check_device as _check_device
+from kvagents.triton_support import check_tensor as _check_tensor
 from kvagents.triton_support import interpreting as _interpreting
 from kvagents.triton_support import kernel_scope as _kernel_scope
 from kvagents.triton_support import next_pow2 as _next_pow2
@@ -275,18 +277,6 @@ def _build():
     return (split_kernel, merge_kernel), _interpreting()
 
 
-def _check_index(name: str, t, shape: tuple, dtype: torch.dtype, q: torch.Tensor) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
-    if t.device != q.device:
-        raise ValueError(f"{name} is on {t.device}, q on {q.device}")
-    return t.contiguous()
-
-
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -349,15 +339,11 @@ def decode_attention(
         raise ValueError(f"length must be an int in 1..cap={cap}, got {length!r}")
     if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
-    start = _check_index("start", start, (bsz,), torch.long, q)
-    col = _check_index("col", col, (1,), torch.long, q)
-    live = _check_index("live", live, (bsz,), torch.bool, q)
+    start = _check_tensor("start", start, (bsz,), q, "q", torch.long).contiguous()
+    col = _check_tensor("col", col, (1,), q, "q", torch.long).contiguous()
+    live = _check_tensor("live", live, (bsz,), q, "q", torch.bool).contiguous()
     cfg = resolve_config(bsz, hkv, length, d, config)
-    if q.device.type == "cpu" and not _interpreting():
-        raise ValueError(
-            "CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 before triton is "
-            "imported); use CUDA tensors"
-        )
+    _check_device(q.device, _interpreting())
     if q.stride(-1) != 1:
         q = q.contiguous()
     g = hq // hkv

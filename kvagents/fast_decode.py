@@ -166,17 +166,15 @@ def top_p_keep(probs: torch.Tensor, top_p: float, ways: int = TOP_P_WAYS, kernel
 
 
 def _top_p_keep_impl(probs: torch.Tensor, top_p: float, ways: int, kernel: bool = False) -> torch.Tensor:
-    if kernel:
-        from .top_p_search import top_p_keep_kernel
+    from .top_p_search import n_passes, top_p_keep_kernel
 
+    if kernel:
         return top_p_keep_kernel(probs, top_p, ways)
     bits = probs.view(torch.int32)
     lo = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)  # mass above 0 is 1 > top_p
     hi = bits.max(dim=-1).values.long()  # nothing above the maximum: 0 <= top_p
-    span = 1 << 31
-    while span > 1:
+    for _ in range(n_passes(ways)):
         lo, hi = _search_pass(bits, probs, lo, hi, top_p, ways)
-        span = -(-span // ways)
     return bits >= hi[:, None]
 
 

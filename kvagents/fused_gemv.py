@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 # absolute: the kernel tests and benches also load this module from its file, outside the package
+from kvagents.triton_support import check_device as _check_device
 from kvagents.triton_support import interpreting as _interpreting
 from kvagents.triton_support import kernel_scope as _kernel_scope
 from kvagents.triton_support import next_pow2 as _next_pow2
@@ -394,17 +395,13 @@ def gemv(
     g = _check_vec("rms_weight", rms_weight, k, x) if rms_weight is not None else None
     r = _check_vec("residual", residual, n, x, rows=m) if residual is not None else None
     cfg = resolve_config(n, k, config, rows=m)
-    if w.device.type == "cpu" and not _interpreting():
-        raise ValueError(
-            "CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 before triton is "
-            "imported); use CUDA tensors"
-        )
+    _check_device(w.device, _interpreting())
     out = torch.empty((m, n) if x.dim() == 2 else (n,), dtype=out_dtype or x.dtype, device=x.device)
     one_row, several_rows = _kernel()
+    grid = ((n + cfg["BLOCK_N"] - 1) // cfg["BLOCK_N"],)
     if m == 1:
         xf = x.reshape(kx).contiguous()
         xblock = min(_next_pow2(k), 16 * 32 * cfg["num_warps"])
-        grid = ((n + cfg["BLOCK_N"] - 1) // cfg["BLOCK_N"],)
         one_row[grid](
             xf, w, b if b is not None else xf, g if g is not None else xf, r if r is not None else xf, out,
             n, k, w.stride(0), float(eps),
@@ -422,7 +419,6 @@ def gemv(
         x = x.contiguous()
     block_m = 16 if m <= 16 else 32
     xblock = max(16, min(_next_pow2(k), 4096 // block_m))
-    grid = ((n + cfg["BLOCK_N"] - 1) // cfg["BLOCK_N"],)
     several_rows[grid](
         x, w, b if b is not None else x, g if g is not None else x, r if r is not None else x, out,
         m, n, k, x.stride(0), w.stride(0), r.stride(0) if r is not None else 0, out.stride(0), float(eps),

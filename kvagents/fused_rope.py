@@ -54,6 +54,8 @@ import numbers
 import torch
 
 # absolute: the kernel tests and benches also load this module from its file, outside the package
+from kvagents.triton_support import check_device as _check_device
+from kvagents.triton_support import check_tensor as _check_tensor
 from kvagents.triton_support import interpreting as _interpreting
 from kvagents.triton_support import kernel_scope as _kernel_scope
 from kvagents.triton_support import runnable as _runnable
@@ -129,21 +131,6 @@ def _build():
     return rope_kernel, _interpreting()
 
 
-def _check_tensor(name: str, t, shape: tuple, qkv: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``t`` a tensor of ``shape`` on qkv's device, with qkv's dtype (or ``dtype``)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    want = qkv.dtype if dtype is None else dtype
-    if t.dtype != want:
-        what = "qkv's dtype " if dtype is None else "dtype "
-        raise ValueError(f"{name} must have {what}{want}, got {t.dtype}")
-    if t.device != qkv.device:
-        raise ValueError(f"{name} is on {t.device}, qkv on {qkv.device}")
-    return t
-
-
 def _check_int(name: str, v, least: int) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < least:
         raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
@@ -206,10 +193,10 @@ def rope_write_kernel(
             f"qn_w={'None' if qn_w is None else 'a tensor'} and kn_w={'None' if kn_w is None else 'a tensor'}"
         )
     if qn_w is not None:
-        qn_w = _check_tensor("qn_w", qn_w, (d,), qkv).contiguous()
-        kn_w = _check_tensor("kn_w", kn_w, (d,), qkv).contiguous()
-    cos = _check_tensor("cos", cos, (bsz, 1, d), qkv)
-    sin = _check_tensor("sin", sin, (bsz, 1, d), qkv)
+        qn_w = _check_tensor("qn_w", qn_w, (d,), qkv, "qkv").contiguous()
+        kn_w = _check_tensor("kn_w", kn_w, (d,), qkv, "qkv").contiguous()
+    cos = _check_tensor("cos", cos, (bsz, 1, d), qkv, "qkv")
+    sin = _check_tensor("sin", sin, (bsz, 1, d), qkv, "qkv")
     cos = cos if cos.stride(-1) == 1 else cos.contiguous()
     sin = sin if sin.stride(-1) == 1 else sin.contiguous()
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -217,18 +204,14 @@ def rope_write_kernel(
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 4 or tuple(t.shape[:2]) != (bsz, hkv) or t.shape[3] != d or t.shape[2] < 1:
             raise ValueError(f"{name} must be [B={bsz}, hkv={hkv}, cap, d={d}], got shape {list(t.shape)}")
-        _check_tensor(name, t, tuple(t.shape), qkv)
+        _check_tensor(name, t, tuple(t.shape), qkv, "qkv")
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride along d (it is written in place), got strides {t.stride()}")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {list(k_cache.shape)} and "
                          f"{list(v_cache.shape)}")  # fmt: skip
-    col = _check_tensor("col", col, (1,), qkv, dtype=torch.long)
-    if qkv.device.type == "cpu" and not _interpreting():
-        raise ValueError(
-            "CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 before triton is "
-            "imported); use CUDA tensors"
-        )
+    col = _check_tensor("col", col, (1,), qkv, "qkv", torch.long)
+    _check_device(qkv.device, _interpreting())
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     out = torch.empty((bsz, hq, d), dtype=qkv.dtype, device=qkv.device)

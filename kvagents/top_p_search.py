@@ -54,6 +54,7 @@ import numbers
 import torch
 
 # absolute: the kernel tests and benches also load this module from its file, outside the package
+from kvagents.triton_support import check_device as _check_device
 from kvagents.triton_support import interpreting as _interpreting
 from kvagents.triton_support import kernel_scope as _kernel_scope
 from kvagents.triton_support import next_pow2 as _next_pow2
@@ -234,11 +235,7 @@ def top_p_keep_kernel(probs: torch.Tensor, top_p: float, ways: int = 8, *, block
     block, chunks, passes = plan(bsz, v, int(ways), None if block is None else int(block))
     if chunks > MAX_CHUNKS:
         raise ValueError(f"block={block} cuts rows of V={v} into {chunks} chunks, more than {MAX_CHUNKS}")
-    if probs.device.type == "cpu" and not _interpreting():
-        raise ValueError(
-            "CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 before triton is "
-            "imported); use CUDA tensors"
-        )
+    _check_device(probs.device, _interpreting())
     out = torch.empty((bsz, v), dtype=torch.bool, device=probs.device)
     if bsz == 0 or v == 0:
         return out

@@ -44,6 +44,34 @@ def runnable() -> bool:
     return triton_modules() is not None and (torch.cuda.is_available() or interpreting())
 
 
+def check_tensor(name: str, t, shape: tuple, ref, ref_name: str, dtype=None):
+    """``t`` checked as a kernel argument: a tensor of ``shape`` on ``ref``'s device with ``dtype`` (None: ``ref``'s
+    dtype); the errors name ``name``, and ``ref_name`` for the reference tensor. Returns ``t``."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    want = ref.dtype if dtype is None else dtype
+    if t.dtype != want:
+        what = f"{ref_name}'s dtype" if dtype is None else "dtype"
+        raise ValueError(f"{name} must have {what} {want}, got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device}, {ref_name} on {ref.device}")
+    return t
+
+
+def check_device(device, interpreted: bool) -> None:
+    """A kernel's tensors on ``device`` can run: CUDA, or the CPU under Triton's interpreter (``interpreted``, the
+    calling module's own check, which its tests may replace)."""
+    if device.type == "cpu" and not interpreted:
+        raise ValueError(
+            "CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 before triton is "
+            "imported); use CUDA tensors"
+        )
+
+
 def next_pow2(n: int) -> int:
     """The least power of two ``>= n`` (1 for ``n <= 1``)."""
     return 1 << max(0, int(n) - 1).bit_length()
@@ -62,16 +90,10 @@ def same_mode(built: tuple, what: str):
     return kernels
 
 
-def jit_round():
+def _jit_round(triton, tl):
     """The ``@triton.jit`` helper ``_round(v, DT, EMU_BF16)``: float32 ``v`` rounded (nearest even) to the dtype
     ``DT``, returned as float32. Under Triton's interpreter (``EMU_BF16``) bfloat16 rounding is done on the bits,
-    because the interpreter truncates float32 -> bfloat16 casts where the GPU rounds. A kernel module calls this in
-    its cached ``_build()`` and publishes the result in its globals (Triton resolves the names a kernel calls
-    there, not in a closure)."""
-    tt = triton_modules()
-    if tt is None:
-        raise RuntimeError("jit_round needs triton")
-    triton, tl = tt
+    because the interpreter truncates float32 -> bfloat16 casts where the GPU rounds."""
     # Triton's interpreter looks for triton.language in a jit function's module globals
     globals()["tl"] = tl
 
@@ -93,10 +115,10 @@ def jit_round():
 
 def kernel_scope(module: str, namespace: dict):
     """``(triton, triton.language)`` for a kernel module's cached ``_build()``: a RuntimeError naming ``module``
-    when Triton does not import, and :func:`jit_round`'s ``_round`` published in ``namespace`` (the module's
-    globals, where Triton resolves the names a kernel calls)."""
+    when Triton does not import, and the rounding helper ``_round`` (:func:`_jit_round`) published in
+    ``namespace`` (the module's globals, where Triton resolves the names a kernel calls, not in a closure)."""
     tt = triton_modules()
     if tt is None:
         raise RuntimeError(f"{module} needs triton (pip install triton); available() is False")
-    namespace["_round"] = jit_round()
+    namespace["_round"] = _jit_round(*tt)
     return tt
