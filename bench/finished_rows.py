@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +38,7 @@ def main() -> int:
         args.batch, args.context, args.reps = 4, 40, 1
     import gpu_decode
     import torch
+    from fused_gemv_bench import time_calls
 
     from kvagents.static_cache import StaticLM
 
@@ -68,31 +67,7 @@ def main() -> int:
             live.fill_(False)
             live[: max(1, round(B * frac))] = True
             fn = functools.partial(lm.step, ids, pos, col, start, K, V, L, cols, live)
-            if cuda:
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    fn()
-                torch.cuda.current_stream().wait_stream(s)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    fn()
-                g.replay()
-                torch.cuda.synchronize()
-                ts = []
-                for _ in range(args.reps):
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    g.replay()
-                    b.record()
-                    b.synchronize()
-                    ts.append(a.elapsed_time(b))
-                del g
-            else:
-                t0 = time.perf_counter()
-                fn()
-                ts = [(time.perf_counter() - t0) * 1e3]
-            out[frac] = statistics.median(ts)
+            out[frac] = time_calls([fn], reps=args.reps) / 1e3  # one graphed step (a wall-clock call on the CPU)
         rows.append((impl, out))
         fn = K = V = None  # free the cache before the next one
         if cuda:
