@@ -1,8 +1,8 @@
 """Dev tool: time variants of the fast decode step (attention kernel, Inductor tuning) on the random Qwen3-8B shape,
 B = 1 greedy with components, and profile one. Variants are picked by env vars read when the engine is built
 (KVAGENTS_ATTN = auto | sdpa | reduce | triton, KVAGENTS_CDT = 0 | 1, KVAGENTS_TOPP = auto | kernel | search | sort,
-KVAGENTS_GEMV = auto | fused | torch, KVAGENTS_GEMV_ROWS = rows up to which "auto" fuses): ``attn:cdt:topp:gemv:rows``
-(missing fields: auto, 0, auto, auto, static_cache.FUSED_ROWS).
+KVAGENTS_GEMV = auto | fused | torch, KVAGENTS_GEMV_ROWS = rows up to which "auto" fuses, KVAGENTS_COMPILE_HEAD = 1 | 0):
+``attn:cdt:topp:gemv:rows:head`` (missing fields: auto, 0, auto, auto, static_cache.FUSED_ROWS, 1).
 
     python bench/fast_variants.py --variants sdpa:0:search:torch,auto:0:search:torch,auto --profile auto
 """
@@ -42,9 +42,10 @@ def main():
     prompt, prompts32 = bench_prompts()
     report = dict(profile={})
     for var in args.variants.split(","):
-        attn, cdt, topp, gemv, rows = (var.split(":") + ["auto", "0", "auto", "auto", str(FUSED_ROWS)][len(var.split(":")):])[:5]
+        fields = var.split(":")
+        attn, cdt, topp, gemv, rows, head = (fields + ["auto", "0", "auto", "auto", str(FUSED_ROWS), "1"][len(fields):])[:6]
         os.environ.update(KVAGENTS_ATTN=attn, KVAGENTS_CDT=cdt, KVAGENTS_TOPP=topp, KVAGENTS_GEMV=gemv,
-                          KVAGENTS_GEMV_ROWS=rows)
+                          KVAGENTS_GEMV_ROWS=rows, KVAGENTS_COMPILE_HEAD=head)
         torch._dynamo.reset()
         llm = KVModel(model, NoTokenizer())
         llm._fast_engine = FastDecodeEngine(model, NoTokenizer())

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any, Literal
 
@@ -118,7 +119,7 @@ class _KVEventEmitter(KVEmbedding):
         super().__init__(pooling=pooling, name="kv_events")
         self.emit, self.every, self.min_interval_s = emit, every, min_interval_s
         self.include_vectors = include_vectors
-        self._last = 0.0
+        self._last = -math.inf  # the first event always goes out (time.monotonic() may start near 0 at boot)
         self.sent = 0
 
     def on_step(self, view):
