@@ -37,6 +37,14 @@ whenever the former says so, and applies its actions as the eager engine does; t
 Any other component keeps the plain API: its ``on_step`` runs after each replayed step, outside the graph, with a
 view of the static buffers (actions work as in the eager engine; it costs host time per step).
 
+Logits processors
+-----------------
+``logits_processors`` (e.g. a :class:`~kvagents.grammar.GrammarMask`) are host callables, as in the eager engine:
+with them a step is two graphs, the forward (raw logits into ``st.logits``) and the head (sampling from the
+processed ``st.scores``), with the processors called on the host in between. Components still see the raw logits.
+With stop strings the host checks every step then, as for plain components: a processor's own state (a grammar
+matcher) cannot be rolled back.
+
 Example:
     >>> fast = FastDecodeEngine(model, tokenizer)  # doctest: +SKIP
     >>> res = fast.generate([[1, 2, 3]], SamplingParams(max_new_tokens=64, temperature=0))  # doctest: +SKIP
@@ -434,6 +442,7 @@ class _Static:
         self.step, self.T0, self.max_new, self.seed_key = z(), z(), z(), z()
         self.col = z(1)
         self.logits = torch.zeros((B, lm.vocab), dtype=torch.float32, device=dev)
+        self.scores: torch.Tensor | None = None  # the logits processors' output (allocated when first used)
         self.rows = torch.arange(B, device=dev)
         self.vocab = torch.arange(lm.vocab, device=dev)
         self.cols = torch.arange(cap, device=dev)
@@ -535,11 +544,9 @@ class FastDecodeEngine:
     # -- public ------------------------------------------------------------------------------------------------
     def generate(self, prompt_ids, params: SamplingParams, components: Sequence[Component] = (),
                  on_text: Callable[[StreamEvent], None] | None = None, logits_processors=()) -> GenerationResult:
-        """Decode every prompt; ``on_text`` receives text deltas (every ``sync_every`` steps)."""
-        if logits_processors:
-            raise ValueError("the fast path does not run logits_processors (host callables per step); "
-                             "use the eager engine (KVModel.generate(..., fast=False))")
-        gen = self.run(prompt_ids, params, components, stream=on_text is not None)
+        """Decode every prompt; ``on_text`` receives text deltas (every ``sync_every`` steps);
+        ``logits_processors`` as in :meth:`DecodeEngine.run <kvagents.engine.DecodeEngine.run>`."""
+        gen = self.run(prompt_ids, params, components, stream=on_text is not None, logits_processors=logits_processors)
         while True:
             try:
                 event = next(gen)
@@ -555,16 +562,18 @@ class FastDecodeEngine:
             st = self._st = _Static(self.lm, B, cap)
         return st
 
-    def _head(self, st: _Static, params: _Samp, stop_t, eos_t, gcomps, has_kv: bool) -> None:
-        """Choose token ``step`` for every row, finish checks, graph components, ``step += 1`` (device only)."""
+    def _head(self, st: _Static, params: _Samp, stop_t, eos_t, gcomps, has_kv: bool, processed: bool = False) -> None:
+        """Choose token ``step`` for every row, finish checks, graph components, ``step += 1`` (device only).
+        ``processed``: sample from ``st.scores`` (the logits processors' output) instead of the raw ``st.logits``."""
         logits = st.logits
+        scores = st.scores if processed else logits
         if params.greedy:
-            tok = logits.argmax(dim=-1)
+            tok = scores.argmax(dim=-1)
         else:
             if self.top_p_impl == "sort":
-                probs = _process_logits_eager(logits, params).softmax(dim=-1)
+                probs = _process_logits_eager(scores, params).softmax(dim=-1)
             else:
-                probs = process_logits_search(logits, params, self._topp_kernel).softmax(dim=-1)
+                probs = process_logits_search(scores, params, self._topp_kernel).softmax(dim=-1)
             tok = (probs / hash_exponential(st.seed_key, st.step, st.rows, st.vocab)).argmax(dim=-1)
         alive = st.reason == RUNNING
         tok = torch.where(st.force_mask, st.force_tok, tok)
@@ -642,9 +651,12 @@ class FastDecodeEngine:
     # -- the loop ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, components: Sequence[Component] = (),
-            stream: bool = False) -> Generator[StreamEvent, None, GenerationResult]:
-        """The loop, as a generator of :class:`StreamEvent` (only when ``stream``) returning the result."""
+            stream: bool = False, logits_processors: Sequence[Callable] = ()) -> Generator[StreamEvent, None, GenerationResult]:
+        """The loop, as a generator of :class:`StreamEvent` (only when ``stream``) returning the result.
+        ``logits_processors``: see :meth:`DecodeEngine.run <kvagents.engine.DecodeEngine.run>` (called on the host
+        between the step's forward and sampling graphs)."""
         model, dev = self.model, self.model.device
+        procs = list(logits_processors)
         n, P = params.n, len(prompt_ids)
         lengths, max_new = check_prompts(prompt_ids, model.config, params.max_new_tokens)
         B, T = P * n, max(lengths)
@@ -738,7 +750,7 @@ class FastDecodeEngine:
         eos_t = st.const(eos_ids) if eos_ids else None
 
         def head(has_kv):
-            (self._head_graph if has_kv else self._head)(st, samp, stop_t, eos_t, gcomps, has_kv)
+            (self._head_graph if has_kv else self._head)(st, samp, stop_t, eos_t, gcomps, has_kv, bool(procs))
 
         def step_fn_for(Lb):
             def fn():
@@ -746,9 +758,30 @@ class FastDecodeEngine:
                 head(True)
             return fn
 
+        if procs and st.scores is None:
+            st.scores = torch.zeros_like(st.logits)  # sampling reads it: allocated once per buffers (graphs)
+
+        def process(t: int) -> None:
+            """The logits processors on the host: raw ``st.logits`` in, ``st.scores`` out (as the eager engine)."""
+            prev = (st.fed_ids.clone(), st.fed_valid.clone()) if t > 0 else (None, None)
+            scores = st.logits
+            for proc in procs:
+                scores = proc(scores, *prev)
+                if not isinstance(scores, torch.Tensor) or scores.shape != st.logits.shape:
+                    got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+                    raise ValueError(f"logits processor {proc!r} returned {got}; it must return logits of shape "
+                                     f"{tuple(st.logits.shape)}")
+            st.scores.copy_(scores)
+
+        def forward_fn_for(Lb):
+            return lambda: self._forward(st, Lb)
+
+        def head_fn():
+            head(True)
+
         host_stops = bool(params.stop)
         trackers = [_TextTracker(self.tokenizer, params.stop) for _ in range(B)] if (stream or host_stops) else None
-        check_every = 1 if ((plain or hosted) and host_stops) else self.sync_every
+        check_every = 1 if ((plain or hosted or procs) and host_stops) else self.sync_every
         force_queues: dict[int, deque[int]] = {}
         for c, action in prefill_actions:
             if not isinstance(action, ForceTokens):
@@ -783,12 +816,21 @@ class FastDecodeEngine:
             if forcing:
                 set_force(t)
             if t == 0:
+                if procs:
+                    process(0)
                 head(False)
             else:
                 Lb = StaticLM.bucket_for(T + t - 1, self.bucket, cap)
-                if Lb not in fns:
-                    fns[Lb] = step_fn_for(Lb)
-                self._step(st, Lb, (Lb, *gkey), fns[Lb], comp_tensors)
+                if not procs:
+                    if Lb not in fns:
+                        fns[Lb] = step_fn_for(Lb)
+                    self._step(st, Lb, (Lb, *gkey), fns[Lb], comp_tensors)
+                else:  # two graphs with the processors between them
+                    if Lb not in fns:
+                        fns[Lb] = forward_fn_for(Lb)
+                    self._step(st, Lb, ("forward", Lb), fns[Lb], comp_tensors)
+                    process(t)
+                    self._step(st, Lb, ("head", *gkey), head_fn, comp_tensors)
                 self.forward_calls += 1
             if forcing:
                 st.force_mask.zero_()

@@ -256,8 +256,7 @@ class KVModel:
 
         ``param_overrides`` build or update ``params`` (``generate("Hi", max_new_tokens=8, temperature=0)``).
         ``logits_processors`` shape sampling (see :meth:`DecodeEngine.run`), e.g. a grammar mask.
-        ``fast=True`` decodes with :attr:`fast_engine` (static KV cache, CUDA graphs; Llama/Qwen2/Qwen3/Mistral;
-        no logits processors).
+        ``fast=True`` decodes with :attr:`fast_engine` (static KV cache, CUDA graphs; Llama/Qwen2/Qwen3/Mistral).
         """
         params = _params(params, param_overrides)
         ids = self._batch(prompts)
@@ -274,13 +273,16 @@ class KVModel:
         *,
         components: Sequence[Component] = (),
         logits_processors: Sequence[LogitsProcessor] = (),
+        fast: bool = False,
         **param_overrides,
     ) -> GenerationStream:
-        """Iterate over :class:`StreamEvent` text deltas; ``.result`` holds the full result afterwards."""
+        """Iterate over :class:`StreamEvent` text deltas; ``.result`` holds the full result afterwards.
+        ``fast=True``: decode with :attr:`fast_engine` (its deltas come every ``sync_every`` steps)."""
         params = _params(params, param_overrides)
         ids = self._batch(prompts)
+        engine = self.fast_engine if fast else self.engine
         return GenerationStream(
-            self, self.engine.run(ids, params, components, stream=True, logits_processors=logits_processors)
+            self, engine.run(ids, params, components, stream=True, logits_processors=logits_processors)
         )
 
     # -- embeddings ---------------------------------------------------------------------------------------------

@@ -179,8 +179,14 @@ def test_kvmodel_fast_flag_and_errors():
     llm = KVModel(tiny_model("qwen2"), ByteTokenizer())
     params = SamplingParams(max_new_tokens=8, temperature=0)
     assert llm.generate(PROMPTS, params, fast=True).texts == llm.generate(PROMPTS, params).texts
-    with pytest.raises(ValueError, match="logits_processors"):
-        llm.generate(PROMPTS, params, fast=True, logits_processors=[lambda x, p, v: x])
+    ban = list(range(3, 256, 2))
+
+    def suppress(x, prev, valid):
+        return x.index_fill(1, torch.tensor(ban), float("-inf"))
+
+    masked = llm.generate(PROMPTS, params, fast=True, logits_processors=[suppress])
+    assert masked.texts == llm.generate(PROMPTS, params, logits_processors=[suppress]).texts
+    assert all(t not in ban for s in masked.flat for t in s.token_ids)
     from transformers import AutoModelForCausalLM, GPT2Config
 
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
@@ -210,6 +216,16 @@ def test_cuda_graphs_and_compile_equal_eager_engine():
     one = SamplingParams(max_new_tokens=20, temperature=0)
     for p in PROMPTS:
         assert_same_results(eager.generate([p], one, comps()), fast.generate([p], one, comps()))
+    # logits processors: the forward graph, the processors on the host, then the sampling graph
+    ban = torch.arange(3, 256, 2, device="cuda")
+
+    def suppress(x, prev, valid):
+        return x.index_fill(1, ban, float("-inf"))
+
+    for params in (SamplingParams(max_new_tokens=20, temperature=0, n=2, stop_token_ids=[212]),
+                   SamplingParams(max_new_tokens=20, temperature=0, stop=["a", "Q"])):
+        assert_same_results(eager.generate(PROMPTS, params, comps(), logits_processors=[suppress]),
+                            fast.generate(PROMPTS, params, comps(), logits_processors=[suppress]))
     s = SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, n=3, seed=1)
     cpu = FastDecodeEngine(tiny_model("qwen3"), ByteTokenizer(), bucket=8)
     assert [x.token_ids for x in fast.generate(PROMPTS, s).flat] == [x.token_ids for x in cpu.generate(PROMPTS, s).flat]

@@ -119,6 +119,11 @@ def test_closing_mode_completes_json_within_a_tight_budget(tiny_dir, budget):
     done = run(20)
     Pick.model_validate_json(done.text)
     assert done.generated_tokens <= budget
+    if budget == 40:  # the fast path runs the grammar mask between its forward and sampling steps: same answer
+        mask = GrammarMask([g], budget=budget, reserve=20, closing_tokens=closing_tokens(llm),
+                           stop_token_ids=llm.engine.eos_token_ids)
+        fast = llm.generate([prompt], max_new_tokens=budget, temperature=0, logits_processors=[mask], fast=True)
+        assert fast.samples[0][0].token_ids == done.token_ids
 
 
 def test_plain_thinking_streams_reasoning_like_invoke(tiny_dir):
@@ -132,3 +137,25 @@ def test_plain_thinking_streams_reasoning_like_invoke(tiny_dir):
     assert full.content == msg.content
     assert full.additional_kwargs["reasoning_content"] == msg.additional_kwargs["reasoning_content"]
     assert [b["type"] for b in full.content_blocks][:1] == ["reasoning"]
+
+
+def test_fast_chat_model_answers_streams_and_structures_like_the_eager_one(tiny_dir):
+    def weather(city: str) -> str:
+        """Weather in a city."""
+        return "sunny"
+
+    eager, fast = chat_for(tiny_dir, max_tokens=24), chat_for(tiny_dir, max_tokens=24, fast=True)
+    assert fast.invoke("Hello there").content == eager.invoke("Hello there").content
+    streamed = "".join(c.content for c in fast.stream("Hello there"))
+    assert streamed == eager.invoke("Hello there").content
+    # grammar-constrained decoding (structured output, tool calls) runs on the fast path too
+    eager, fast = chat_for(tiny_dir, max_tokens=64), chat_for(tiny_dir, max_tokens=64, fast=True)
+    want = eager.with_structured_output(Pick, include_raw=True).invoke("Pick one")
+    got = fast.with_structured_output(Pick, include_raw=True).invoke("Pick one")
+    assert got["raw"].content == want["raw"].content and got["parsed"] == want["parsed"]
+    json.loads(got["raw"].content)  # the grammar held on the fast path
+    calls = fast.bind_tools([weather], tool_choice="any").invoke("Weather in Paris?").tool_calls
+    ref = eager.bind_tools([weather], tool_choice="any").invoke("Weather in Paris?").tool_calls
+    assert [(c["name"], c["args"]) for c in calls] == [(c["name"], c["args"]) for c in ref]  # ids are random
+    assert calls and calls[0]["name"] == "weather"
+    assert fast.llm.fast_engine.forward_calls > 0  # the fast engine did the work

@@ -166,6 +166,10 @@ class ChatKV(BaseChatModel):
     """``plain`` (instruct models: forced "Let's think step by step." / answer cues) or ``qwen3`` (``<think>``)."""
     kv_classifier: str | None = None
     """Path of a saved ``KVClassifier`` for ``thinking="auto"`` (and online fast/slow switching)."""
+    fast: bool = False
+    """Decode with kvagents' fast path (static KV cache, CUDA graphs and compiled steps on CUDA; Llama / Qwen2 /
+    Qwen3 / Mistral models): same greedy answers, tool calls and structured output, faster on a GPU after a
+    first call that compiles (``KVModel.generate(..., fast=True)``)."""
     custom_get_token_ids: Callable[[str], list[int]] | None = None
 
     @field_validator("temperature")
@@ -398,7 +402,8 @@ class ChatKV(BaseChatModel):
             try:
                 with self._lock(req.llm):
                     return req.llm.generate(
-                        req.prompt_ids, req.params, components=req.components, logits_processors=req.processors()
+                        req.prompt_ids, req.params, components=req.components, logits_processors=req.processors(),
+                        fast=self.fast,
                     )
             except Exception as e:  # noqa: BLE001 - only CUDA OOM is retried
                 if type(e).__name__ != "OutOfMemoryError" or tries >= self.max_retries:
@@ -530,7 +535,8 @@ class ChatKV(BaseChatModel):
         split = self._splitter(req)
         with self._lock(req.llm):
             stream = req.llm.stream(
-                req.prompt_ids, req.params, components=req.components, logits_processors=req.processors()
+                req.prompt_ids, req.params, components=req.components, logits_processors=req.processors(),
+                fast=self.fast,
             )
             it = iter(stream)
             try:
