@@ -212,10 +212,10 @@ def main(argv=None) -> int:
     print()
     print(f"{'case':<12} {'engine s':>9} {'HF s':>9} {'engine tok/s':>13} {'HF tok/s':>10} {'ratio e/HF':>11}  "
           f"tokens identical")
-    for case, _, es, hs, total, same, et, ht, st in rows:
+    for case, _, es, hs, total, same, _et, _ht, _st in rows:
         print(f"{case:<12} {es:>9.3f} {hs:>9.3f} {total / es:>13.1f} {total / hs:>10.1f} {es / hs:>11.3f}  {same}")
     print()
-    for case, _, es, hs, total, same, et, ht, st in rows:
+    for case, _, _es, _hs, _total, _same, et, ht, st in rows:
         print(f"{case}: engine runs {[round(t, 3) for t in et]} (last: prefill {st.prefill_s:.3f}s, decode "
               f"{st.decode_s:.3f}s, {st.forward_calls} forward calls); HF runs {[round(t, 3) for t in ht]}")
 

@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         for nprobe in args.nprobe:
             ivf._backend.nprobe = nprobe
             if len(ivf):
-                t_batch, got = timed(lambda: ivf.search_batch(q, 10), args.repeats)
-                t_single, _ = timed(lambda: [ivf.search(v, 10) for v in q[: args.single]], args.repeats)
+                t_batch, got = timed(lambda ivf=ivf, q=q: ivf.search_batch(q, 10), args.repeats)
+                t_single, _ = timed(lambda ivf=ivf, q=q: [ivf.search(v, 10) for v in q[: args.single]], args.repeats)
                 r = {"index": f"faiss-cpu {args.ivf} nprobe={nprobe}", "train_s": float("nan"), "add_s": float("nan"),
                      "batch_qps": len(q) / t_batch, "single_ms": 1000 * t_single / args.single}
             else:

@@ -378,8 +378,9 @@ def test_fast_path_controller_equals_the_eager_engine_and_reads_the_host_only_at
         ctl = make()
         calls = {"host": [], "on_step": 0}
         orig_host, orig_step = ctl.on_host_check, ctl.on_step
-        ctl.on_host_check = lambda view: (calls["host"].append(int(view.step)), orig_host(view))[1]
-        ctl.on_step = lambda view: (calls.__setitem__("on_step", calls["on_step"] + 1), orig_step(view))[1]
+        ctl.on_host_check = lambda view, calls=calls, f=orig_host: (calls["host"].append(int(view.step)), f(view))[1]
+        ctl.on_step = lambda view, calls=calls, f=orig_step: (calls.__setitem__("on_step", calls["on_step"] + 1),
+                                                              f(view))[1]
         fast = llm.generate(PROMPTS, GREEDY, components=[ctl], fast=True)
         _same_results(eager, fast)
         assert calls["on_step"] == 0 and 0 < len(calls["host"]) <= 1 + GREEDY.max_new_tokens // every + 6
