@@ -70,6 +70,13 @@ SCORE_DIRECTIONS: dict[str, int] = {
 # Reference CoE
 
 
+ANGLE_EPS = 1e-12
+"""Radians: an end-to-start angle at or below this is rounding noise (``h_last`` parallel to ``h_0``), not a
+normaliser: the angle-based scores are NaN there. (The angles are ``2 atan2(||â - b̂||, ||â + b̂||)``: exactly 0 for
+a repeated point, ~1e-16 for parallel vectors; the ``arccos`` of a rounded cosine gave ~1e-8 there, and scores
+of ~1e8.)"""
+
+
 def coe_from_steps(
     step_norms: np.ndarray, step_angles: np.ndarray, total_norm: float, total_angle: float
 ) -> dict[str, float]:
@@ -77,7 +84,7 @@ def coe_from_steps(
     and the end-to-start normalisers ``||h_L - h_0||`` and ``arccos(cos(h_L, h_0))``.
 
     Returns ``{"mag", "ang", "r", "c"}`` as Python floats. A zero (or non-finite) normaliser, or no steps, makes
-    the scores that depend on it NaN: ``total_norm == 0`` -> mag, r, c; ``total_angle == 0`` -> ang, r, c.
+    the scores that depend on it NaN: ``total_norm == 0`` -> mag, r, c; ``total_angle <= ANGLE_EPS`` -> ang, r, c.
 
     Example:
         >>> s = coe_from_steps(np.array([1.0, 1.0]), np.array([0.5, 0.5]), 2.0, 1.0)
@@ -91,7 +98,7 @@ def coe_from_steps(
         return dict.fromkeys(_COE, nan)
     total_norm, total_angle = float(total_norm), float(total_angle)
     ok_n = math.isfinite(total_norm) and total_norm > 0
-    ok_a = math.isfinite(total_angle) and total_angle > 0
+    ok_a = math.isfinite(total_angle) and total_angle > ANGLE_EPS
     mag_j = norms / total_norm if ok_n else np.full_like(norms, nan)
     ang_j = angles / total_angle if ok_a else np.full_like(angles, nan)
     mag, ang = float(mag_j.mean()), float(ang_j.mean())
@@ -123,7 +130,7 @@ def coe_from_steps_rows(
     count = valid.sum(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         ok_n = np.isfinite(tn) & (tn > 0)
-        ok_a = np.isfinite(ta) & (ta > 0)
+        ok_a = np.isfinite(ta) & (ta > ANGLE_EPS)
         mag_j = np.where(ok_n[:, None], norms / np.where(ok_n, tn, 1.0)[:, None], nan)
         ang_j = np.where(ok_a[:, None], angles / np.where(ok_a, ta, 1.0)[:, None], nan)
 
@@ -147,40 +154,28 @@ def coe_scores_rows(traj: np.ndarray | torch.Tensor) -> list[dict[str, float]]:
         >>> round(coe_scores_rows(t)[0]["mag"], 4)
         0.7071
     """
-    if isinstance(traj, torch.Tensor):  # norms and angles where the tensor is (float64): one small transfer
-        h = traj.detach().to(torch.float64)
-        if h.dim() != 3:
-            raise ValueError(f"coe_scores_rows expects trajectories [B, N_points, D], got shape {tuple(h.shape)}")
-        if h.shape[1] < 2:
-            return [dict.fromkeys(_COE, float("nan")) for _ in range(h.shape[0])]
-        steps = torch.cat([(h[:, 1:] - h[:, :-1]).norm(dim=-1), _torch_angle(h[:, 1:], h[:, :-1]),
-                           (h[:, -1] - h[:, 0]).norm(dim=-1)[:, None], _torch_angle(h[:, -1], h[:, 0])[:, None]],
-                          dim=1).cpu().numpy()  # fmt: skip
-        s = h.shape[1] - 1
-        return coe_from_steps_rows(steps[:, :s], steps[:, s : 2 * s], np.ones((h.shape[0], s), dtype=bool),
-                                   steps[:, 2 * s], steps[:, 2 * s + 1])
-    h = np.asarray(traj, dtype=np.float64)
-    if h.ndim != 3:
-        raise ValueError(f"coe_scores_rows expects trajectories [B, N_points, D], got shape {h.shape}")
+    # norms and angles where the tensor is (float64), then one small transfer; arrays take the same path on the CPU
+    h = (traj.detach() if isinstance(traj, torch.Tensor) else torch.from_numpy(np.asarray(traj))).to(torch.float64)
+    if h.dim() != 3:
+        raise ValueError(f"coe_scores_rows expects trajectories [B, N_points, D], got shape {tuple(h.shape)}")
     if h.shape[1] < 2:
         return [dict.fromkeys(_COE, float("nan")) for _ in range(h.shape[0])]
-    norms = np.linalg.norm(np.diff(h, axis=1), axis=-1)
-    angles = _np_angle(h[:, 1:], h[:, :-1])
-    return coe_from_steps_rows(norms, angles, np.ones(norms.shape, dtype=bool),
-                               np.linalg.norm(h[:, -1] - h[:, 0], axis=-1), _np_angle(h[:, -1], h[:, 0]))
-
-
-def _torch_angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """:func:`_np_angle` in torch (same clamp, NaN where a vector is zero)."""
-    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
-    return torch.arccos(cos.clamp(-1.0, 1.0))
+    steps = torch.cat([(h[:, 1:] - h[:, :-1]).norm(dim=-1), _angle(h[:, 1:], h[:, :-1]),
+                       (h[:, -1] - h[:, 0]).norm(dim=-1)[:, None], _angle(h[:, -1], h[:, 0])[:, None]],
+                      dim=1).cpu().numpy()  # fmt: skip
+    s = h.shape[1] - 1
+    return coe_from_steps_rows(steps[:, :s], steps[:, s : 2 * s], np.ones((h.shape[0], s), dtype=bool),
+                               steps[:, 2 * s], steps[:, 2 * s + 1])
 
 
 def _np_angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``arccos(cos(a, b))`` along the last axis, cosine clamped to [-1, 1]; NaN where a vector is zero."""
+    """Angle between ``a`` and ``b`` along the last axis, ``2 atan2(||â - b̂||, ||â + b̂||)``: ``arccos(cos(a, b))``
+    without its loss of half the digits near 0 (a repeated point gives exactly 0); NaN where a vector is zero.
+    :func:`_angle` is the same in torch."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-    return np.arccos(np.clip(cos, -1.0, 1.0))
+        ua = a / np.linalg.norm(a, axis=-1, keepdims=True)
+        ub = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return 2 * np.arctan2(np.linalg.norm(ua - ub, axis=-1), np.linalg.norm(ua + ub, axis=-1))
 
 
 def coe_scores(traj: np.ndarray | torch.Tensor) -> dict[str, float]:
@@ -192,8 +187,9 @@ def coe_scores(traj: np.ndarray | torch.Tensor) -> dict[str, float]:
     * ``Ang_j = arccos(cos(h_{j+1}, h_j)) / arccos(cos(h_last, h_0))``, ``ang = mean_j Ang_j``;
     * ``r = mag - ang``; ``c = ||(mean_j Mag_j cos Ang_j, mean_j Mag_j sin Ang_j)||``.
 
-    Cosines are clamped to [-1, 1]. NaN (never an exception) where a score is undefined: fewer than two points,
-    ``h_last == h_0`` (mag, r, c), ``h_last`` parallel to ``h_0`` (ang, r, c), or a zero vector (its angles).
+    Angles are computed as ``2 atan2(||â - b̂||, ||â + b̂||)`` (equal to the arccos, accurate near 0). NaN (never an
+    exception) where a score is undefined: fewer than two points, ``h_last == h_0`` (mag, ang, r, c), ``h_last``
+    parallel to ``h_0`` (ang, r, c: an end-to-start angle at most :data:`ANGLE_EPS`), or a zero vector (its angles).
 
     Example:
         >>> s = coe_scores(np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]))

@@ -102,6 +102,28 @@ def test_coe_scores_degenerate_cases_are_nan():
         coe_scores(np.ones(3))
 
 
+def test_coe_scores_of_a_repeated_end_point_are_nan_not_huge():
+    """h_last == h_0 exactly: the end-to-start angle is 0, so every score is NaN (the arccos of the rounded cosine
+    gave ~1e-8 here, and ang ~1e8 for a random 9 x 16 trajectory). The same in the row and torch paths, and a
+    nearly parallel end point (angle 1e-6, well above rounding) still scores finitely."""
+    from kvagents.scoring import coe_scores_rows
+
+    rng = np.random.default_rng(5)
+    trajs = rng.normal(size=(6, 9, 16))
+    trajs[:, -1] = trajs[:, 0]
+    for h in trajs:
+        assert all(math.isnan(v) for v in coe_scores(h).values()), coe_scores(h)
+    for rows in (coe_scores_rows(trajs), coe_scores_rows(torch.from_numpy(trajs)),
+                 coe_scores_rows(torch.from_numpy(trajs).float())):
+        assert all(math.isnan(v) for row in rows for v in row.values()), rows
+    h = rng.normal(size=(5, 3))
+    h[-1] = 2.0 * h[0] + np.cross(h[0], rng.normal(size=3)) * 1e-6  # almost parallel: angle ~1e-6
+    s, ref = coe_scores(h), ref_coe(h)
+    assert all(math.isfinite(v) for v in s.values()), s
+    # the arccos reference keeps ~half the digits at this angle (c, a cosine of angles ~1e6 / 1e-6, keeps none)
+    assert s["mag"] == pytest.approx(ref["mag"], rel=1e-9) and s["ang"] == pytest.approx(ref["ang"], rel=1e-3)
+
+
 def test_score_directions_cover_every_output_key():
     keys = {f"{p}_{k}" for p in ("kv_coe_layer", "kv_coe_token", "hidden_coe") for k in ("mag", "ang", "r", "c")}
     keys |= {"mean_max_prob", "mean_log_max_prob", "mean_logprob", "perplexity", "mean_entropy", "lowest_group_confidence"}
@@ -295,6 +317,7 @@ def test_row_batched_coe_equals_the_per_row_reference():
     for got, h in zip(coe_scores_rows(traj), traj):
         want = coe_scores(h)
         assert all(got[k] == pytest.approx(want[k], rel=1e-12, abs=1e-12, nan_ok=True) for k in want)
+    assert all(np.isnan(v) for v in coe_scores_rows(traj)[2].values())  # end == start: the angle too
     assert all(np.isnan(v) for v in coe_scores_rows(traj[:, :1])[0].values())
     with pytest.raises(ValueError, match=r"\[B, N_points, D\]"):
         coe_scores_rows(traj[0])
