@@ -4,10 +4,10 @@
 #   1. the fast path's CUDA tests (graphs + compile + Triton kernels against the eager engine; logits processors
 #      between the forward and sampling graphs; the reasoning controller in the graph);
 #   2. decode, side by side in one process: the top-p search as compiled torch passes (the default) vs the Triton
-#      kernels (KVAGENTS_TOPP=kernel, 6x faster alone, one inconclusive end-to-end run), and the eager sampling head
-#      (KVAGENTS_COMPILE_HEAD=0, no Inductor compile of the head);
+#      kernels (KVAGENTS_TOPP=kernel, 6x faster alone, one inconclusive end-to-end run);
 #   3. cold first calls (empty Inductor / Triton caches, engine build counted) of one prompt x n=8 in its own
-#      process, the case furthest from the 20 s bar: defaults, top-p kernels, top-p kernels + eager head.
+#      process, the case furthest from the 20 s bar: defaults; kvagents' Triton kernels compiled in worker processes
+#      during the head's compile (KVAGENTS_PRECOMPILE=1); that with the top-p kernels; then B=1 with both.
 # Device tool, carrying the wheels the device image lacks (pydantic and pytest, for Python 3.12):
 #   python3 -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 pydantic==2.12.5 pydantic-core==2.41.5 \
@@ -27,19 +27,20 @@ fi
 
 stamp "1. CUDA tests"
 timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_decode.py tests/test_reasoning.py \
-  tests/test_logits_processors.py -k "cuda or fast_path" > "$OUT/cuda_tests.txt" 2>&1
+  tests/test_logits_processors.py tests/test_kernel_precompile.py -k "cuda or fast_path" > "$OUT/cuda_tests.txt" 2>&1
 stamp "   rc $? ($(tail -n 1 "$OUT/cuda_tests.txt"))"
 
 stamp "2. decode side by side (ms/step, components off / on)"
-timeout 220 "$PY" bench/fast_variants.py --cases B=1,1x8 --variants auto,auto:0:kernel,auto:0:kernel:auto:8:0 \
-  > "$OUT/variants.txt" 2>&1
-stamp "   rc $?"
+timeout 170 "$PY" bench/fast_variants.py --cases B=1,1x8 --variants auto,auto:0:kernel > "$OUT/variants.txt" 2>&1
+stamp "   rc $? ($(grep -h 'tok/s' "$OUT/variants.txt" | tr '\n' ';'))"
 
-stamp "3. cold first calls, 1x8 in its own process"
-for env in "" "--env KVAGENTS_TOPP=kernel" "--env KVAGENTS_TOPP=kernel --env KVAGENTS_COMPILE_HEAD=0"; do
-  name=$(echo "default $env" | tr -c 'A-Za-z0-9=\n' '_')
+stamp "3. cold first calls"
+i=0
+for run in "1x8" "--env KVAGENTS_PRECOMPILE=1 1x8" "--env KVAGENTS_PRECOMPILE=1 --env KVAGENTS_TOPP=kernel 1x8" \
+           "--env KVAGENTS_PRECOMPILE=1 --env KVAGENTS_TOPP=kernel B=1"; do
+  i=$((i + 1))
   # shellcheck disable=SC2086
-  timeout 75 "$PY" bench/warmup.py --cold $env 1x8 > "$OUT/warm_$name.txt" 2>&1
-  stamp "   $env rc $? ($(grep -h 'first call' "$OUT/warm_$name.txt" | tail -n 1))"
+  timeout 80 "$PY" bench/warmup.py --cold $run > "$OUT/warm_$i.txt" 2>&1
+  stamp "   [$i] $run: rc $? ($(grep -h -E 'engine built|first call [0-9]|recording pass' "$OUT/warm_$i.txt" | tr '\n' ';'))"
 done
 stamp "done"

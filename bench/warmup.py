@@ -5,6 +5,7 @@ on-disk caches (the second process reuses the compiled kernels of the first).
     python bench/warmup.py                      # prints one line per case
     python bench/warmup.py --cold B=1 1x8       # empty compile caches (fresh temp dirs), per-piece breakdown
     python bench/warmup.py --cold --env KVAGENTS_TOPP=sort   # a variant, same measurement
+    python bench/warmup.py --cold --env KVAGENTS_PRECOMPILE=1 1x8   # Triton kernels compiled in worker processes
 
 ``--cold`` re-runs this script in a child process whose ``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR`` are
 new empty folders (what a first process on a fresh machine sees). ``--breakdown`` (implied by ``--cold``) times the
@@ -113,6 +114,8 @@ def child(args) -> None:
                 eng = llm.fast_engine
                 print(f"  {name} first call pieces: {first.report()}; graph captures {eng.captures} "
                       f"({eng.capture_s:.1f} s, compiles included)", flush=True)
+                if eng.precompile_stats:  # KVAGENTS_PRECOMPILE=1: the recording pass and its workers
+                    print(f"  recording pass: {eng.precompile_stats[-1]}", flush=True)
                 first.s.clear()
                 first.n.clear()
         print(f"{name} with components: first call {times[0]:.1f} s, second {times[1]:.2f} s", flush=True)

@@ -482,7 +482,11 @@ class FastDecodeEngine:
       per bucket, captured when first needed);
     * ``sync_every``: host checks every this many steps;
     * ``compile_head``: also compile the step's tail (sampling, finish checks, the graph-safe components' tensor
-      work), fusing the components' small ops (default: with ``compile``; env ``KVAGENTS_COMPILE_HEAD=0`` off).
+      work), fusing the components' small ops (default: with ``compile``; env ``KVAGENTS_COMPILE_HEAD=0`` off);
+    * ``precompile``: before the first capture of a call shape, one recording pass of the step: kvagents' Triton
+      kernels not compiled yet are compiled in worker processes while Inductor compiles the head here
+      (:mod:`kvagents.kernel_precompile`; the pass's state changes are undone). Default: env
+      ``KVAGENTS_PRECOMPILE=1`` with CUDA graphs (off until measured on the GPU).
 
     Buffers and graphs are kept for the last batch size and capacity (capacity = longest prompt + max_new_tokens,
     rounded up to ``bucket``), so repeated calls of the same shape capture nothing.
@@ -494,7 +498,7 @@ class FastDecodeEngine:
 
     def __init__(self, model, tokenizer, *, sync_every: int = 8, eos_token_ids: Sequence[int] | None = None,
                  compile: bool | None = None, cuda_graphs: bool | None = None, bucket: int = 128,
-                 compile_head: bool | None = None) -> None:
+                 compile_head: bool | None = None, precompile: bool | None = None) -> None:
         if bucket < 1:
             raise ValueError(f"bucket must be >= 1, got {bucket}")
         self.base = DecodeEngine(model, tokenizer, sync_every=sync_every, eos_token_ids=eos_token_ids)
@@ -540,6 +544,10 @@ class FastDecodeEngine:
         self.captures = 0
         self.capture_s = 0.0
         self.forward_calls = 0
+        if precompile is None:
+            precompile = self.graphs and os.environ.get("KVAGENTS_PRECOMPILE", "0") == "1"
+        self.precompile = bool(precompile)
+        self.precompile_stats: list[dict] = []  # one entry per recording pass (kernel_precompile's counts)
 
     # -- public ------------------------------------------------------------------------------------------------
     def generate(self, prompt_ids, params: SamplingParams, components: Sequence[Component] = (),
@@ -839,6 +847,14 @@ class FastDecodeEngine:
             r = st.reason[i : i + 1]
             r.copy_(torch.where((r == RUNNING) | (r == LENGTH), STOP, r))
 
+        Lb1 = StaticLM.bucket_for(T, self.bucket, cap)  # the bucket of step 1, the first captured step
+        if self.precompile and max_new > 1 and (Lb1, *gkey) not in st.graphs and ("head", *gkey) not in st.graphs:
+            def first_step():
+                st.step.fill_(1)  # as step 1: the K/V column it may fill with garbage is the one step 1 writes first
+                self._forward(st, Lb1)
+                head(True)
+            self._precompile_pass(st, first_step, comp_tensors)
+
         t = 0
         while t < max_new:
             if trackers is not None and host_stops and snap is None and t == last_check:
@@ -942,6 +958,29 @@ class FastDecodeEngine:
         stats.forward_calls = self.forward_calls - calls0
         stats.generated_tokens = sum(counts)
         return GenerationResult(samples=samples, stats=stats)
+
+    def _precompiler(self):
+        from .kernel_precompile import KernelPrecompiler
+
+        return KernelPrecompiler()
+
+    def _precompile_pass(self, st: _Static, fn: Callable[[], None], comp_tensors: list[torch.Tensor]) -> None:
+        """Run ``fn`` (a decode step) once with kvagents' kernels' compiles recorded and sent to worker processes,
+        while Inductor compiles what ``fn`` compiles here; their launches do nothing in this pass, so its results
+        are garbage: the engine and component state is restored after, and ``fn`` runs as step 1, so the only K/V
+        column it may fill with garbage (where no kernel of ours writes it) is the one step 1 writes before reading
+        it."""
+        pre = self._precompiler()
+        snap = self._snapshot(st, comp_tensors)
+        t0 = time.perf_counter()
+        try:
+            with pre.recording():
+                fn()
+        finally:
+            stats = pre.wait()
+            self._restore(st, comp_tensors, snap)
+        stats["pass_s"] = round(time.perf_counter() - t0, 2)
+        self.precompile_stats.append(stats)
 
     def _plain_step(self, st: _Static, t: int, plain, force_queues, custom_reason) -> None:
         """Components without a graph-safe step: their ``on_step`` after the step, outside the graph."""
