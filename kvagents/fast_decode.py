@@ -56,6 +56,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -973,13 +974,18 @@ class FastDecodeEngine:
         pre = self._precompiler()
         snap = self._snapshot(st, comp_tensors)
         t0 = time.perf_counter()
+        error = None
         try:
             with pre.recording():
                 fn()
+        except Exception as e:  # noqa: BLE001 - the real step raises it again if it is not the pass's own
+            error = f"{type(e).__name__}: {e}"
+            warnings.warn(f"the kernels' recording pass failed ({error}); they compile at their first launch",
+                          RuntimeWarning, stacklevel=3)
         finally:
             stats = pre.wait()
             self._restore(st, comp_tensors, snap)
-        stats["pass_s"] = round(time.perf_counter() - t0, 2)
+        stats.update(pass_s=round(time.perf_counter() - t0, 2), error=error)
         self.precompile_stats.append(stats)
 
     def _plain_step(self, st: _Static, t: int, plain, force_queues, custom_reason) -> None:

@@ -98,8 +98,8 @@ class GarbagePass:
     """A recording pass as the GPU may leave it, on the CPU: the step's kernels do nothing, so the logits are
     garbage (NaN) and the step's K/V column holds garbage (NaN) too."""
 
-    def __init__(self, engine, log):
-        self.engine, self.log = engine, log
+    def __init__(self, engine, log, fail=False):
+        self.engine, self.log, self.fail = engine, log, fail
 
     @contextlib.contextmanager
     def recording(self):
@@ -109,6 +109,8 @@ class GarbagePass:
         def garbage(ids, pos, col, start, K, V, *args, **kwargs):
             K.index_fill_(3, col, float("nan"))
             V.index_fill_(3, col, float("nan"))
+            if self.fail:
+                raise RuntimeError("a kernel launch failed")
             return torch.full((ids.shape[0], lm.vocab), float("nan"))
 
         lm.step = garbage
@@ -145,6 +147,12 @@ def test_fast_path_recording_pass_leaves_results_unchanged(arch):
     assert log == ["pass", "pass"]  # one pass per call here (no graphs on the CPU: every call is a first capture)
     assert len(fast.precompile_stats) == 2 and fast.precompile_stats[0]["recorded"] == 0
     assert not FastDecodeEngine(model, ByteTokenizer()).precompile  # off by default (and without CUDA graphs)
+    fast._precompiler = lambda: GarbagePass(fast, log, fail=True)  # a pass that fails half-way: warned, undone
+    params = SamplingParams(max_new_tokens=12, temperature=0, n=2)
+    with pytest.warns(RuntimeWarning, match="recording pass failed .RuntimeError: a kernel launch failed"):
+        got = fast.generate(PROMPTS, params, comps())
+    assert_same_results(eager.generate(PROMPTS, params, comps()), got)
+    assert fast.precompile_stats[-1]["error"] == "RuntimeError: a kernel launch failed"
 
 
 CUDA_PASS = r"""
