@@ -249,6 +249,10 @@ class StaticLM:
 
             # round bf16 intermediates like eager (parity with HF); a process-wide Inductor setting
             ind.emulate_precision_casts = True
+            if os.environ.get("KVAGENTS_AUTOTUNE_POINTWISE", "1") == "0":
+                # one launch config per pointwise kernel instead of 2 (1-D) or 6 (2-D), each compiled and then
+                # benchmarked at the first call: less compile work for the head (a warm-up experiment, unmeasured)
+                ind.triton.autotune_pointwise = False
             if os.environ.get("KVAGENTS_CDT", "0") == "1":
                 ind.coordinate_descent_tuning = True
             opts = dict(dynamic=False, fullgraph=True)
