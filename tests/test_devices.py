@@ -77,7 +77,9 @@ def test_gather_layer_rows_equals_torch_stack():
     from transformers import DynamicCache
 
     cache = DynamicCache(config=llm.model.config)
-    llm.model(torch.tensor([[5, 6, 7, 8]]), use_cache=True, past_key_values=cache)
+    from kvagents.engine import _cache_kwarg  # "cache" on newer transformers ("past_key_values" is deprecated)
+
+    llm.model(torch.tensor([[5, 6, 7, 8]]), use_cache=True, **{_cache_kwarg(llm.model): cache})
     layers = [0, 2, 3]
     want = torch.stack([torch.stack([cache.layers[i].keys for i in layers], 1),
                         torch.stack([cache.layers[i].values for i in layers], 1)], 2)
