@@ -142,11 +142,11 @@ class ChatKV(BaseChatModel):
     components: list[Any] = Field(default_factory=list)
     """Extra kvagents components (instances, or zero-argument factories called per request)."""
     return_scores: bool = False
+    """Add per-sample probability scores (``ProbabilityScores``) to ``response_metadata["scores"]``."""
     select_by: str | None = None
     """With ``n`` > 1: order each prompt's samples by this score (argmax first, so ``invoke`` returns the best):
     a ``ProbabilityScores`` key (``lowest_group_confidence``, ``mean_logprob`` ...) or a KV chain-of-embedding
     key (``kv_coe_layer_r`` ...); every sample's scores land in ``response_metadata["scores"]``."""
-    """Add per-sample probability scores (``ProbabilityScores``) to ``response_metadata["scores"]``."""
     reasoning: bool = True
     """Parse ``<think>...</think>`` into reasoning content (``additional_kwargs["reasoning_content"]``)."""
     auto_tool_calls: Literal["model", "after_user"] = "model"
