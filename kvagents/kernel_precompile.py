@@ -167,6 +167,9 @@ class KernelPrecompiler:
             if not self._procs:
                 self._t0 = time.perf_counter()
                 env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+                # the workers import this package from where this process did (a checkout on sys.path, say)
+                root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+                env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
                 for _ in range(self.workers):
                     self._procs.append(subprocess.Popen(
                         [sys.executable, "-m", "kvagents.kernel_precompile"], stdin=subprocess.PIPE,
