@@ -852,8 +852,7 @@ class FastDecodeEngine:
         if self.precompile and max_new > 1 and (Lb1, *gkey) not in st.graphs and ("head", *gkey) not in st.graphs:
             def first_step():
                 st.step.fill_(1)  # as step 1: the K/V column it may fill with garbage is the one step 1 writes first
-                self._forward(st, Lb1)
-                head(True)
+                step_fn_for(Lb1)()
             self._precompile_pass(st, first_step, comp_tensors)
 
         t = 0

@@ -168,16 +168,6 @@ def coe_scores_rows(traj: np.ndarray | torch.Tensor) -> list[dict[str, float]]:
                                steps[:, 2 * s], steps[:, 2 * s + 1])
 
 
-def _np_angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Angle between ``a`` and ``b`` along the last axis, ``2 atan2(||â - b̂||, ||â + b̂||)``: ``arccos(cos(a, b))``
-    without its loss of half the digits near 0 (a repeated point gives exactly 0); NaN where a vector is zero.
-    :func:`_angle` is the same in torch."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ua = a / np.linalg.norm(a, axis=-1, keepdims=True)
-        ub = b / np.linalg.norm(b, axis=-1, keepdims=True)
-    return 2 * np.arctan2(np.linalg.norm(ua - ub, axis=-1), np.linalg.norm(ua + ub, axis=-1))
-
-
 def coe_scores(traj: np.ndarray | torch.Tensor) -> dict[str, float]:
     """CoE-Mag, CoE-Ang, CoE-R and CoE-C of a trajectory ``[N_points, D]`` (layers or tokens), in float64.
 
@@ -196,16 +186,10 @@ def coe_scores(traj: np.ndarray | torch.Tensor) -> dict[str, float]:
         >>> round(s["mag"], 4), round(s["ang"], 4)
         (0.7071, 0.5)
     """
-    if isinstance(traj, torch.Tensor):
-        traj = traj.detach().to("cpu", torch.float64).numpy()
-    h = np.asarray(traj, dtype=np.float64)
-    if h.ndim != 2:
-        raise ValueError(f"coe_scores expects a trajectory [N_points, D], got shape {h.shape}")
-    if h.shape[0] < 2:
-        return dict.fromkeys(_COE, float("nan"))
-    norms = np.linalg.norm(np.diff(h, axis=0), axis=-1)
-    angles = _np_angle(h[1:], h[:-1])
-    return coe_from_steps(norms, angles, float(np.linalg.norm(h[-1] - h[0])), float(_np_angle(h[-1], h[0])))
+    h = traj.detach() if isinstance(traj, torch.Tensor) else torch.from_numpy(np.asarray(traj, dtype=np.float64))
+    if h.dim() != 2:
+        raise ValueError(f"coe_scores expects a trajectory [N_points, D], got shape {tuple(h.shape)}")
+    return coe_scores_rows(h[None])[0]
 
 
 def _prefixed(scores: dict[str, float], prefix: str) -> dict[str, float]:
