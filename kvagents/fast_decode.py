@@ -174,10 +174,10 @@ def top_p_keep(probs: torch.Tensor, top_p: float, ways: int = TOP_P_WAYS, kernel
     return _TOP_P_OP(probs, float(top_p), int(ways), bool(kernel))
 
 
-def _top_p_keep_impl(probs: torch.Tensor, top_p: float, ways: int, kernel: bool = False) -> torch.Tensor:
+def _top_p_keep_impl(probs: torch.Tensor, top_p: float, ways: int, use_kernel: bool = False) -> torch.Tensor:
     from .top_p_search import n_passes, top_p_keep_kernel
 
-    if kernel:
+    if use_kernel:
         return top_p_keep_kernel(probs, top_p, ways)
     bits = probs.view(torch.int32)
     lo = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)  # mass above 0 is 1 > top_p
@@ -187,18 +187,20 @@ def _top_p_keep_impl(probs: torch.Tensor, top_p: float, ways: int, kernel: bool 
     return bits >= hi[:, None]
 
 
-def _top_p_keep_fake(probs: torch.Tensor, top_p: float, ways: int, kernel: bool = False) -> torch.Tensor:
+def _top_p_keep_fake(probs: torch.Tensor, top_p: float, ways: int, use_kernel: bool = False) -> torch.Tensor:
     return torch.empty(probs.shape, dtype=torch.bool, device=probs.device)
 
 
-# custom_op reads the annotations: real types, not the strings of `from __future__ import annotations`
+# custom_op reads the annotations: real types, not the strings of `from __future__ import annotations`. No
+# argument may be named `kernel`: Inductor lowers the op through FallbackKernel.create(kernel, *args, **kwargs),
+# and an argument of that name failed the head's compile ("got multiple values for argument 'kernel'").
 _top_p_keep_impl.__annotations__ = _top_p_keep_fake.__annotations__ = {
-    "probs": torch.Tensor, "top_p": float, "ways": int, "kernel": bool, "return": torch.Tensor,
+    "probs": torch.Tensor, "top_p": float, "ways": int, "use_kernel": bool, "return": torch.Tensor,
 }  # fmt: skip
 
 
 def _register_top_p():
-    """``torch.ops.kvagents.top_p_keep(probs, top_p, ways, kernel)``, once per process."""
+    """``torch.ops.kvagents.top_p_keep(probs, top_p, ways, use_kernel)``, once per process."""
     try:
         return torch.ops.kvagents.top_p_keep
     except (AttributeError, RuntimeError):

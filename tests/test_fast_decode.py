@@ -273,6 +273,20 @@ def test_top_p_search_keeps_the_sorted_nucleus(ways):
             assert torch.equal(got, want), (scale, top_p, (got != want).sum())
 
 
+def test_top_p_search_compiles_with_inductor():
+    """The sampled head's top-p custom op lowers through Inductor (the CPU backend here; CUDA compiles the same graph).
+    An op argument named ``kernel`` once collided with Inductor's FallbackKernel.create(kernel, ...) and failed every
+    compiled sampled head on the GPU; this test failed the same way."""
+    from kvagents.fast_decode import process_logits_search
+
+    logits = torch.randn(3, 257, generator=torch.Generator().manual_seed(0)) * 3
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    compiled = torch.compile(lambda x: process_logits_search(x, params), backend="inductor", fullgraph=True)
+    with torch._inductor.config.patch(force_disable_caches=True):  # lower it here, not from an earlier run's cache
+        got = compiled(logits)
+    assert torch.equal(got, process_logits_search(logits, params))
+
+
 class PrefillForcer(Component):
     """Forces a cue from the first generated token (ForceTokens returned by on_prefill)."""
 
