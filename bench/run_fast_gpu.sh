@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# Issue 5's open questions on a lent GPU in ONE call (about 8-9 minutes on an H100; each phase has a time limit so
-# whatever finished is in $OUT):
-#   1. the fast path's CUDA tests (graphs + compile + Triton kernels against the eager engine; logits processors
-#      between the forward and sampling graphs; the reasoning controller in the graph);
-#   2. decode, side by side in one process: the top-p search as compiled torch passes (the default) vs the Triton
-#      kernels (KVAGENTS_TOPP=kernel, 6x faster alone, one inconclusive end-to-end run);
-#   3. cold first calls (empty Inductor / Triton caches, engine build counted) of one prompt x n=8 in its own
-#      process, the case furthest from the 20 s bar: defaults; kvagents' Triton kernels compiled in worker processes
-#      during the head's compile (KVAGENTS_PRECOMPILE=1); that with the top-p kernels; that with one launch config
-#      per Inductor pointwise kernel (KVAGENTS_AUTOTUNE_POINTWISE=0, less to compile and benchmark); B=1 with all.
+# Issue 5's open questions on a lent GPU, in phases that each have a time limit (whatever finished is in $OUT):
+#   tests:    the fast path's CUDA tests (graphs + compile + Triton kernels against the eager engine; logits processors
+#             between the forward and sampling graphs; the reasoning controller in the graph; the recording pass's
+#             worker compiles), about 2-4 minutes on an H100;
+#   warm:     cold first calls (empty Inductor / Triton caches, engine build counted), each case in its own process:
+#             defaults for one prompt x n=8 and for B=1, then both with KVAGENTS_PRECOMPILE=1 (kvagents' Triton
+#             kernels compiled in worker processes during the head's compile);
+#   variants: decode side by side in one process (ms/step, components off / on): the default top-p ("auto": the
+#             Triton kernels on CUDA) against the compiled torch search (KVAGENTS_TOPP=search);
+#   decode:   bench/gpu_decode.py's fast-path rows (d, e) and HF static + compile (b) with the bandwidth limit, 8B shape.
 # Device tool, carrying the wheels the device image lacks (pydantic and pytest, for Python 3.12):
 #   python3 -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 pydantic==2.12.5 pydantic-core==2.41.5 \
 #     annotated-types typing-inspection typing-extensions pytest pluggy iniconfig packaging
-#   run(command="bash bench/run_fast_gpu.sh tests variants", carry=[".whl"], kind="nvidia-h100-x1")   (~5 min)
-#   run(command="bash bench/run_fast_gpu.sh warm", carry=[".whl"])                                    (~6 min)
-# (arguments: the phases to run, of tests, variants, warm; default all three, more than one call's 10 minutes)
+#   run(command="bash bench/run_fast_gpu.sh tests warm", carry=[".whl"], kind="nvidia-h100-x1")   (~7 min)
+#   run(command="bash bench/run_fast_gpu.sh variants decode", carry=[".whl"])                     (~8 min)
+# (arguments: the phases to run, of tests, warm, variants, decode; default all four, more than one call's 10 minutes)
 set -uo pipefail
 OUT=${OUT:-out/fast_gpu}; PY=${PY:-python3}
-PHASES=" ${*:-tests variants warm} "
+PHASES=" ${*:-tests warm variants decode} "
 mkdir -p "$OUT"
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/phases.txt"; }
@@ -30,30 +30,35 @@ fi
   > "$OUT/device.txt" 2>&1
 
 if [[ $PHASES == *" tests "* ]]; then
-stamp "1. CUDA tests"
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_decode.py tests/test_reasoning.py \
+stamp "tests: CUDA tests"
+timeout 330 "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_decode.py tests/test_reasoning.py \
   tests/test_logits_processors.py tests/test_kernel_precompile.py -k "cuda or fast_path" > "$OUT/cuda_tests.txt" 2>&1
 stamp "   rc $? ($(tail -n 1 "$OUT/cuda_tests.txt"))"
 
 fi
 
 if [[ $PHASES == *" variants "* ]]; then
-stamp "2. decode side by side (ms/step, components off / on)"
-timeout 170 "$PY" bench/fast_variants.py --cases B=1,1x8 --variants auto,auto:0:kernel > "$OUT/variants.txt" 2>&1
+stamp "variants: decode side by side (ms/step, components off / on)"
+timeout 170 "$PY" bench/fast_variants.py --cases B=1,1x8 --variants auto,auto:0:search > "$OUT/variants.txt" 2>&1
 stamp "   rc $? ($(grep -h 'tok/s' "$OUT/variants.txt" | tr '\n' ';'))"
 
 fi
 
 if [[ $PHASES == *" warm "* ]]; then
-stamp "3. cold first calls"
+stamp "warm: cold first calls"
 i=0
-ALL="--env KVAGENTS_PRECOMPILE=1 --env KVAGENTS_TOPP=kernel --env KVAGENTS_AUTOTUNE_POINTWISE=0"
-for run in "1x8" "--env KVAGENTS_PRECOMPILE=1 1x8" "--env KVAGENTS_PRECOMPILE=1 --env KVAGENTS_TOPP=kernel 1x8" \
-           "$ALL 1x8" "$ALL B=1"; do
+for run in "1x8" "B=1" "--env KVAGENTS_PRECOMPILE=1 1x8" "--env KVAGENTS_PRECOMPILE=1 B=1"; do
   i=$((i + 1))
   # shellcheck disable=SC2086
-  timeout 70 "$PY" bench/warmup.py --cold $run > "$OUT/warm_$i.txt" 2>&1
+  timeout 80 "$PY" bench/warmup.py --cold $run > "$OUT/warm_$i.txt" 2>&1
   stamp "   [$i] $run: rc $? ($(grep -h -E 'engine built|first call [0-9]|recording pass' "$OUT/warm_$i.txt" | tr '\n' ';'))"
 done
+fi
+
+if [[ $PHASES == *" decode "* ]]; then
+stamp "decode: gpu_decode.py --methods bde"
+timeout 330 "$PY" bench/gpu_decode.py --methods bde --no-overhead --no-profile --mem-tokens 0 --out "$OUT" \
+  > "$OUT/decode.txt" 2>&1
+stamp "   rc $?"
 fi
 stamp "done"

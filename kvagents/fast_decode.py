@@ -513,18 +513,19 @@ class FastDecodeEngine:
         self.lm = StaticLM(model, compile=cuda if compile is None else bool(compile))
         self.bucket = bucket
         self.sync_every = sync_every
-        # "auto" = "search": the nucleus search as compiled torch passes; "kernel": as the Triton kernels of
-        # kvagents.top_p_search (6x faster alone, 59 vs 365 us at B=8 on an H100, but the one end-to-end 1x8 run
-        # with them measured 9.7 ms/step against 7.3 on another host, with no control run: not the default until
-        # measured side by side); "sort": eager sort-and-cumsum in the graph
+        # "auto": the Triton kernels of kvagents.top_p_search on a CUDA model when Triton imports (measured side by
+        # side on an H100, 2026-12-06: 1x8 top-p 6.85 vs 7.17 ms/step, B=1 unchanged), else "search", the nucleus
+        # search as compiled torch passes (the CPU's path); "kernel" asks for the kernels (TRITON_INTERPRET=1 runs
+        # them on the CPU); "sort": eager sort-and-cumsum in the graph
         self.top_p_impl = os.environ.get("KVAGENTS_TOPP", "auto")
         if self.top_p_impl not in ("auto", "kernel", "search", "sort"):
             raise ValueError(f"KVAGENTS_TOPP must be 'auto', 'kernel', 'search' or 'sort', got {self.top_p_impl!r}")
         from . import top_p_search
 
-        self._topp_kernel = self.top_p_impl == "kernel"
-        if self._topp_kernel and not top_p_search.available():
+        if self.top_p_impl == "kernel" and not top_p_search.available():
             raise RuntimeError("KVAGENTS_TOPP=kernel needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+        self._topp_kernel = self.top_p_impl == "kernel" or (
+            self.top_p_impl == "auto" and cuda and top_p_search.available())
         if compile_head is None:
             compile_head = self.lm.compiled and os.environ.get("KVAGENTS_COMPILE_HEAD", "1") != "0"
         self.compile_head = bool(compile_head)

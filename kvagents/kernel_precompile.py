@@ -113,9 +113,12 @@ class KernelPrecompiler:
     :meth:`recording` records nothing and the step runs as usual.
     """
 
-    def __init__(self, workers: int | None = None, prefix: str = "kvagents.") -> None:
+    def __init__(self, workers: int | None = None, prefix: str = "kvagents.", target=None) -> None:
         self.workers = max(1, workers if workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2)))
         self.prefix = prefix
+        # the compile target (a triton GPUTarget) for specialisations serialised without one (Triton <= 3.6 leaves
+        # it out; its preload takes the driver's): None = this process's active driver's, looked up when needed
+        self.target = target
         self._procs: list[subprocess.Popen] = []
         self._jobs: dict[int, dict] = {}
         self._seen: set[str] = set()
@@ -159,7 +162,20 @@ class KernelPrecompiler:
         finally:
             knobs.runtime.jit_cache_hook = prev
 
+    def _with_target(self, spec: str) -> str:
+        """``spec`` with a ``target`` entry: its own, else :attr:`target` (the active driver's by default)."""
+        obj = json.loads(spec)
+        if "target" in obj:
+            return spec
+        if self.target is None:
+            from triton.runtime.driver import driver
+
+            self.target = driver.active.get_current_target()
+        obj["target"] = dict(vars(self.target))
+        return json.dumps(obj)
+
     def _submit(self, module: str, qualname: str, spec: str) -> None:
+        spec = self._with_target(spec)
         with self._lock:
             if spec in self._seen:
                 return

@@ -44,6 +44,10 @@ spec = serialize_specialization_data(f"{kernel.fn.__module__}.{kernel.fn.__qualn
 pre = KernelPrecompiler(workers=1)
 pre._submit(kernel.fn.__module__, kernel.fn.__qualname__, spec)
 pre._submit(kernel.fn.__module__, kernel.fn.__qualname__, spec)  # the same specialisation goes out once
+old = json.loads(spec)  # as Triton <= 3.6 serialises it: no target (the parent adds its own, here sm_90's)
+del old["target"]
+pre.target = target
+pre._submit(kernel.fn.__module__, kernel.fn.__qualname__, json.dumps(old))
 stats = pre.wait(timeout=300)
 assert stats["recorded"] == 1 and stats["compiled"] == 1, stats
 after_worker = sorted(os.listdir(cache))

@@ -187,6 +187,8 @@ def test_fast_path_sampling_with_the_kernels_equals_the_torch_search(interp, mon
         assert fast._topp_kernel == (impl == "kernel")
         out[impl] = [x.token_ids for x in fast.generate(prompts, params).flat]
     assert out["kernel"] == out["search"]
+    monkeypatch.setenv("KVAGENTS_TOPP", "auto")  # the kernels only for a CUDA model, the interpreter aside
+    assert not FastDecodeEngine(model, ByteTokenizer(), bucket=8)._topp_kernel
 
 
 def test_passes_and_default_blocks():
