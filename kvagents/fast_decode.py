@@ -489,10 +489,8 @@ class FastDecodeEngine:
     * ``precompile``: before the first capture of a call shape, one recording pass of the step: kvagents' Triton
       kernels not compiled yet are compiled in worker processes while Inductor compiles the head here
       (:mod:`kvagents.kernel_precompile`; the pass's state changes are undone). Default: env
-      ``KVAGENTS_PRECOMPILE=1`` with CUDA graphs. Off by default: measured slower on an H100 (2026-12-06, cold
-      first call with components, 8B shape: 1x8 20.2 s with it against 14.6 s without, B=1 19.6 against 11.8 s;
-      the workers took 15.4 s for 14 kernels the main process JITs in about 2 s, and the head's compile beside
-      them slowed from 5.7 to 9.1 s).
+      ``KVAGENTS_PRECOMPILE=1`` with CUDA graphs; off by default because it measured slower on an H100 (numbers
+      in :mod:`kvagents.kernel_precompile`).
 
     Buffers and graphs are kept for the last batch size and capacity (capacity = longest prompt + max_new_tokens,
     rounded up to ``bucket``), so repeated calls of the same shape capture nothing.
