@@ -1,4 +1,4 @@
-"""``kvagents.decode_attention`` against the decode step's SDPA attention (``kvagents.static_cache.attend`` with
+"""``kvagents.kernels.decode_attention`` against the decode step's SDPA attention (``kvagents.engine.static_cache.attend`` with
 the additive ``attention_mask``), Qwen3-8B's attention shape (H_q = 32, H_kv = 8, d = 128, bfloat16).
 
 For B = 1, 8, 32 rows, ``length`` = 384, 1024, 4096 columns (``cap = length``), live fractions 1, 1/2, 1/8 (every
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fused_gemv_bench import time_calls  # noqa: E402
 
-from kvagents.decode_attention import decode_attention, plan, resolve_config  # noqa: E402
-from kvagents.static_cache import attend, attention_mask  # noqa: E402
+from kvagents.engine.static_cache import attend, attention_mask  # noqa: E402
+from kvagents.kernels.decode_attention import decode_attention, plan, resolve_config  # noqa: E402
 
 ROTATE_BYTES = 256 << 20
 

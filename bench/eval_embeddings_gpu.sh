@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3, part 4 on a lent GPU: KV embeddings of both embedded models (every pooling config from one prefill per
+# On a lent GPU: KV embeddings of both embedded models (every pooling config from one prefill per
 # text) for gsm8k question/answer and math500 problem/solution, written to the embedding cache and packed into
 # $OUT as one .tgz per model (the device tool returns at most 8 files). MiniLM and the metrics then run locally
 # from the cache (see the end of this file).

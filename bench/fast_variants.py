@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from gpu_decode import NoTokenizer, bench_prompts, components, profile_fast, qwen3_8b_random, sync  # noqa: E402
 
 from kvagents import KVModel, SamplingParams  # noqa: E402
-from kvagents.fast_decode import FastDecodeEngine  # noqa: E402
-from kvagents.static_cache import FUSED_ROWS  # noqa: E402
+from kvagents.engine.fast_decode import FastDecodeEngine  # noqa: E402
+from kvagents.engine.static_cache import FUSED_ROWS  # noqa: E402
 
 
 def main():

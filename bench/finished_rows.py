@@ -40,7 +40,7 @@ def main() -> int:
     import torch
     from fused_gemv_bench import time_calls
 
-    from kvagents.static_cache import StaticLM
+    from kvagents.engine.static_cache import StaticLM
 
     cuda = torch.cuda.is_available() and not args.tiny
     if args.tiny:

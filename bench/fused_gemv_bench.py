@@ -16,7 +16,7 @@ measured device-to-device copy bandwidth, max abs diff of fused vs unfused), the
 ``CONFIGS`` dict literal to paste into kvagents/fused_gemv.py.
 
 Needs torch, triton and the kvagents package importable (the module is loaded from its file; it imports
-``kvagents.triton_support``, hence the package's ``__init__``):
+``kvagents.kernels.triton_support``, hence the package's ``__init__``):
 
     python3 bench/fused_gemv_bench.py                   # ~2-3 minutes on an H100
     python3 bench/fused_gemv_bench.py --shapes 8b --budget 400 --verbose
@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the module imports kvagents.triton_support
+sys.path.insert(0, str(ROOT))  # the module imports kvagents.kernels.triton_support
 _spec = importlib.util.spec_from_file_location("fused_gemv", ROOT / "kvagents" / "fused_gemv.py")
 fg = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fg)
@@ -74,7 +74,7 @@ LAYERS = {"8b": 36, "0.5b": 24}
 
 
 def rms(x, w, eps):
-    """kvagents.static_cache._rms (Hugging Face's RMSNorm, op for op), copied to keep this script standalone."""
+    """kvagents.engine.static_cache._rms (Hugging Face's RMSNorm, op for op), copied to keep this script standalone."""
     dt = x.dtype
     xf = x.to(torch.float32)
     var = xf.pow(2).mean(-1, keepdim=True)
@@ -231,7 +231,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes: code paths only")
     ap.add_argument("--rows", type=int, default=1, help="activation rows M (> 1: the tensor-core kernel)")
     ap.add_argument("--write-configs", default="", help="also write the best configs as JSON here (read by "
-                    "kvagents.fused_gemv when KVAGENTS_GEMV_CONFIGS names the file)")
+                    "kvagents.kernels.fused_gemv when KVAGENTS_GEMV_CONFIGS names the file)")
     args = ap.parse_args()
     global ROWS, GRID
     ROWS = args.rows

@@ -38,8 +38,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kvagents import KVEmbedding, KVModel, SamplingParams  # noqa: E402
-from kvagents.probe import probe_pooling  # noqa: E402
-from kvagents.scoring import LayerCoE, ProbabilityScores, TokenCoE  # noqa: E402
+from kvagents.signals.probe import probe_pooling  # noqa: E402
+from kvagents.signals.scoring import LayerCoE, ProbabilityScores, TokenCoE  # noqa: E402
 
 QUESTIONS = [
     "What is 17 * 23?", "Write a Python function that reverses a string.", "Explain what a hash map is.",

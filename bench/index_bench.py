@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvagents.index import KVIndex  # noqa: E402
+from kvagents.retrieval.index import KVIndex  # noqa: E402
 
 
 def make_data(kind: str, n: int, nq: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -203,7 +203,7 @@ def report(folder: str) -> None:
     runs = {m: json.loads((f / f"{m}.json").read_text()) for m in ("single", "device_map", "tp")
             if (f / f"{m}.json").exists()}
     base = runs["single"]
-    lines = [f"### Multi-GPU (issue 6): {base['gpu']}, random Qwen3-14B-shaped bf16 — "
+    lines = [f"### Multi-GPU: {base['gpu']}, random Qwen3-14B-shaped bf16 — "
              f"{time.strftime('%Y-%m-%d')}\n",
              "| mode | devices | load s | B=1 tok/s | B=N tok/s | greedy tokens equal to 1 GPU | first divergence "
              "(step, top-2 margin there) | max rel. diff of KV embedding (loop / embed) |",

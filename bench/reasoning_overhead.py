@@ -24,8 +24,8 @@ import torch
 from scorer_overhead import qwen05b_random  # same random 0.5B-shaped model (bench/ is on sys.path)
 
 from kvagents import KVModel, SamplingParams
-from kvagents.kv_classifier import KVClassifier, KVClassifierConfig
-from kvagents.thinking import PLAIN_FORMAT, HardBudget, ReasoningController
+from kvagents.control.thinking import PLAIN_FORMAT, HardBudget, ReasoningController
+from kvagents.signals.kv_classifier import KVClassifier, KVClassifierConfig
 
 
 class StubTokenizer:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's open questions on a lent GPU, in phases that each have a time limit (whatever finished is in $OUT):
+# The fast path on a lent GPU, in phases that each have a time limit (whatever finished is in $OUT):
 #   tests:    the fast path's CUDA tests (graphs + compile + Triton kernels against the eager engine; logits processors
 #             between the forward and sampling graphs; the reasoning controller in the graph; the recording pass's
 #             worker compiles), about 2-4 minutes on an H100;

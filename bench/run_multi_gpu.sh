@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 on a lent 2-GPU machine (nvidia-h200-x2), in one call; carry .whl (pydantic, gguf wheels for Python 3.12):
+# Multi-GPU checks on a lent 2-GPU machine (nvidia-h200-x2), in one call; carry .whl (pydantic, gguf wheels for Python 3.12):
 #   bash bench/run_multi_gpu.sh            -> $OUT/report.md (+ the JSON of every run)
 # A CPU dry run of the same steps: DRY=1 bash bench/run_multi_gpu.sh
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7 on a lent GPU in ONE call (expected 4-6 minutes on an H100, at most ~9.5 by the phase limits): end to end.
+# Fast/slow reasoning evaluation on a lent GPU in ONE call (expected 4-6 minutes on an H100, at most ~9.5 by the phase limits): end to end.
 #   bench/run_reasoning_gpu.sh [MODEL] [DATA_DIR]        (results in $OUT)
 # e.g. (device tool, carrying .carry/*.jsonl and the model already at /tmp/m/model.gguf):
 #   bench/run_reasoning_gpu.sh /tmp/m/model.gguf .carry

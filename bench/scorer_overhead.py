@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from kvagents import KVEmbedding, KVModel, SamplingParams
-from kvagents.probe import probe_pooling
-from kvagents.scoring import LayerCoE, ProbabilityScores, TokenCoE
+from kvagents.signals.probe import probe_pooling
+from kvagents.signals.scoring import LayerCoE, ProbabilityScores, TokenCoE
 
 
 def qwen05b_random(device, dtype):

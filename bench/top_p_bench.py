@@ -1,5 +1,5 @@
-"""``kvagents.top_p_search.top_p_keep_kernel`` (the nucleus search as Triton launches) against the torch search
-``kvagents.fast_decode._top_p_keep_impl`` (its passes torch.compile'd, as the fast engine runs them) and the eager
+"""``kvagents.kernels.top_p_search.top_p_keep_kernel`` (the nucleus search as Triton launches) against the torch search
+``kvagents.engine.fast_sampling._top_p_keep_impl`` (its passes torch.compile'd, as the fast engine runs them) and the eager
 sort-and-cumsum nucleus: float32 ``[B, 151936]`` rows (softmax of ``randn * 2``), top_p 0.95, B = 1, 8, 32. Checks
 that the masks are equal first, then times each as µs per call from a CUDA graph of ``--calls`` back-to-back calls
 (``fused_gemv_bench.time_calls``); prints a markdown table.
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fused_gemv_bench import time_calls  # noqa: E402
 
-from kvagents import fast_decode  # noqa: E402
-from kvagents.top_p_search import plan, top_p_keep_kernel  # noqa: E402
+from kvagents.engine import fast_sampling  # noqa: E402
+from kvagents.kernels.top_p_search import plan, top_p_keep_kernel  # noqa: E402
 
 
 def sorted_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -52,7 +52,7 @@ def main() -> None:
         if not cuda:
             sys.exit("needs a CUDA device (or --tiny with TRITON_INTERPRET=1)")
         sizes, v, calls = (1, 8, 32), 151936, args.calls
-        fast_decode._compile_search_pass()  # the torch passes as the fast engine runs them
+        fast_sampling._compile_search_pass()  # the torch passes as the fast engine runs them
     ways_list = [int(w) for w in args.ways.split(",")]
     blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else [None]
     top_p = args.top_p
@@ -63,9 +63,9 @@ def main() -> None:
     g = torch.Generator(device=device).manual_seed(0)
     for bsz in sizes:
         probs = (torch.randn(bsz, v, device=device, generator=g) * 2).softmax(-1)
-        want = fast_decode._top_p_keep_impl(probs, top_p, 8)
+        want = fast_sampling._top_p_keep_impl(probs, top_p, 8)
         same_sort = torch.equal(want, sorted_nucleus(probs, top_p))
-        t_torch = time_calls([lambda: fast_decode._top_p_keep_impl(probs, top_p, 8)] * calls)  # noqa: B023
+        t_torch = time_calls([lambda: fast_sampling._top_p_keep_impl(probs, top_p, 8)] * calls)  # noqa: B023
         t_sort = time_calls([lambda: sorted_nucleus(probs, top_p)] * calls)  # noqa: B023
         for ways in ways_list:
             for block in blocks:

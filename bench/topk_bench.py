@@ -1,4 +1,4 @@
-"""``kvagents.topk_values`` against ``torch.topk(...).values`` on the GPU: top-20 of float32 ``[B, 151936]`` rows
+"""``kvagents.kernels.topk_values`` against ``torch.topk(...).values`` on the GPU: top-20 of float32 ``[B, 151936]`` rows
 (random normal logits), µs per call from a CUDA graph of 100 calls, and whether the values are identical.
 
     python bench/topk_bench.py
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fused_gemv_bench import time_calls  # noqa: E402
 
-from kvagents.topk_values import topk_values  # noqa: E402
+from kvagents.kernels.topk_values import topk_values  # noqa: E402
 
 
 def main() -> None:

@@ -73,7 +73,7 @@ class FirstCalls:
 
 
 def instrument(llm, first: FirstCalls) -> None:
-    from kvagents import fused_gemv
+    from kvagents.kernels import fused_gemv
 
     eng = llm.fast_engine
     lm = eng.lm

@@ -9,7 +9,7 @@ DEVICE = os.environ.get("KVAGENTS_COOKBOOK_DEVICE", "cpu")
 
 
 def chat(**kw):
-    from integrations.langchain_kvagents import ChatKV
+    from langchain_kvagents import ChatKV
 
     base = {"model": MODEL, "dtype": "float32" if DEVICE == "cpu" else "auto", "device": DEVICE,
             "temperature": 0, "max_tokens": 48}
@@ -17,7 +17,7 @@ def chat(**kw):
 
 
 def embeddings(**kw):
-    from integrations.langchain_kvagents import KVEmbeddings
+    from langchain_kvagents import KVEmbeddings
 
     return KVEmbeddings(**{"model": MODEL, "dtype": "float32" if DEVICE == "cpu" else "auto", "device": DEVICE,
                            **kw})

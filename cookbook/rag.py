@@ -12,9 +12,9 @@ from langchain_core.documents import Document
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnablePassthrough
+from langchain_kvagents import KVVectorStore
 
 from cookbook._common import chat, embeddings
-from integrations.langchain_kvagents import KVVectorStore
 
 DOCS = [
     Document(id="moon", page_content="The Moon orbits the Earth once every 27 days.", metadata={"topic": "space"}),

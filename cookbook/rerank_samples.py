@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_kvagents import KVBestOfN
 
 from cookbook._common import chat
-from integrations.langchain_kvagents import KVBestOfN
-from kvagents.scoring import LayerCoE, ProbabilityScores
+from kvagents.signals.scoring import LayerCoE, ProbabilityScores
 
 
 def main() -> dict:

@@ -1,7 +1,7 @@
 """A tool-using agent whose thinking is controlled by a KV classifier.
 
 1. A tiny KV classifier is trained here, in seconds, on the prompt KV features of a dozen labelled questions
-   (easy: 10, needs reasoning: 90). Real use: ``kvagents`` trains one on a benchmark (see ``kvagents.thinking``).
+   (easy: 10, needs reasoning: 90). Real use: ``kvagents`` trains one on a benchmark (see ``kvagents.control.thinking``).
 2. The agent: after the user's question the model must call a tool (grammar-constrained call,
    ``auto_tool_calls="after_user"``); the tool runs; then the question is asked again with the result in context
    and the classifier decides from that prompt's KV cache whether the model first thinks (slow, within a
@@ -20,9 +20,9 @@ from langchain_core.tools import tool
 from transformers import DynamicCache
 
 from cookbook._common import chat
-from kvagents.engine import layer_info, left_pad
-from kvagents.kv_classifier import KVClassifier, KVClassifierConfig, prompt_window, window_features
-from kvagents.pooling import stack_layer_rows
+from kvagents.engine.decode import layer_info, left_pad
+from kvagents.signals.kv_classifier import KVClassifier, KVClassifierConfig, prompt_window, window_features
+from kvagents.signals.pooling import stack_layer_rows
 
 EASY = ["Hi!", "What colour is the sky?", "Say hello.", "What is the capital of France?", "Name a fruit.",
         "Is water wet?"]

@@ -36,7 +36,7 @@ def cmd_demo(args) -> int:
 def cmd_embed(args) -> int:
     import numpy as np
 
-    from . import KVModel
+    from .model import KVModel
 
     texts = _read_texts(args.input, args.field)
     if args.limit:
@@ -59,7 +59,7 @@ def _add_pooling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pooling_from_args(args):
-    from . import KVPooling
+    from .signals.pooling import KVPooling
 
     spec = args.layers
     try:
@@ -90,7 +90,9 @@ INDEX_FILE = "index.kvx"
 
 
 def cmd_index(args) -> int:
-    from . import KVEncoder, KVIndex, KVPooling
+    from .retrieval.encoder import KVEncoder
+    from .retrieval.index import KVIndex
+    from .signals.pooling import KVPooling
 
     folder = Path(args.folder)
     if args.action == "build":
@@ -114,7 +116,7 @@ def cmd_index(args) -> int:
         print(f"indexed {len(index)} texts ({vectors.shape[1]}-d, {args.metric}, {args.factory or 'exact'}) -> {path}")
         return 0
 
-    from .index_io import read_header
+    from .retrieval.index_file import read_header
 
     path = folder / INDEX_FILE if folder.is_dir() else folder
     if not path.exists():
@@ -173,7 +175,7 @@ def _rows(spec: str) -> tuple[int, int]:
 
 
 def cmd_eval_selection(args) -> int:
-    from .eval_selection import combine, run, run_shard
+    from .evals.selection import combine, run, run_shard
 
     if args.combine:
         combine([Path(p) for p in args.combine], [Path(p) for p in args.train_shards], Path(args.out),
@@ -195,7 +197,7 @@ def cmd_eval_selection(args) -> int:
 
 
 def cmd_eval_embeddings(args) -> int:
-    from .eval_embeddings import run
+    from .evals.embeddings import run
 
     paths = {}
     for spec in args.model_path:
@@ -214,7 +216,7 @@ def cmd_eval_embeddings(args) -> int:
 
 
 def cmd_eval_reasoning(args) -> int:
-    from . import eval_reasoning as er
+    from .evals import reasoning as er
 
     try:
         cfg = er.ReasoningEvalConfig(
@@ -254,10 +256,11 @@ def _append_reasoning_results(out: Path, results_md: Path) -> None:
     fig.parent.mkdir(parents=True, exist_ok=True)
     if (out / "pareto.png").exists():
         shutil.copyfile(out / "pareto.png", fig)
-    with open(results_md, "a", encoding="utf-8") as f:
-        f.write("\n## Fast/slow thinking with a KV classifier, online (issue 7)\n\n" + body +
-                "\n![accuracy vs mean generated tokens](figures/reasoning_pareto.png)\n")
-    print(f"appended to {results_md} (figure {fig})")
+    from .evals.results_page import write_section
+
+    how = write_section(results_md, "Fast/slow thinking with a KV classifier, online",
+                        body + "\n![accuracy vs mean generated tokens](figures/reasoning_pareto.png)\n")
+    print(f"{how} its section in {results_md} (figure {fig})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-attention-layers", type=int, default=24)
     s.set_defaults(func=cmd_eval_selection)
 
-    from .eval_embeddings import ENCODERS, POOLINGS
+    from .evals.embeddings import ENCODERS, POOLINGS
 
     ee = evs.add_parser("embeddings", help="KV embeddings vs all-MiniLM-L6-v2: retrieval and classification")
     ee.add_argument("--data-dir", default="../shared/data", help="folder with gsm8k.jsonl and math500.jsonl")
@@ -335,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     ee.add_argument("--seed", type=int, default=0, help="cross-validation split seed")
     ee.set_defaults(func=cmd_eval_embeddings)
 
-    er = evs.add_parser("reasoning", help="fast/slow thinking routed and switched by KV classifiers (issue 7)")
+    er = evs.add_parser("reasoning", help="fast/slow thinking routed and switched by KV classifiers")
     er.add_argument("stage", nargs="?", default="all",
                     choices=["all", "collect", "train", "eval-base", "eval-online", "eval-posthoc", "report"],
                     help="all (default) or one stage; stages share --work")
@@ -362,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--device", default="auto")
     er.add_argument("--work", default="out/reasoning")
     er.add_argument("--out", default=None, help="report folder (default: --work)")
-    er.add_argument("--append-results", default=None, help="append the report to this markdown file (docs/results.md)")
+    er.add_argument("--results-page", "--append-results", dest="append_results", default=None,
+                    help="write the report as its section of this Markdown page (e.g. docs/results.md), replacing the old one")
     er.set_defaults(func=cmd_eval_reasoning)
 
     ix = sub.add_parser("index", help="build a KV-embedding index from texts, or search one")

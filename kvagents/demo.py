@@ -6,7 +6,10 @@ import time
 
 import torch
 
-from . import KVEmbedding, KVModel, KVPooling, SamplingParams
+from .engine.params import SamplingParams
+from .model import KVModel
+from .signals.embedding import KVEmbedding
+from .signals.pooling import KVPooling
 
 QUESTIONS = [
     "Tom has 3 boxes with 12 apples each. He gives away 10 apples. How many apples does he have left?",
@@ -36,8 +39,8 @@ def run_demo(model: str = "qwen2.5-coder-0.5b", n: int = 4, max_new_tokens: int 
     print(f"model {model} loaded in {time.perf_counter() - t0:.1f}s on {dev} ({llm.dtype})")
     prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=seed)
-    from .scoring import LayerCoE, ProbabilityScores, TokenCoE
-    from .selection import candidates_from_samples, select
+    from .control.selection import candidates_from_samples, select
+    from .signals.scoring import LayerCoE, ProbabilityScores, TokenCoE
 
     gen_emb = KVEmbedding(KVPooling(segment="generated"), name="kv_generated")
     prompt_emb = KVEmbedding(KVPooling(segment="prompt"), name="kv_prompt")

@@ -1,6 +1,6 @@
 """Grammar-constrained decoding: a logits processor that masks every token the grammar forbids (xgrammar).
 
-The mask is a :data:`~kvagents.engine.LogitsProcessor` for ``KVModel.generate(..., logits_processors=[mask])``: one
+The mask is a :data:`~kvagents.engine.decode.LogitsProcessor` for ``KVModel.generate(..., logits_processors=[mask])``: one
 xgrammar matcher per sequence (``P`` prompts x ``n`` samples, prompt-major as in the engine), each advanced with
 the token the engine chose at the previous step, then asked for the bitmask of allowed next tokens. Constrained
 decoding needs that host round trip every step (the matcher runs on the CPU); unconstrained calls pay nothing.

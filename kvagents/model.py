@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from .components import Component
-from .engine import DecodeEngine, LogitsProcessor, layer_info, left_pad
-from .params import SamplingParams
-from .pooling import KVPooling, pool_cache_rows
-from .results import GenerationResult, StreamEvent
+from .engine.components import Component
+from .engine.decode import DecodeEngine, LogitsProcessor, layer_info, left_pad
+from .engine.params import SamplingParams
+from .engine.results import GenerationResult, StreamEvent
+from .signals.pooling import KVPooling, pool_cache_rows
 
 Message = dict[str, Any]
 Prompt = str | Sequence[int] | Sequence[Message]
@@ -115,7 +115,7 @@ class KVModel:
 
         Larger than one GPU: ``device_map="auto"`` (accelerate spreads the layers over the GPUs) or
         ``tp_plan="auto"`` under ``torchrun --nproc-per-node N`` (transformers splits every layer's heads over
-        the ranks); KV views, components and ``embed`` gather what they need (:mod:`kvagents.devices`)."""
+        the ranks); KV views, components and ``embed`` gather what they need (:mod:`kvagents.engine.devices`)."""
         from .registry import REGISTRY
 
         name = str(name_or_path)
@@ -146,7 +146,7 @@ class KVModel:
                 kw["attn_implementation"] = self.attn_implementation
             if self.device_map is not None or self.tp_plan is not None:
                 # accelerate places layers on several GPUs / transformers shards heads over torchrun ranks;
-                # the engine then runs on the input embedding's device (kvagents.devices gathers the KV rows)
+                # the engine then runs on the input embedding's device (kvagents.engine.devices gathers the KV rows)
                 kw.update({"device_map": self.device_map} if self.device_map is not None else {"tp_plan": self.tp_plan})
                 model = AutoModelForCausalLM.from_pretrained(path, **kw).eval()
                 self.device = model.get_input_embeddings().weight.device
@@ -175,10 +175,10 @@ class KVModel:
 
     @property
     def fast_engine(self):
-        """The :class:`~kvagents.fast_decode.FastDecodeEngine` (static cache, CUDA graphs on CUDA), built on
+        """The :class:`~kvagents.engine.fast_decode.FastDecodeEngine` (static cache, CUDA graphs on CUDA), built on
         first use (it fuses the q/k/v and gate/up weights in place, values unchanged)."""
         if self._fast_engine is None:
-            from .fast_decode import FastDecodeEngine
+            from .engine.fast_decode import FastDecodeEngine
 
             model = self.model
             if int(getattr(model, "tp_size", None) or 1) > 1 or len({p.device for p in model.parameters()}) > 1:

@@ -14,20 +14,6 @@ def smollm():
     return KVModel.from_pretrained("smollm2-135m", dtype="float32", device="cpu").load()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_models(request):
-    """Tiny models run faster on one thread (and do not fight parallel jobs); real models keep all threads."""
-    import torch
-
-    if request.node.get_closest_marker("real_model"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def interp():
     """Triton kernel tests on CPU tensors: skip unless this process runs Triton's interpreter (see

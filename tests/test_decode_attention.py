@@ -1,4 +1,4 @@
-"""kvagents.decode_attention against the decode step's SDPA attention (kvagents.static_cache.attend with the
+"""kvagents.kernels.decode_attention against the decode step's SDPA attention (kvagents.engine.static_cache.attend with the
 additive attention_mask), on CPU through Triton's interpreter.
 
 The cases: float32 (equal up to the float32 summation order) and bfloat16 / float16 (within an ulp of SDPA, and
@@ -23,9 +23,9 @@ import torch
 # before kvagents: turns Triton's interpreter on when this process can have it (see tests/triton_interpreter.py)
 from triton_interpreter import load_without_triton, rerun_under_interpreter  # noqa: E402
 
-from kvagents import decode_attention as da  # noqa: E402
-from kvagents.decode_attention import decode_attention, plan, resolve_config  # noqa: E402
-from kvagents.static_cache import attend, attention_mask  # noqa: E402
+from kvagents.engine.static_cache import attend, attention_mask  # noqa: E402
+from kvagents.kernels import decode_attention as da  # noqa: E402
+from kvagents.kernels.decode_attention import decode_attention, plan, resolve_config  # noqa: E402
 
 NAN = float("nan")
 SMALL = dict(BLOCK_N=16, CHUNK=16)  # many splits on small caches
@@ -190,8 +190,8 @@ def test_fast_path_with_range_attention_equals_the_eager_engine(interp, monkeypa
     from tiny import ByteTokenizer, tiny_model
 
     from kvagents import SamplingParams
-    from kvagents.engine import DecodeEngine
-    from kvagents.fast_decode import FastDecodeEngine
+    from kvagents.engine.decode import DecodeEngine
+    from kvagents.engine.fast_decode import FastDecodeEngine
 
     monkeypatch.setenv("KVAGENTS_ATTN", "triton")
     monkeypatch.setenv("KVAGENTS_GEMV", gemv)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from tiny import ByteTokenizer, tiny_model
 
-import kvagents.devices as devices
+import kvagents.engine.devices as devices
 from kvagents import KVEmbedding, KVModel, KVPooling, SamplingParams
-from kvagents.scoring import LayerCoE, TokenCoE
+from kvagents.signals.scoring import LayerCoE, TokenCoE
 
 HERE = Path(__file__).resolve().parent
 
@@ -77,7 +77,7 @@ def test_gather_layer_rows_equals_torch_stack():
     from transformers import DynamicCache
 
     cache = DynamicCache(config=llm.model.config)
-    from kvagents.engine import _cache_kwarg  # "cache" on newer transformers ("past_key_values" is deprecated)
+    from kvagents.engine.decode import _cache_kwarg  # "cache" on newer transformers ("past_key_values" is deprecated)
 
     llm.model(torch.tensor([[5, 6, 7, 8]]), use_cache=True, **{_cache_kwarg(llm.model): cache})
     layers = [0, 2, 3]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from kvagents import eval_embeddings as ee
+from kvagents.evals import embeddings as ee
 
 
 def _brute_ranks(q, d):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from kvagents.eval_selection import best_of_n, majority, markdown_table, summarize
+from kvagents.evals.selection import best_of_n, majority, markdown_table, summarize
 
 
 def rec(row, answer, gold, score, tokens=10):

@@ -11,10 +11,10 @@ from test_engine import PROMPTS, hf_greedy
 from tiny import ByteTokenizer, tiny_model
 
 from kvagents import Component, ForceTokens, KVEmbedding, KVModel, KVPooling, SamplingParams, StopSequence
-from kvagents.engine import DecodeEngine
-from kvagents.fast_decode import FastDecodeEngine, StaticStepView, UnsupportedModelError, hash_exponential
-from kvagents.probe import probe_pooling
-from kvagents.scoring import LayerCoE, ProbabilityScores, TokenCoE
+from kvagents.engine.decode import DecodeEngine
+from kvagents.engine.fast_decode import FastDecodeEngine, StaticStepView, UnsupportedModelError, hash_exponential
+from kvagents.signals.probe import probe_pooling
+from kvagents.signals.scoring import LayerCoE, ProbabilityScores, TokenCoE
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 
@@ -259,7 +259,7 @@ def test_cuda_range_attention_and_row_kernels_equal_eager_engine(monkeypatch):
 def test_top_p_search_keeps_the_sorted_nucleus(ways):
     """The sort-free nucleus (a ways-ary search over the probabilities' bit patterns; 2 = bisection) equals the
     sort-and-cumsum rule of kvagents.sampling."""
-    from kvagents.fast_decode import top_p_keep
+    from kvagents.engine.fast_sampling import top_p_keep
 
     g = torch.Generator().manual_seed(0)
     for scale in (0.5, 3.0, 10.0):
@@ -277,7 +277,7 @@ def test_top_p_search_compiles_with_inductor():
     """The sampled head's top-p custom op lowers through Inductor (the CPU backend here; CUDA compiles the same graph).
     An op argument named ``kernel`` once collided with Inductor's FallbackKernel.create(kernel, ...) and failed every
     compiled sampled head on the GPU; this test failed the same way."""
-    from kvagents.fast_decode import process_logits_search
+    from kvagents.engine.fast_sampling import process_logits_search
 
     logits = torch.randn(3, 257, generator=torch.Generator().manual_seed(0)) * 3
     params = SamplingParams(temperature=0.7, top_p=0.9)
@@ -306,7 +306,7 @@ def test_prefill_forced_tokens_equal_eager_engine():
 
 def test_reduction_attention_equals_sdpa_with_padding_mask():
     """The B=1 GPU attention (elementwise products + reductions, for Inductor) == SDPA, grouped-query heads."""
-    from kvagents.static_cache import attend, attend_reduce
+    from kvagents.engine.static_cache import attend, attend_reduce
 
     g = torch.Generator().manual_seed(0)
     b, hq, hkv, d, L = 2, 8, 2, 16, 37

@@ -16,8 +16,8 @@ from test_kernel_precompile import GarbagePass
 from tiny import ByteTokenizer, tiny_model
 
 from kvagents import Component, ForceTokens, SamplingParams, StopSequence
-from kvagents.engine import DecodeEngine
-from kvagents.fast_decode import FastDecodeEngine
+from kvagents.engine.decode import DecodeEngine
+from kvagents.engine.fast_decode import FastDecodeEngine
 
 MODELS = {}
 

@@ -1,4 +1,4 @@
-"""kvagents.fused_gemv against the eager ops of kvagents.static_cache, on CPU through Triton's interpreter.
+"""kvagents.kernels.fused_gemv against the eager ops of kvagents.engine.static_cache, on CPU through Triton's interpreter.
 
 float32: equal up to the fp32 summation order. bfloat16: the prologues and the epilogue round exactly as eager
 PyTorch (identity-weight cases are bit-equal); the products differ by at most 1 ulp where the different summation
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 # before kvagents: turns Triton's interpreter on when this process can have it (see tests/triton_interpreter.py)
 from triton_interpreter import rerun_under_interpreter, ulps  # noqa: E402
 
-from kvagents import fused_gemv  # noqa: E402
-from kvagents.fused_gemv import gemv, resolve_config  # noqa: E402
-from kvagents.static_cache import _rms, attn_post  # noqa: E402
+from kvagents.engine.static_cache import _rms, attn_post  # noqa: E402
+from kvagents.kernels import fused_gemv  # noqa: E402
+from kvagents.kernels.fused_gemv import gemv, resolve_config  # noqa: E402
 
 EPS = 1e-6
 
@@ -170,9 +170,9 @@ def test_fast_path_one_row_step_with_fused_gemvs_equals_the_eager_engine(interp,
     from tiny import ByteTokenizer, tiny_model
 
     from kvagents import SamplingParams
-    from kvagents.engine import DecodeEngine
-    from kvagents.fast_decode import FastDecodeEngine
-    from kvagents.scoring import LayerCoE
+    from kvagents.engine.decode import DecodeEngine
+    from kvagents.engine.fast_decode import FastDecodeEngine
+    from kvagents.signals.scoring import LayerCoE
 
     monkeypatch.setenv("KVAGENTS_GEMV", "fused")
     model = tiny_model("qwen2")
@@ -237,9 +237,9 @@ def test_fast_path_eight_row_step_with_fused_gemvs_equals_the_eager_engine(inter
     from tiny import ByteTokenizer, tiny_model
 
     from kvagents import SamplingParams
-    from kvagents.engine import DecodeEngine
-    from kvagents.fast_decode import FastDecodeEngine
-    from kvagents.scoring import LayerCoE
+    from kvagents.engine.decode import DecodeEngine
+    from kvagents.engine.fast_decode import FastDecodeEngine
+    from kvagents.signals.scoring import LayerCoE
 
     monkeypatch.setenv("KVAGENTS_GEMV", "fused")
     model = tiny_model("qwen3")

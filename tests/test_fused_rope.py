@@ -1,4 +1,4 @@
-"""kvagents.fused_rope against the eager kvagents.static_cache.rope_write, on CPU through Triton's interpreter.
+"""kvagents.kernels.fused_rope against the eager kvagents.engine.static_cache.rope_write, on CPU through Triton's interpreter.
 
 The reference runs eagerly on clones of the inputs. Without q/k norms every op is elementwise: bit-equal in float32
 and bfloat16. With them the only difference is the float32 summation order of the variance: float32 within 1e-6;
@@ -24,9 +24,9 @@ import torch
 # before kvagents: turns Triton's interpreter on when this process can have it (see tests/triton_interpreter.py)
 from triton_interpreter import load_without_triton, rerun_under_interpreter, ulps  # noqa: E402
 
-from kvagents import fused_rope as fr  # noqa: E402
-from kvagents.fused_rope import rope_write_kernel  # noqa: E402
-from kvagents.static_cache import _rms, _rotate_half, rope_write  # noqa: E402
+from kvagents.engine.static_cache import _rms, _rotate_half, rope_write  # noqa: E402
+from kvagents.kernels import fused_rope as fr  # noqa: E402
+from kvagents.kernels.fused_rope import rope_write_kernel  # noqa: E402
 
 EPS = 1e-6
 LAYER = 1

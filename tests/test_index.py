@@ -316,7 +316,7 @@ SAVER = textwrap.dedent(
     pkg = types.ModuleType("kvagents")  # import the index modules without the package's torch-heavy __init__
     pkg.__path__ = [sys.argv[2]]
     sys.modules["kvagents"] = pkg
-    from kvagents.index import KVIndex
+    from kvagents.retrieval.index import KVIndex
     path = sys.argv[1]
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60000, 32)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""kvagents.kernel_precompile: recorded kernel specialisations compiled by worker processes into Triton's disk cache,
+"""kvagents.kernels.kernel_precompile: recorded kernel specialisations compiled by worker processes into Triton's disk cache,
 where the launch's own compile then finds them; and the fast path's recording pass leaves results unchanged.
 
 Without a GPU the JIT launch path cannot run, so the round trip is checked from the other side: a specialisation
@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from kvagents import kernel_precompile
-from kvagents.kernel_precompile import KernelPrecompiler, find_kernel
+from kvagents.kernels import kernel_precompile
+from kvagents.kernels.kernel_precompile import KernelPrecompiler, find_kernel
 
 ROUND_TRIP = r"""
 import json, os, sys
@@ -25,8 +25,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import serialize_specialization_data
-from kvagents import fused_gemv
-from kvagents.kernel_precompile import KernelPrecompiler
+from kvagents.kernels import fused_gemv
+from kvagents.kernels.kernel_precompile import KernelPrecompiler
 
 cache = os.environ["TRITON_CACHE_DIR"]
 kernel = fused_gemv._build()[0][0]
@@ -137,8 +137,8 @@ def test_fast_path_recording_pass_leaves_results_unchanged(arch):
     from tiny import ByteTokenizer, tiny_model
 
     from kvagents import SamplingParams
-    from kvagents.engine import DecodeEngine
-    from kvagents.fast_decode import FastDecodeEngine
+    from kvagents.engine.decode import DecodeEngine
+    from kvagents.engine.fast_decode import FastDecodeEngine
 
     model = tiny_model(arch)
     fast = FastDecodeEngine(model, ByteTokenizer(), bucket=4, sync_every=3, precompile=True)
@@ -167,8 +167,8 @@ from test_engine import PROMPTS
 from test_fast_decode import assert_same_results, comps
 from tiny import ByteTokenizer, tiny_model
 from kvagents import SamplingParams
-from kvagents.engine import DecodeEngine
-from kvagents.fast_decode import FastDecodeEngine
+from kvagents.engine.decode import DecodeEngine
+from kvagents.engine.fast_decode import FastDecodeEngine
 
 model = copy.deepcopy(tiny_model("qwen3")).cuda()
 eager = DecodeEngine(model, ByteTokenizer())

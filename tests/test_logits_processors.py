@@ -10,8 +10,8 @@ from test_fast_decode import Forcer, assert_same_results, comps, fast_for
 from tiny import ByteTokenizer, tiny_model
 
 from kvagents import Component, KVModel, SamplingParams
-from kvagents.engine import DecodeEngine
-from kvagents.fast_decode import FastDecodeEngine
+from kvagents.engine.decode import DecodeEngine
+from kvagents.engine.fast_decode import FastDecodeEngine
 
 SUPPRESS = list(range(3, 256, 2))  # every odd byte token
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kvagents.metrics import aupr, auroc, fpr_at_95_tpr
+from kvagents.evals.metrics import aupr, auroc, fpr_at_95_tpr
 
 
 def brute_auroc(s, y):

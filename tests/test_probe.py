@@ -4,7 +4,7 @@ import torch
 from tiny import ByteTokenizer, tiny_model
 
 from kvagents import KVEmbedding, KVModel, SamplingParams
-from kvagents.probe import KVProbe, KVProbeScore, probe_pooling
+from kvagents.signals.probe import KVProbe, KVProbeScore, probe_pooling
 
 
 def test_probe_learns_separable_features_and_round_trips(tmp_path):

@@ -12,8 +12,7 @@ from test_engine import ForwardCounter
 from tiny import ByteTokenizer, tiny_model
 
 from kvagents import Component, ForceTokens, KVModel, SamplingParams
-from kvagents.kv_classifier import KVClassifier, KVClassifierConfig, StubClassifier
-from kvagents.thinking import (
+from kvagents.control.thinking import (
     EFFORT_BUDGETS,
     PLAIN_FORMAT,
     QWEN3_FORMAT,
@@ -26,6 +25,7 @@ from kvagents.thinking import (
     check_instruction,
     encode_text,
 )
+from kvagents.signals.kv_classifier import KVClassifier, KVClassifierConfig, StubClassifier
 
 TOK = ByteTokenizer()
 PROMPTS = [list(range(5, 25)), list(range(30, 48)), list(range(60, 82))]

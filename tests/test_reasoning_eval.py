@@ -10,8 +10,8 @@ import pytest
 from tiny import ByteTokenizer, tiny_model
 
 from kvagents import KVModel
-from kvagents import eval_reasoning as er
 from kvagents.cli import main as cli_main
+from kvagents.evals import reasoning as er
 
 
 def test_paper_and_gain_labels():
@@ -111,7 +111,7 @@ def test_every_stage_end_to_end_on_a_tiny_model(tmp_path):
     cli_main(["eval", "reasoning", "report", "--data-dir", str(data), "--train-per-dataset", "4",
               "--eval-per-dataset", "3", "--budgets", "8", "16", "24", "--work", str(work), "--out",
               str(tmp_path / "out2"), "--append-results", str(md)])
-    assert "online ours" in md.read_text() and "(issue 7)" in md.read_text()
+    assert "online ours" in md.read_text() and "## Fast/slow thinking with a KV classifier, online" in md.read_text()
 
 
 def test_cli_reports_bad_settings_clearly(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Tests of kvagents.scoring: the CoE reference, and in-loop scores against one fresh full forward pass."""
+"""Tests of kvagents.signals.scoring: the CoE reference, and in-loop scores against one fresh full forward pass."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tiny import ByteTokenizer, tiny_model  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from kvagents import Component, DecodeEngine, KVModel, SamplingParams, StopSequence  # noqa: E402
-from kvagents.scoring import (  # noqa: E402
+from kvagents.signals.scoring import (  # noqa: E402
     SCORE_DIRECTIONS,
     LayerCoE,
     ProbabilityScores,
@@ -106,7 +106,7 @@ def test_coe_scores_of_a_repeated_end_point_are_nan_not_huge():
     """h_last == h_0 exactly: the end-to-start angle is 0, so every score is NaN (the arccos of the rounded cosine
     gave ~1e-8 here, and ang ~1e8 for a random 9 x 16 trajectory). The same in the row and torch paths, and a
     nearly parallel end point (angle 1e-6, well above rounding) still scores finitely."""
-    from kvagents.scoring import coe_scores_rows
+    from kvagents.signals.scoring import coe_scores_rows
 
     rng = np.random.default_rng(5)
     trajs = rng.normal(size=(6, 9, 16))
@@ -294,7 +294,7 @@ def test_row_batched_coe_equals_the_per_row_reference():
     """coe_from_steps_rows / coe_scores_rows (the vectorised finish of LayerCoE / TokenCoE) against the per-row
     reference: random steps with ragged valid masks, a row with no valid step, zero and non-finite normalisers,
     a NaN step, and trajectories with a repeated end point."""
-    from kvagents.scoring import coe_from_steps, coe_from_steps_rows, coe_scores, coe_scores_rows
+    from kvagents.signals.scoring import coe_from_steps, coe_from_steps_rows, coe_scores, coe_scores_rows
 
     rng = np.random.default_rng(0)
     B, S = 7, 12
@@ -325,7 +325,7 @@ def test_row_batched_coe_equals_the_per_row_reference():
 
 def test_row_batched_coe_of_a_tensor_equals_numpy():
     """coe_scores_rows on a torch tensor (norms and angles computed in torch, one transfer) equals the numpy path."""
-    from kvagents.scoring import coe_scores_rows
+    from kvagents.signals.scoring import coe_scores_rows
 
     traj = np.random.default_rng(1).normal(size=(4, 6, 8))
     traj[1, -1] = traj[1, 0]

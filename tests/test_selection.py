@@ -12,10 +12,17 @@ import torch
 from tiny import ByteTokenizer, tiny_model
 
 from kvagents import Component, KVModel, SamplingParams, StopSequence
-from kvagents.answers import get_parser, normalize_math, normalize_number, parse_boxed, parse_choice, parse_gsm8k
-from kvagents.early_stop import EarlyStopWeak, early_stop_summary
-from kvagents.scoring import ProbabilityScores
-from kvagents.selection import BestOfN, Candidate, candidates_from_samples, select
+from kvagents.control.answers import (
+    get_parser,
+    normalize_math,
+    normalize_number,
+    parse_boxed,
+    parse_choice,
+    parse_gsm8k,
+)
+from kvagents.control.early_stop import EarlyStopWeak, early_stop_summary
+from kvagents.control.selection import BestOfN, Candidate, candidates_from_samples, select
+from kvagents.signals.scoring import ProbabilityScores
 
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45, 46], [1, 50, 51]]  # different lengths: left padding
 

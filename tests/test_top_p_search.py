@@ -1,8 +1,8 @@
-"""kvagents.top_p_search (the nucleus by a ways-ary search, as Triton kernels) on CPU through Triton's interpreter.
+"""kvagents.kernels.top_p_search (the nucleus by a ways-ary search, as Triton kernels) on CPU through Triton's interpreter.
 
-Against (1) the sort-and-cumsum nucleus of kvagents.sampling (an independent computation: exact equality on random
+Against (1) the sort-and-cumsum nucleus of kvagents.engine.sampling (an independent computation: exact equality on random
 logits at several scales and top_p in {0.1, 0.5, 0.9, 0.95}), and (2) the torch search
-kvagents.fast_decode._top_p_keep_impl (the same brackets) and the rule "keep v iff the mass strictly above p_v is
+kvagents.engine.fast_sampling._top_p_keep_impl (the same brackets) and the rule "keep v iff the mass strictly above p_v is
 at most top_p" for ways 2, 3 and 8: several chunks per row, V not a multiple of the block, the chunks' partials
 summed over several tiles, B = 1 and 5, one-hot rows, uniform rows (ties: all or none kept), rows with zeros, an
 all-zero row, row and column strides. Then the launches (a fixed number, grids and scratch following the shapes
@@ -22,9 +22,9 @@ import torch
 # before kvagents: turns Triton's interpreter on when this process can have it (see tests/triton_interpreter.py)
 from triton_interpreter import load_without_triton, rerun_under_interpreter  # noqa: E402
 
-from kvagents import top_p_search as tps  # noqa: E402
-from kvagents.fast_decode import _top_p_keep_impl  # noqa: E402
-from kvagents.top_p_search import default_block, n_passes, plan, top_p_keep_kernel  # noqa: E402
+from kvagents.engine.fast_sampling import _top_p_keep_impl  # noqa: E402
+from kvagents.kernels import top_p_search as tps  # noqa: E402
+from kvagents.kernels.top_p_search import default_block, n_passes, plan, top_p_keep_kernel  # noqa: E402
 
 TOP_PS = (0.1, 0.5, 0.9, 0.95)
 
@@ -34,7 +34,7 @@ def test_kernel_tests_in_a_subprocess():
 
 
 def sorted_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """kvagents.sampling's rule: sort, keep while the mass before a token is at most top_p."""
+    """kvagents.engine.sampling's rule: sort, keep while the mass before a token is at most top_p."""
     sp, order = probs.sort(-1, descending=True)
     keep_sorted = (sp.cumsum(-1) - sp) <= top_p
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
@@ -173,7 +173,7 @@ def test_fast_path_sampling_with_the_kernels_equals_the_torch_search(interp, mon
     from tiny import ByteTokenizer, tiny_model
 
     from kvagents import SamplingParams
-    from kvagents.fast_decode import FastDecodeEngine, top_p_keep
+    from kvagents.engine.fast_decode import FastDecodeEngine, top_p_keep
 
     probs = torch.randn(3, 500).mul(3).softmax(-1)
     assert torch.equal(top_p_keep(probs, 0.9, kernel=True), top_p_keep(probs, 0.9, kernel=False))

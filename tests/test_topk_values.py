@@ -1,4 +1,4 @@
-"""kvagents.topk_values: the two-stage Triton top-k equals torch.topk(x, k, dim=-1).values exactly.
+"""kvagents.kernels.topk_values: the two-stage Triton top-k equals torch.topk(x, k, dim=-1).values exactly.
 
 The kernels run on CPU tensors through Triton's interpreter (as tests/test_fused_gemv.py): random rows of odd
 widths, ties, -inf / inf / NaN rows, configurations with many small chunks and groups (every stage-1 chunk and
@@ -20,8 +20,8 @@ import torch
 # before kvagents: turns Triton's interpreter on when this process can have it (see tests/triton_interpreter.py)
 from triton_interpreter import rerun_under_interpreter  # noqa: E402
 
-from kvagents import topk_values as tv  # noqa: E402
-from kvagents.topk_values import topk_values  # noqa: E402
+from kvagents.kernels import topk_values as tv  # noqa: E402
+from kvagents.kernels.topk_values import topk_values  # noqa: E402
 
 INF = float("inf")
 # many chunks and groups on small rows: (BLOCK, GROUP); GROUP == BLOCK is one group a chunk

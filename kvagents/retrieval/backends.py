@@ -1,0 +1,230 @@
+"""Search backends of :class:`~kvagents.retrieval.index.KVIndex`: faiss (CPU, optional GPU clone), exact torch
+search on one device, and exact torch search sharded over several devices with the top-k merged.
+
+Each backend stores vectors under int64 labels and answers ``search(q, k, allowed) -> (scores, labels)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import KVIndexError
+
+Metric = Literal["cosine", "ip", "l2"]
+
+
+def _faiss():
+    try:
+        import faiss  # noqa: PLC0415
+    except ImportError as e:  # pragma: no cover - faiss-cpu is a test dependency
+        raise ImportError("KVIndex needs faiss: pip install faiss-cpu (or kvagents[faiss])") from e
+    return faiss
+
+
+class _FaissBackend:
+    """faiss index (``IndexIDMap2`` around a factory index) on the CPU; optional GPU clone for search."""
+
+    def __init__(self, dim: int, metric: Metric, factory: str | None, use_gpu: bool = False):
+        faiss = _faiss()
+        self.faiss = faiss
+        self.factory = factory or "Flat"
+        faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        try:
+            inner = faiss.index_factory(dim, self.factory, faiss_metric)
+        except RuntimeError as e:
+            raise KVIndexError(f"faiss cannot build factory string {self.factory!r}: {e}") from e
+        # IVF indexes carry ids natively (and IndexIDMap over IVF breaks on removal); others get an IndexIDMap2
+        native_ids = isinstance(faiss.downcast_index(inner), faiss.IndexIVF) or self.factory.startswith("IDMap")
+        self.index = inner if native_ids else faiss.IndexIDMap2(inner)
+        self.nprobe = 16
+        self.ef_search = 64
+        self.use_gpu = use_gpu
+        self._gpu_index = None
+        self.can_remove = True
+
+    @classmethod
+    def from_bytes(cls, data: np.ndarray, dim: int, metric: Metric, factory: str | None, use_gpu: bool = False):
+        self = cls.__new__(cls)
+        faiss = _faiss()
+        self.faiss, self.factory, self.use_gpu, self._gpu_index = faiss, factory or "Flat", use_gpu, None
+        self.nprobe, self.ef_search, self.can_remove = 16, 64, True
+        self.index = faiss.deserialize_index(data)
+        if self.index.d != dim:
+            raise KVIndexError(f"stored faiss index has dimension {self.index.d}, header says {dim}")
+        return self
+
+    def to_bytes(self) -> np.ndarray:
+        return self.faiss.serialize_index(self.index)
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.index.is_trained)
+
+    def train(self, x: np.ndarray) -> None:
+        try:
+            self.index.train(x)
+        except RuntimeError as e:
+            raise KVIndexError(f"training {self.factory!r} failed ({len(x)} vectors): {e}") from e
+
+    def add(self, labels: np.ndarray, x: np.ndarray) -> None:
+        self.index.add_with_ids(x, labels)
+        self._gpu_index = None
+
+    def remove(self, labels: np.ndarray) -> bool:
+        """Remove labels; False when this index type cannot remove (caller keeps tombstones)."""
+        if not self.can_remove:
+            return False
+        try:
+            self.index.remove_ids(self.faiss.IDSelectorBatch(labels))
+        except RuntimeError:
+            self.can_remove = False
+            return False
+        self._gpu_index = None
+        return True
+
+    def _params(self, allowed: np.ndarray | None):
+        faiss = self.faiss
+        sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
+        inner = faiss.downcast_index(self.index.index if hasattr(self.index, "id_map") else self.index)
+        if isinstance(inner, faiss.IndexIVF):
+            return faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
+        if isinstance(inner, faiss.IndexHNSW):
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.ef_search, 1))
+        return faiss.SearchParameters(sel=sel) if sel is not None else None
+
+    def search(self, q: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k; ``allowed`` restricts labels (pre-filter). Raises NotImplementedError if the index cannot."""
+        if self.use_gpu and allowed is None:
+            if self._gpu_index is None:  # every visible GPU holds a shard of the rows
+                co = self.faiss.GpuMultipleClonerOptions()
+                co.shard = True
+                self._gpu_index = self.faiss.index_cpu_to_all_gpus(self.index, co=co)
+            return self._gpu_index.search(q, k)
+        params = self._params(allowed)
+        try:
+            if params is None:
+                return self.index.search(q, k)
+            return self.index.search(q, k, params=params)
+        except RuntimeError as e:
+            if allowed is not None:
+                raise NotImplementedError(str(e)) from e
+            raise
+
+
+class _TorchBackend:
+    """Exact search with torch matmuls on any device (the GPU path when faiss has no GPUs); a CPU twin for tests."""
+
+    def __init__(self, dim: int, metric: Metric, device: str):
+        import torch  # noqa: PLC0415
+
+        self.torch = torch
+        self.dim, self.metric, self.device = dim, metric, torch.device(device)
+        self.vectors = torch.zeros(0, dim, dtype=torch.float32, device=self.device)
+        self.alive = torch.zeros(0, dtype=torch.bool, device=self.device)
+        self.can_remove = True
+        self.is_trained = True
+
+    def train(self, x: np.ndarray) -> None:  # exact: nothing to train
+        pass
+
+    def _grow(self, size: int) -> None:
+        torch = self.torch
+        if size <= self.vectors.shape[0]:
+            return
+        cap = max(size, 2 * self.vectors.shape[0], 1024)
+        vec = torch.zeros(cap, self.dim, dtype=torch.float32, device=self.device)
+        alive = torch.zeros(cap, dtype=torch.bool, device=self.device)
+        vec[: self.vectors.shape[0]] = self.vectors
+        alive[: self.alive.shape[0]] = self.alive
+        self.vectors, self.alive = vec, alive
+
+    def add(self, labels: np.ndarray, x: np.ndarray) -> None:
+        torch = self.torch
+        self._grow(int(labels.max()) + 1)
+        idx = torch.as_tensor(labels, device=self.device)
+        self.vectors[idx] = torch.as_tensor(x, device=self.device)
+        self.alive[idx] = True
+
+    def remove(self, labels: np.ndarray) -> bool:
+        labels = labels[labels < self.alive.shape[0]]
+        self.alive[self.torch.as_tensor(labels, device=self.device)] = False
+        return True
+
+    def search(self, q: np.ndarray | Any, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        qt = torch.as_tensor(q, dtype=torch.float32, device=self.device)
+        n = self.vectors.shape[0]
+        mask = self.alive.clone()
+        if allowed is not None:
+            allow = torch.zeros(n, dtype=torch.bool, device=self.device)
+            allowed = allowed[allowed < n]
+            allow[torch.as_tensor(allowed, device=self.device)] = True
+            mask &= allow
+        sims = qt @ self.vectors.T  # [q, n]
+        if self.metric == "l2":
+            scores = (qt * qt).sum(-1, keepdim=True) - 2 * sims + (self.vectors * self.vectors).sum(-1)[None, :]
+            scores = scores.clamp_min(0).masked_fill(~mask[None, :], float("inf"))
+            vals, idx = torch.topk(scores, min(k, n), dim=1, largest=False)
+            missing = torch.isinf(vals)
+        else:
+            scores = sims.masked_fill(~mask[None, :], float("-inf"))
+            vals, idx = torch.topk(scores, min(k, n), dim=1, largest=True)
+            missing = torch.isinf(vals)
+        idx = idx.masked_fill(missing, -1)
+        vals, idx = vals.cpu().numpy(), idx.cpu().numpy()
+        if idx.shape[1] < k:  # pad like faiss does
+            pad = k - idx.shape[1]
+            idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
+            vals = np.pad(vals, ((0, 0), (0, pad)), constant_values=np.nan)
+        return vals, idx
+
+
+class _ShardedTorchBackend:
+    """Rows spread over several devices (label % n picks the shard); each shard searched exactly, top-k merged."""
+
+    def __init__(self, dim: int, metric: Metric, devices: Sequence[str]):
+        self.metric = metric
+        self.shards = [_TorchBackend(dim, metric, d) for d in devices]
+        self.can_remove = True
+        self.is_trained = True
+
+    def train(self, x: np.ndarray) -> None:
+        pass
+
+    def _split(self, labels: np.ndarray):
+        n = len(self.shards)
+        for i, shard in enumerate(self.shards):
+            sel = labels % n == i
+            if sel.any():
+                yield shard, sel, labels[sel] // n
+
+    def add(self, labels: np.ndarray, x: np.ndarray) -> None:
+        for shard, sel, local in self._split(labels):
+            shard.add(local, x[sel])
+
+    def remove(self, labels: np.ndarray) -> bool:
+        for shard, _, local in self._split(labels):
+            shard.remove(local)
+        return True
+
+    def search(self, q: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.shards)
+        scores, labels = [], []
+        for i, shard in enumerate(self.shards):
+            if shard.vectors.shape[0] == 0:
+                continue
+            local_allowed = None if allowed is None else allowed[allowed % n == i] // n
+            if local_allowed is not None and len(local_allowed) == 0:
+                continue
+            s, idx = shard.search(q, k, local_allowed)
+            scores.append(s)
+            labels.append(np.where(idx >= 0, idx * n + i, -1))
+        if not scores:
+            return np.full((len(q), k), np.nan, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
+        s, lab = np.concatenate(scores, axis=1), np.concatenate(labels, axis=1)
+        key = np.where(lab >= 0, s if self.metric == "l2" else -s, np.inf)
+        order = np.argsort(key, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(s, order, 1), np.take_along_axis(lab, order, 1)
