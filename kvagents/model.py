@@ -51,8 +51,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return dtype
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "fast":
+        return fast_dtype(device)
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}, 'auto' (bfloat16 on CUDA, float32 "
+                         "on CPU) or 'fast' (bfloat16 also on CPUs with bf16 instructions)")
     return _DTYPES[dtype]
 
 
@@ -154,6 +157,10 @@ class KVModel:
                 model = AutoModelForCausalLM.from_pretrained(path, **kw).to(self.device).eval()
             self._tokenizer = AutoTokenizer.from_pretrained(path)
             self._model = model
+            if self.device.type == "cpu":  # measured, not torch's default (see kvagents.engine.threads)
+                from .engine.threads import configure_cpu_threads
+
+                configure_cpu_threads(getattr(model.config, "hidden_size", 896), verbose=self.progress)
             self.load_s = time.perf_counter() - t0
         return self
 

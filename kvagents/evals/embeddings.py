@@ -37,20 +37,10 @@ import numpy as np
 import torch
 
 from ..signals.pooling import KVPooling
+from .embedding_configs import ENCODERS, KV_MODELS, MINILM, MINILM_ID, POOLING_SETTINGS  # noqa: F401
 
-KV_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
-MINILM = "all-minilm-l6-v2"
-MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
-ENCODERS = (*KV_MODELS, MINILM)
-
-#: pooling configurations evaluated for every KV model (names are cache keys: change a config, rename it)
-POOLINGS: dict[str, KVPooling] = {
-    "kv-mean-last4": KVPooling(),  # the paper's MTEB default: last 4 layers, [K;V], mean over tokens/heads/layers
-    "kv-mean-last4-heads": KVPooling(heads="flatten"),  # KV heads concatenated instead of averaged
-    "kv-mean-last12": KVPooling(layers=12),  # deeper average (middle layers carry more semantics)
-    "v-mean-last8": KVPooling(layers=8, part="v"),  # values only
-    "kv-lasttoken-last4": KVPooling(positions="last"),  # the last token's row (decoder-embedding style)
-}
+#: pooling configurations evaluated for every KV model
+POOLINGS: dict[str, KVPooling] = {name: KVPooling(**kw) for name, kw in POOLING_SETTINGS.items()}
 
 #: (dataset file stem, field) pairs that get embedded
 FIELDS = {"gsm8k": ("question", "answer"), "math500": ("problem", "solution")}
