@@ -1,9 +1,9 @@
-"""Microbenchmark of kvagents/fused_gemv.py (the fused Triton GEMV, M = 1, or the tensor-core kernel for
+"""Microbenchmark of kvagents/kernels/fused_gemv.py (the fused Triton GEMV, M = 1, or the tensor-core kernel for
 ``--rows M``) against the unfused eager sequence.
 
 For the decode-step projections of Qwen3-8B and Qwen2.5-0.5B at batch 1 in bfloat16, times
 
-- ``unfused``: the eager ops of kvagents/static_cache.py (RMSNorm / SiLU * up / residual add as separate kernels,
+- ``unfused``: the eager ops of kvagents/engine/static_cache.py (RMSNorm / SiLU * up / residual add as separate kernels,
   ``F.linear`` through cuBLAS),
 - ``cublas``: ``F.linear`` alone (the GEMV without the small ops: the bar the Triton GEMV has to clear),
 - ``fused``: :func:`gemv` over a pruned grid of launch configurations (coordinate descent over the tile
@@ -13,7 +13,7 @@ For the decode-step projections of Qwen3-8B and Qwen2.5-0.5B at batch 1 in bfloa
 each as a CUDA graph of 50 back-to-back calls (weights rotate over copies totalling >= 256 MB so they stream from
 HBM as in a real step, not from L2). Prints one row per shape (bytes moved, best config, µs, GB/s and % of the
 measured device-to-device copy bandwidth, max abs diff of fused vs unfused), the per-step totals, and a
-``CONFIGS`` dict literal to paste into kvagents/fused_gemv.py.
+``CONFIGS`` dict literal to paste into kvagents/kernels/fused_gemv.py.
 
 Needs torch, triton and the kvagents package importable (the module is loaded from its file; it imports
 ``kvagents.kernels.triton_support``, hence the package's ``__init__``):
@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the module imports kvagents.kernels.triton_support
-_spec = importlib.util.spec_from_file_location("fused_gemv", ROOT / "kvagents" / "fused_gemv.py")
+_spec = importlib.util.spec_from_file_location("fused_gemv", ROOT / "kvagents" / "kernels" / "fused_gemv.py")
 fg = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fg)
 
@@ -290,7 +290,7 @@ def main():
             unf = layers * sum(v[1] for v in lay) + per["lm_head"][1]
             print(f"\n{model}: {layers} layers + head, projections and their small ops: fused {fused / 1e3:.2f} ms, "
                   f"unfused {unf / 1e3:.2f} ms per step")  # fmt: skip
-    print("\n# paste into kvagents/fused_gemv.py")
+    print("\n# paste into kvagents/kernels/fused_gemv.py")
     print(("ROW_CONFIGS" if ROWS > 1 else "CONFIGS") + ": dict[tuple[int, int], dict[str, int]] = {")
     for (n, k), cfg in best_cfgs.items():
         print(f"    ({n}, {k}): {cfg!r},")

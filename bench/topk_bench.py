@@ -20,7 +20,13 @@ from kvagents.kernels.topk_values import topk_values  # noqa: E402
 
 
 def main() -> None:
-    V, k = 151936, 20
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--k", type=int, default=20, help="top-k (default 20, the probability scores' k)")
+    ap.add_argument("--vocab", type=int, default=151936, help="row length (default: Qwen's vocabulary)")
+    args = ap.parse_args()
+    V, k = args.vocab, args.k
     print(f"{torch.cuda.get_device_name()}, top-{k} of float32 [B, {V}]")
     for B in (1, 8, 32, 64):
         x = torch.randn(B, V, device="cuda")

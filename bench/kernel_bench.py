@@ -1,10 +1,10 @@
 """Microbenchmarks of kvagents' Triton kernels against their torch references, on a CUDA device.
 
-    .venv/bin/python bench/kernels.py attention [options]   # decode attention over per-row columns vs SDPA
-    .venv/bin/python bench/kernels.py gemv [options]        # fused GEMVs (1-8 rows) vs cuBLAS + separate ops
-    .venv/bin/python bench/kernels.py top-p [options]       # sort-free top-p kernels vs the torch search
-    .venv/bin/python bench/kernels.py top-k [options]       # exact top-k values vs torch.topk
-    .venv/bin/python bench/kernels.py gemv --help           # each benchmark's own options
+    .venv/bin/python bench/kernel_bench.py attention [options]   # decode attention over per-row columns vs SDPA
+    .venv/bin/python bench/kernel_bench.py gemv [options]        # fused GEMVs (1-8 rows) vs cuBLAS + separate ops
+    .venv/bin/python bench/kernel_bench.py top-p [options]       # sort-free top-p kernels vs the torch search
+    .venv/bin/python bench/kernel_bench.py top-k [options]       # exact top-k values vs torch.topk
+    .venv/bin/python bench/kernel_bench.py gemv --help           # each benchmark's own options
 
 Each benchmark is its own script beside this one (``attention_bench.py``, ``fused_gemv_bench.py``,
 ``top_p_bench.py``, ``topk_bench.py``); this entry point runs the one named with the remaining arguments.
