@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -384,11 +385,21 @@ def _convert_with_progress(gguf_path: Path, target: Path, *, progress: bool) -> 
     was_enabled = hf_logging.is_progress_bar_enabled()
     if not progress and was_enabled:
         hf_logging.disable_progress_bar()
+    done = threading.Event()
+    if progress:
+        print(f"kvagents: converting {gguf_path.name} to safetensors (one time, about 1 min on a laptop CPU)",
+              file=sys.stderr)
+        t0 = time.monotonic()
+
+        def heartbeat() -> None:  # the GGUF reader is silent for tens of seconds before its own bar
+            while not done.wait(10):
+                print(f"kvagents:   still converting ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+        threading.Thread(target=heartbeat, daemon=True).start()
     try:
-        if progress:
-            print(f"kvagents: converting {gguf_path.name} to safetensors (one time)", file=sys.stderr)
         _convert_to_folder(gguf_path, target)
     finally:
+        done.set()
         if not progress and was_enabled:
             hf_logging.enable_progress_bar()
 
