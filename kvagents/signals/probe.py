@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.components import Component, FinishView, PrefillView, StepView
+from .artifact import ArtifactError, as_fingerprint, load_artifact, save_artifact
 from .embedding import KVEmbedding
 from .pooling import KVPooling
 
@@ -47,7 +48,11 @@ class KVProbe:
 
     def __init__(self, config: KVProbeConfig, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
                  std: torch.Tensor) -> None:
+        # own, freshly allocated float32: a loaded probe (safetensors memory is aligned differently, which changes
+        # the SIMD reduction order) computes exactly what the trained one does
+        weight, bias, mean, std = (t.detach().float().clone() for t in (weight, bias, mean, std))
         self.config, self.weight, self.bias, self.mean, self.std = config, weight, bias, mean, std
+        self.metadata: dict = {}  # artifact.json of a loaded probe (training data, metrics, model)
 
     @classmethod
     def fit(cls, features, labels, pooling: KVPooling, *, l2: float = 1e-2, max_iter: int = 200) -> KVProbe:
@@ -82,27 +87,33 @@ class KVProbe:
         z = (x - self.mean) / self.std
         return torch.sigmoid(z @ self.weight + self.bias).numpy()
 
-    def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std},
-                  str(path / "probe.safetensors"))
-        (path / "probe.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "kind": "kv_probe",
-                                                     "config": self.config.model_dump()}, indent=2))
-        return path
+    def save(self, path: str | Path, model=None, *, training: dict | None = None,
+             metrics: dict | None = None) -> Path:
+        """Write the probe as a trained-signal folder (:mod:`kvagents.signals.artifact`). ``model``: the ``KVModel``
+        (or its :class:`~kvagents.signals.artifact.ModelFingerprint`) whose features it was trained on, so that
+        loading it onto another model is refused; ``training`` / ``metrics``: what it was trained on and how it did."""
+        tensors = {"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std}
+        return save_artifact(path, "kv_probe", tensors, self.config.model_dump(), as_fingerprint(model),
+                             training=training, metrics=metrics)
 
     @classmethod
-    def load(cls, path: str | Path) -> KVProbe:
-        from safetensors.torch import load_file
-
+    def load(cls, path: str | Path, model=None) -> KVProbe:
+        """Load a probe folder. ``model`` (a ``KVModel`` or a fingerprint): refuse a probe trained on another model
+        (:class:`~kvagents.signals.artifact.ArtifactMismatchError`). Folders of the older layout (``probe.json``)
+        load too, unchecked."""
         path = Path(path)
-        meta = json.loads((path / "probe.json").read_text())
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path} was written by a newer kvagents (format {meta['format_version']})")
-        t = load_file(str(path / "probe.safetensors"))
-        return cls(KVProbeConfig(**meta["config"]), t["weight"], t["bias"], t["mean"], t["std"])
+        if (path / "probe.json").is_file() and not (path / "artifact.json").is_file():
+            from safetensors.torch import load_file
+
+            meta = json.loads((path / "probe.json").read_text())
+            if meta.get("format_version", 0) > FORMAT_VERSION:
+                raise ArtifactError(f"{path} was written by a newer kvagents (format {meta['format_version']})")
+            t = load_file(str(path / "probe.safetensors"))
+            return cls(KVProbeConfig(**meta["config"]), t["weight"], t["bias"], t["mean"], t["std"])
+        meta, t = load_artifact(path, "kv_probe", model=as_fingerprint(model))
+        probe = cls(KVProbeConfig(**meta["config"]), t["weight"], t["bias"], t["mean"], t["std"])
+        probe.metadata = meta
+        return probe
 
 
 @dataclass
@@ -114,6 +125,13 @@ class KVProbeScore(Component):
     _emb: KVEmbedding | None = field(default=None, init=False, repr=False)
 
     def on_prefill(self, view: PrefillView) -> None:
+        info, pooling = view.layers, self.probe.config.pooling
+        layers = pooling.resolve_layers(info.attention_layers, info.num_layers)
+        expected = len(layers) * pooling.parts * info.head_dim * (1 if pooling.heads == "mean" else info.kv_heads)
+        if pooling.layer_agg == "flatten" and expected != self.probe.config.dim:
+            raise ArtifactError(f"this probe reads {self.probe.config.dim} features but this model gives {expected} "
+                                f"({len(layers)} layers x {pooling.parts} parts x head_dim {info.head_dim}): it was "
+                                "trained on another model; train one on this model")
         self._emb = KVEmbedding(self.probe.config.pooling, name="_probe_features")
         self._emb.on_prefill(view)
 
