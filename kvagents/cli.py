@@ -33,6 +33,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train_probe(args) -> int:
+    from .evals.train_probe import TrainProbeConfig, format_report, train_probe
+
+    cfg = TrainProbeConfig(**{k: getattr(args, k) for k in TrainProbeConfig.model_fields})
+    report = train_probe(cfg)
+    print(format_report(report))
+    print(f"probe written to {cfg.out} (load it with KVProbe.load({cfg.out!r}, model))")
+    return 0
+
+
 def cmd_embed(args) -> int:
     import numpy as np
 
@@ -402,6 +412,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto")
     q.set_defaults(func=cmd_index)
 
+    tr = sub.add_parser("train", help="train a KV signal on your model and data")
+    trs = tr.add_subparsers(dest="signal", required=True)
+    tp = trs.add_parser("probe", help="a correctness probe: sample n answers per question, grade them, fit a probe "
+                        "on the KV, report it on held-out questions")
+    from .evals.train_probe import TrainProbeConfig
+
+    for name, field in TrainProbeConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kw = {"help": field.description or COMMON_HELP.get(name, name.replace("_", " "))}
+        if field.is_required():
+            kw["required"] = True
+        else:
+            kw["default"] = field.default
+            kw["help"] += f" (default {field.default})"
+        if field.annotation in (int, float):
+            kw["type"] = field.annotation
+        tp.add_argument(flag, **kw)
+    tp.set_defaults(func=cmd_train_probe)
+
     m = sub.add_parser("models", help="list or fetch the embedded models")
     m.add_argument("action", choices=["list", "fetch"])
     m.add_argument("name", nargs="?")
@@ -457,6 +486,7 @@ COMMON_HELP = {
     "stage": "all (default) or one stage; stages share --work",
     "command": "what to run",
     "what": "which evaluation",
+    "signal": "which signal to train",
 }
 
 

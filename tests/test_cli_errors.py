@@ -42,6 +42,9 @@ def test_every_option_has_a_help_text_without_internal_references():
     (["eval", "selection", "--rows", "x:y", "--shard"], "START:END"),
     (["embed", "TEXTS", "out.npy", "--model", "no-such-model-anywhere"], "Unknown model 'no-such-model-anywhere'"),
     (["embed", "TEXTS", "out.npy", "--layers", "a,b"], "--layers"),
+    (["train", "probe", "--data", "/nonexistent/rows.jsonl", "--out", "p"], "does not exist"),
+    (["train", "probe", "--data", "TEXTS", "--out", "p", "--grader", "fuzzy"], "unknown grader 'fuzzy'"),
+    (["train", "probe", "--data", "TEXTS", "--out", "p", "--n", "1"], "n"),
 ])
 def test_user_errors_print_one_line_and_exit_2(argv, expected, tmp_path, capsys):
     texts = tmp_path / "texts.txt"
