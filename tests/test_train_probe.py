@@ -53,6 +53,13 @@ def test_split_is_seeded_disjoint_and_refuses_too_few_rows():
     train, held = split_rows(20, 0.25, seed=3)
     assert not set(train) & set(held) and sorted(train + held) == list(range(20)) and len(held) == 5
     assert split_rows(20, 0.25, seed=3) == (train, held)
+
+
+def test_rows_option_takes_that_slice_of_the_file(tmp_path):
+    from kvagents.evals.train_probe import _rows
+
+    rows = _rows(_cfg(tmp_path, rows="3:7"))
+    assert [r["row"] for r in rows] == [3, 4, 5, 6] and rows[0]["question"] == "question number 3"
     with pytest.raises(ValueError, match="too few"):
         split_rows(3, 0.2, seed=0)
 

@@ -44,6 +44,8 @@ class TrainProbeConfig(BaseModel):
     grader: str = Field("gsm8k", description="gsm8k, math, choice, exact or python:module:function")
     out: str = Field(description="folder the probe is written to")
     n: int = Field(8, ge=2, le=64, description="samples per question")
+    rows: str | None = Field(None, pattern=r"^\d+:\d+$", description="START:END: only these rows of the file "
+                             "(0-based, END excluded), e.g. to keep evaluation rows out of training")
     limit: int = Field(0, ge=0, description="only the first N rows (0: all)")
     holdout: float = Field(0.2, gt=0, lt=1, description="fraction of rows kept out of training for the report")
     max_new_tokens: int = Field(384, ge=1)
@@ -90,9 +92,10 @@ def _rows(cfg: TrainProbeConfig) -> list[dict]:
     path = Path(cfg.data)
     if not path.is_file():
         raise FileNotFoundError(f"data file {cfg.data!r} does not exist")
+    start, end = (int(x) for x in cfg.rows.split(":")) if cfg.rows else (0, None)
     rows = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
+        if not line.strip() or i < start or (end is not None and i >= end):
             continue
         try:
             r = json.loads(line)
@@ -102,7 +105,7 @@ def _rows(cfg: TrainProbeConfig) -> list[dict]:
             if f not in r:
                 raise ValueError(f"{cfg.data}:{i + 1} has no field {f!r} (it has {sorted(r)}); pass "
                                  f"--question-field / --answer-field")
-        rows.append({"row": len(rows), "question": str(r[cfg.question_field]), "reference": str(r[cfg.answer_field])})
+        rows.append({"row": i, "question": str(r[cfg.question_field]), "reference": str(r[cfg.answer_field])})
         if cfg.limit and len(rows) >= cfg.limit:
             break
     return rows
@@ -236,7 +239,8 @@ def train_probe(cfg: TrainProbeConfig, llm=None) -> dict[str, Any]:
 
     grade, parse = load_grader(cfg.grader)
     rows = _rows(cfg)
-    train_rows, held_rows = split_rows(len(rows), cfg.holdout, cfg.seed)
+    train_i, held_i = split_rows(len(rows), cfg.holdout, cfg.seed)
+    train_rows, held_rows = [rows[i]["row"] for i in train_i], [rows[i]["row"] for i in held_i]
     llm = llm or KVModel.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device)
     out = Path(cfg.out)
     work = out.with_name(out.name + ".work")
