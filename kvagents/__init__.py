@@ -38,6 +38,8 @@ _EXPORTS = {
     "IndexMismatchError": ".retrieval.errors",
     "IndexRecord": ".retrieval.index",
     "IndexVersionError": ".retrieval.errors",
+    "InvalidActionError": ".engine.components",
+    "InvalidComponentError": ".engine.components",
     "KVClassifier": ".signals.kv_classifier",
     "KVClassifierConfig": ".signals.kv_classifier",
     "KVEmbedding": ".signals.embedding",
@@ -50,6 +52,7 @@ _EXPORTS = {
     "NonFiniteLogitsError": ".engine.decode",
     "PLAIN_FORMAT": ".control.thinking",
     "PrefillView": ".engine.components",
+    "PromptError": ".engine.decode",
     "QWEN3_FORMAT": ".control.thinking",
     "ReasoningController": ".control.thinking",
     "RunningPool": ".signals.pooling",
@@ -61,6 +64,7 @@ _EXPORTS = {
     "StopSequence": ".engine.components",
     "StreamEvent": ".engine.results",
     "ThinkingFormat": ".control.thinking",
+    "TooManySequencesError": ".engine.decode",
     "as_encoder": ".retrieval.encoder",
     "budget_for": ".control.thinking",
     "maximal_marginal_relevance": ".retrieval.index",
@@ -96,12 +100,14 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names as if imported eage
         Component,
         FinishView,
         ForceTokens,
+        InvalidActionError,
+        InvalidComponentError,
         LayerInfo,
         PrefillView,
         StepView,
         StopSequence,
     )
-    from .engine.decode import DecodeEngine, NonFiniteLogitsError
+    from .engine.decode import DecodeEngine, NonFiniteLogitsError, PromptError, TooManySequencesError
     from .engine.params import SamplingParams
     from .engine.results import GenerationResult, GenerationStats, SampleResult, StreamEvent
     from .model import GenerationStream, KVModel
@@ -136,6 +142,8 @@ __all__ = [
     "IndexMismatchError",
     "IndexRecord",
     "IndexVersionError",
+    "InvalidActionError",
+    "InvalidComponentError",
     "KVClassifier",
     "KVClassifierConfig",
     "KVEmbedding",
@@ -148,6 +156,7 @@ __all__ = [
     "NonFiniteLogitsError",
     "PLAIN_FORMAT",
     "PrefillView",
+    "PromptError",
     "QWEN3_FORMAT",
     "ReasoningController",
     "RunningPool",
@@ -159,6 +168,7 @@ __all__ = [
     "StopSequence",
     "StreamEvent",
     "ThinkingFormat",
+    "TooManySequencesError",
     "as_encoder",
     "budget_for",
     "maximal_marginal_relevance",

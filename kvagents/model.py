@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .engine.components import Component
-from .engine.decode import DecodeEngine, LogitsProcessor, layer_info, left_pad
+from .engine.components import Component, check_components
+from .engine.decode import (
+    MAX_SEQUENCES,
+    DecodeEngine,
+    LogitsProcessor,
+    PromptError,
+    TooManySequencesError,
+    layer_info,
+    left_pad,
+    token_id,
+)
 from .engine.params import SamplingParams
 from .engine.results import GenerationResult, StreamEvent
 from .signals.pooling import KVPooling, pool_cache_rows
@@ -119,12 +130,14 @@ class KVModel:
         Larger than one GPU: ``device_map="auto"`` (accelerate spreads the layers over the GPUs) or
         ``tp_plan="auto"`` under ``torchrun --nproc-per-node N`` (transformers splits every layer's heads over
         the ranks); KV views, components and ``embed`` gather what they need (:mod:`kvagents.engine.devices`)."""
-        from .registry import REGISTRY
+        from .registry import REGISTRY, UnknownModelError
 
+        if name_or_path is None or not isinstance(name_or_path, (str, Path)):
+            raise UnknownModelError(repr(name_or_path), "a model name must be a string or a path")
         name = str(name_or_path)
+        if isinstance(name_or_path, str) and name.strip() == "":
+            raise UnknownModelError(name, "an empty name would load the current folder; pass a name or a path")
         if name not in REGISTRY and not Path(name).exists() and "/" not in name:
-            from .registry import UnknownModelError
-
             raise UnknownModelError(name)
         return cls(source=name, dtype=dtype, device=device, attn_implementation=attn_implementation,
                    progress=progress, **kwargs)
@@ -176,14 +189,19 @@ class KVModel:
 
     @property
     def engine(self) -> DecodeEngine:
-        if self._engine is None:
-            self._engine = DecodeEngine(self.model, self.tokenizer, sync_every=self.sync_every)
+        with self._lock:
+            if self._engine is None:
+                self._engine = DecodeEngine(self.model, self.tokenizer, sync_every=self.sync_every)
         return self._engine
 
     @property
     def fast_engine(self):
         """The :class:`~kvagents.engine.fast_decode.FastDecodeEngine` (static cache, CUDA graphs on CUDA), built on
         first use (it fuses the q/k/v and gate/up weights in place, values unchanged)."""
+        with self._lock:  # its construction rewrites weights in place: never while another call decodes
+            return self._build_fast_engine()
+
+    def _build_fast_engine(self):
         if self._fast_engine is None:
             from .engine.fast_decode import FastDecodeEngine
 
@@ -216,7 +234,12 @@ class KVModel:
                 raise ValueError(f"prompt {index} is empty ('')")
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         elif isinstance(prompt, torch.Tensor):
+            if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+                raise PromptError(f"prompt {index}: token ids must be integers, got a {prompt.dtype} tensor")
             ids = prompt.flatten().tolist()
+        elif isinstance(prompt, (bytes, dict)) or not isinstance(prompt, (Sequence, np.ndarray)):
+            raise PromptError(
+                f"prompt {index} must be text, a list of token ids or a list of chat messages, got {prompt!r}")
         elif len(prompt) > 0 and isinstance(prompt[0], dict):
             if self.tokenizer.chat_template is None:
                 raise ValueError(f"prompt {index} is a message list but the tokenizer of {self.name!r} has no chat template")
@@ -224,7 +247,7 @@ class KVModel:
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
         else:
-            ids = [int(x) for x in prompt]
+            ids = [token_id(x, index) for x in prompt]
         if len(ids) == 0:
             raise ValueError(f"prompt {index} is empty (0 tokens)")
         vocab = self.model.get_input_embeddings().num_embeddings
@@ -239,10 +262,20 @@ class KVModel:
         return list(ids)
 
     def _batch(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
-        if isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], (int, dict))
+        if isinstance(prompts, np.ndarray):
+            if prompts.dtype.kind not in "iu":
+                raise PromptError(f"a numpy array of prompts must hold integer token ids, got dtype {prompts.dtype}")
+            prompts = torch.from_numpy(np.ascontiguousarray(prompts))
+        if isinstance(prompts, torch.Tensor):  # 1-D: one prompt; 2-D: one prompt a row
+            if prompts.dim() not in (1, 2):
+                raise PromptError(f"a tensor of prompts must be 1-D or 2-D, got shape {tuple(prompts.shape)}")
+            prompts = [prompts] if prompts.dim() == 1 else list(prompts)
+        elif isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], (numbers.Number, dict))
         ):
             prompts = [prompts]
+        elif prompts is None or isinstance(prompts, (bytes, dict)) or not isinstance(prompts, Sequence):
+            raise PromptError(f"prompts must be text, token ids, chat messages or a list of those, got {prompts!r}")
         if len(prompts) == 0:
             raise ValueError("no prompts given (empty list)")
         return [self.encode_prompt(p, i) for i, p in enumerate(prompts)]
@@ -261,12 +294,17 @@ class KVModel:
     ) -> GenerationResult:
         """Sample ``params.n`` continuations of each prompt (one prefill per prompt).
 
-        ``param_overrides`` build or update ``params`` (``generate("Hi", max_new_tokens=8, temperature=0)``).
+        ``param_overrides`` build or update ``params`` (``generate("Hi", max_new_tokens=8, temperature=0)``);
+        ``params`` may also be a dict of :class:`SamplingParams` fields. One call decodes at most
+        :data:`~kvagents.engine.decode.MAX_SEQUENCES` (4096) sequences, prompts x ``n`` (else
+        :class:`~kvagents.engine.decode.TooManySequencesError`, before any work).
         ``logits_processors`` shape sampling (see :meth:`DecodeEngine.run`), e.g. a grammar mask.
         ``fast=True`` decodes with :attr:`fast_engine` (static KV cache, CUDA graphs; Llama/Qwen2/Qwen3/Mistral).
         """
         params = _params(params, param_overrides)
+        components = check_components(components)
         ids = self._batch(prompts)
+        _check_rows(ids, params)
         with self._lock:
             if fast:
                 return self.fast_engine.generate(ids, params, components, on_text=on_text,
@@ -284,9 +322,15 @@ class KVModel:
         **param_overrides,
     ) -> GenerationStream:
         """Iterate over :class:`StreamEvent` text deltas; ``.result`` holds the full result afterwards.
-        ``fast=True``: decode with :attr:`fast_engine` (its deltas come every ``sync_every`` steps)."""
+        ``fast=True``: decode with :attr:`fast_engine` (its deltas come every ``sync_every`` steps).
+
+        The stream holds the model lock only while it computes its next event: suspended between events it blocks
+        no other caller, and other calls (here or in other threads) may run in between, each with its own decode
+        state. ``close()`` (or ``with llm.stream(...) as s:``, or dropping the stream) releases what it holds."""
         params = _params(params, param_overrides)
+        components = check_components(components)
         ids = self._batch(prompts)
+        _check_rows(ids, params)
         engine = self.fast_engine if fast else self.engine
         return GenerationStream(
             self, engine.run(ids, params, components, stream=True, logits_processors=logits_processors)
@@ -342,27 +386,65 @@ class KVModel:
         return f"KVModel({self.name!r}, dtype={self.dtype}, device={self.device}, {state})"
 
 
-def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:
+def _check_rows(ids: list[list[int]], params: SamplingParams) -> None:
+    if len(ids) * params.n > MAX_SEQUENCES:
+        raise TooManySequencesError(
+            f"{len(ids)} prompts x n={params.n} = {len(ids) * params.n} sequences; one call decodes at most "
+            f"{MAX_SEQUENCES}: split the prompts over several calls or lower n")
+
+
+def _params(params: SamplingParams | dict | None, overrides: dict) -> SamplingParams:
+    """``params`` (a :class:`SamplingParams`, a dict of its fields or ``None``) with ``overrides`` applied; anything
+    else, or a bad field, raises pydantic's ``ValidationError``."""
     if params is None:
         return SamplingParams(**overrides)
+    if not isinstance(params, SamplingParams):
+        return SamplingParams.model_validate({**params, **overrides} if isinstance(params, dict) else params)
     if overrides:
         return SamplingParams(**{**params.model_dump(), **overrides})
     return params
 
 
 class GenerationStream:
-    """Iterator of :class:`StreamEvent`; after exhaustion ``result`` holds the :class:`GenerationResult`."""
+    """Iterator of :class:`StreamEvent`; after exhaustion ``result`` holds the :class:`GenerationResult`.
+
+    Each ``next`` holds the model lock while it decodes up to the next event and releases it before returning, so a
+    suspended stream never blocks another caller. The decode state (the fast engine's static buffers included)
+    belongs to this stream until it is exhausted, fails, is closed (:meth:`close`, ``with``) or is garbage-collected;
+    a closed stream yields nothing more and keeps ``result`` as ``None``."""
 
     def __init__(self, llm: KVModel, gen) -> None:
         self._llm = llm
         self._gen = gen
         self.result: GenerationResult | None = None
 
-    def __iter__(self) -> Iterator[StreamEvent]:
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> StreamEvent:
         with self._llm._lock:
-            while True:
-                try:
-                    yield next(self._gen)
-                except StopIteration as stop:
-                    self.result = stop.value
-                    return
+            gen = self._gen
+            if gen is None:
+                raise StopIteration
+            try:
+                return next(gen)
+            except StopIteration as stop:
+                self.result = stop.value
+                self._gen = None
+                raise StopIteration from None
+            except BaseException:
+                self._gen = None  # a generator that raised is finished (and has released its state)
+                raise
+
+    def close(self) -> None:
+        """Stop decoding and release the stream's decode state (no-op once finished or closed)."""
+        with self._llm._lock:
+            gen, self._gen = self._gen, None
+            if gen is not None:
+                gen.close()
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -16,6 +16,7 @@ should batch them, e.g. look every k steps.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,20 +26,98 @@ from . import devices
 from .devices import TensorParallel
 
 
+class InvalidActionError(ValueError, IndexError):
+    """A component action names a sequence or a token id that does not exist (a negative or too large index, a
+    token id outside the vocabulary, a non-integer)."""
+
+
+def _as_int(value, what: str) -> int:
+    """``value`` as a Python int: ints and integer scalars (numpy, 0-d tensors) pass; bools, floats and anything
+    else are refused (no silent truncation of 5.7 to 5)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        raise InvalidActionError(f"{what} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InvalidActionError(f"{what} must be an integer, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class StopSequence:
-    """Finish sequence ``index`` after the current token (finish reason ``"component"``)."""
+    """Finish sequence ``index`` after the current token (finish reason ``"component"``). ``index`` is a sequence
+    number ``0 .. P * n - 1`` (negative indices are refused, not counted from the end)."""
 
     index: int
     reason: str = "component"
 
+    def __post_init__(self) -> None:
+        index = _as_int(self.index, "StopSequence index")
+        if index < 0:
+            raise InvalidActionError(f"StopSequence index must be >= 0 (a sequence number), got {index}")
+        object.__setattr__(self, "index", index)
+
 
 @dataclass(frozen=True)
 class ForceTokens:
-    """Make ``token_ids`` the next tokens of sequence ``index`` (overriding sampling), one per step."""
+    """Make ``token_ids`` the next tokens of sequence ``index`` (overriding sampling), one per step. Ids must be
+    integers >= 0 (and below the vocabulary size, checked when the action is applied)."""
 
     index: int
     token_ids: list[int]
+
+    def __post_init__(self) -> None:
+        index = _as_int(self.index, "ForceTokens index")
+        if index < 0:
+            raise InvalidActionError(f"ForceTokens index must be >= 0 (a sequence number), got {index}")
+        ids = self.token_ids
+        if isinstance(ids, torch.Tensor):
+            ids = ids.flatten().tolist()
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise InvalidActionError(f"ForceTokens token_ids must be a list of token ids, got {ids!r}")
+        ids = [_as_int(x, "ForceTokens token id") for x in ids]
+        neg = [x for x in ids if x < 0]
+        if neg:
+            raise InvalidActionError(f"ForceTokens token ids must be >= 0, got {neg[:5]}")
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "token_ids", ids)
+
+
+class InvalidComponentError(TypeError, ValueError):
+    """Something passed as a component that is not one (a string, a class instead of an instance...)."""
+
+
+def check_components(components) -> list:
+    """``components`` as a list of components: one :class:`Component` alone is wrapped; a string, a non-iterable
+    or an element without the ``on_prefill`` / ``on_step`` / ``on_finish`` hooks raises
+    :class:`InvalidComponentError` naming it."""
+    if components is None:
+        return []
+    if isinstance(components, Component):
+        return [components]
+    if isinstance(components, (str, bytes)) or not hasattr(components, "__iter__"):
+        raise InvalidComponentError(f"components must be a list of Component instances, got {components!r}")
+    out = list(components)
+    for c in out:
+        if isinstance(c, (str, bytes, type)) or not all(
+            callable(getattr(c, h, None)) for h in ("on_prefill", "on_step", "on_finish")
+        ):
+            raise InvalidComponentError(
+                f"components must be Component instances (with on_prefill/on_step/on_finish), got {c!r}")
+    return out
+
+
+def check_action(component, action, sequences: int, vocab_size: int | None) -> None:
+    """Refuse an action on a sequence outside ``0 .. sequences - 1`` or forcing an id outside the vocabulary
+    (:class:`InvalidActionError`, naming the component and the value)."""
+    name = getattr(component, "name", type(component).__name__)
+    if not 0 <= action.index < sequences:
+        raise InvalidActionError(f"component {name!r} returned {type(action).__name__} for sequence {action.index}; "
+                                 f"valid: 0..{sequences - 1}")
+    if isinstance(action, ForceTokens) and vocab_size is not None:
+        bad = [x for x in action.token_ids if x >= vocab_size]
+        if bad:
+            raise InvalidActionError(f"component {name!r} forced token ids outside the vocabulary [0, {vocab_size}): "
+                                     f"{bad[:5]}")
 
 
 Action = StopSequence | ForceTokens

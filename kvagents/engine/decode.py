@@ -9,6 +9,7 @@ every step when stop strings or streaming need it.
 from __future__ import annotations
 
 import inspect
+import operator
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
@@ -16,11 +17,20 @@ from collections.abc import Callable, Generator, Sequence
 import torch
 from transformers import DynamicCache
 
-from .components import Component, FinishView, ForceTokens, LayerInfo, PrefillView, StepView, StopSequence
+from .components import (
+    Component,
+    FinishView,
+    ForceTokens,
+    LayerInfo,
+    PrefillView,
+    StepView,
+    StopSequence,
+    check_action,
+)
 from .devices import TensorParallel, shared_seed
 from .params import SamplingParams
 from .results import GenerationResult, GenerationStats, SampleResult, StreamEvent
-from .sampling import sample
+from .sampling import sample_checked
 
 RUNNING, EOS, STOP, LENGTH, COMPONENT = 0, 1, 2, 3, 4
 
@@ -30,7 +40,29 @@ _REASONS = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 
 
 class NonFiniteLogitsError(RuntimeError):
-    """The model produced NaN logits (overflow in low precision, broken weights)."""
+    """The model produced NaN logits (overflow in low precision, broken weights), or the logits to sample from
+    were not finite after temperature scaling / logits processors (NaN or +inf)."""
+
+
+class PromptError(ValueError, TypeError):
+    """A prompt that is not text, token ids or chat messages (``None``, a float token id, a bare number...)."""
+
+
+#: The most sequences (prompts x ``n``) one ``generate`` call decodes; more is refused up front (split the batch).
+MAX_SEQUENCES = 4096
+
+
+def token_id(x, prompt: int = 0) -> int:
+    """``x`` as a Python int token id: ints and integer scalars (numpy, 0-d tensors) pass; bools, floats and other
+    values raise :class:`PromptError` (no silent truncation of 5.7 to 5)."""
+    if type(x) is int:
+        return x
+    if isinstance(x, bool) or (isinstance(x, torch.Tensor) and (x.is_floating_point() or x.dtype == torch.bool)):
+        raise PromptError(f"prompt {prompt}: token ids must be integers, got {x!r}")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise PromptError(f"prompt {prompt}: token ids must be integers, got {x!r}") from None
 
 
 def _cache_kwarg(model) -> str:
@@ -52,14 +84,27 @@ def layer_info(cache, model=None) -> LayerInfo:
     return LayerInfo(len(cache.layers), attn, k.shape[1] * tp.size, k.shape[3], tp)
 
 
-def check_prompts(prompt_ids: Sequence[Sequence[int]], config, max_new_tokens: int) -> tuple[list[int], int]:
-    """Refuse no prompts / an empty prompt; return the prompt lengths and the new-token count that fits the
+class TooManySequencesError(ValueError):
+    """More sequences (prompts x ``n``) in one call than :data:`MAX_SEQUENCES`."""
+
+
+def check_prompts(prompt_ids: Sequence[Sequence[int]], config, max_new_tokens: int,
+                  n: int = 1) -> tuple[list[int], int]:
+    """Refuse no prompts / an empty prompt / a non-integer token id / more than :data:`MAX_SEQUENCES` sequences
+    (``len(prompt_ids) * n``); return the prompt lengths and the new-token count that fits the
     model's context (``max_position_embeddings``) after the longest prompt."""
     if len(prompt_ids) == 0:
         raise ValueError("no prompts given")
+    if len(prompt_ids) * n > MAX_SEQUENCES:
+        raise TooManySequencesError(
+            f"{len(prompt_ids)} prompts x n={n} = {len(prompt_ids) * n} sequences; one call decodes at most "
+            f"{MAX_SEQUENCES}: split the prompts over several calls or lower n")
     for i, p in enumerate(prompt_ids):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty (0 tokens)")
+        if not all(type(x) is int for x in p):
+            for x in p:
+                token_id(x, i)
     lengths = [len(p) for p in prompt_ids]
     ctx = getattr(config, "max_position_embeddings", None)
     return lengths, max_new_tokens if ctx is None else min(max_new_tokens, max(ctx - max(lengths), 0))
@@ -216,10 +261,10 @@ class DecodeEngine:
         """
         model, dev = self.model, self.model.device
         n, P = params.n, len(prompt_ids)
-        lengths, max_new = check_prompts(prompt_ids, model.config, params.max_new_tokens)
+        lengths, max_new = check_prompts(prompt_ids, model.config, params.max_new_tokens, n)
         B, T = P * n, max(lengths)
         stats = GenerationStats(prompts=P, sequences=B)
-        calls0 = self.forward_calls
+        calls = 1  # this generation's forward calls: the prefill, then one per fed token
 
         # ---- prefill (left-padded) -----------------------------------------------------------------------
         t0 = time.perf_counter()
@@ -265,8 +310,7 @@ class DecodeEngine:
         for c, action in prefill_actions:
             if not isinstance(action, ForceTokens):
                 raise TypeError(f"component {c.name!r} returned {action!r} from on_prefill; only ForceTokens is allowed there")
-            if not 0 <= action.index < B:
-                raise IndexError(f"component {c.name!r} forced tokens on sequence {action.index}; valid: 0..{B - 1}")
+            check_action(c, action, B, logits.shape[-1])
             force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
         custom_reason: dict[int, str] = {}
         host_reason = [RUNNING] * B
@@ -278,7 +322,7 @@ class DecodeEngine:
             scores = logits
             for proc in logits_processors:
                 scores = proc(scores, fed_ids, fed_valid)
-            tok = sample(scores, params, gen)
+            tok, bad_now = sample_checked(scores, params, gen)
             forced = torch.zeros(B, dtype=torch.bool, device=dev)
             if force_queues:
                 idx = [i for i, q in force_queues.items() if q]
@@ -290,7 +334,7 @@ class DecodeEngine:
                     tok = tok.index_put((idx_t,), torch.as_tensor(vals, device=dev))
             alive = reason == RUNNING
             forced &= alive
-            nan_now = torch.isnan(logits.sum(dim=-1)) & alive & (nan_step < 0)  # one reduction, NaN propagates
+            nan_now = (torch.isnan(logits.sum(dim=-1)) | bad_now) & alive & (nan_step < 0)  # NaN propagates
             nan_step = torch.where(nan_now, t, nan_step)
             tok = torch.where(alive, tok, self.pad_token_id)
             out_tokens[:, t] = tok
@@ -307,6 +351,8 @@ class DecodeEngine:
             view = StepView(t, tok, None, logits, forced, alive, reason != RUNNING, fed_ids, fed_valid, fed_pos, cache, info)
             for c in components:
                 for action in c.on_step(view) or ():
+                    if isinstance(action, (StopSequence, ForceTokens)):
+                        check_action(c, action, B, logits.shape[-1])
                     if isinstance(action, StopSequence):
                         reason[action.index] = torch.where(reason[action.index] == RUNNING, COMPONENT, reason[action.index])
                         custom_reason.setdefault(action.index, action.reason)
@@ -320,8 +366,9 @@ class DecodeEngine:
                 if bool((nan_step >= 0).any()):
                     bad = (nan_step >= 0).nonzero().flatten().tolist()
                     raise NonFiniteLogitsError(
-                        f"NaN logits at step {int(nan_step[bad].min())} for sequences {bad}; "
-                        "try dtype=float32 or check the weights"
+                        f"NaN logits at step {int(nan_step[bad].min())} for sequences {bad} (or logits that are "
+                        "not finite after temperature scaling or logits processors); try dtype=float32 or check "
+                        "the weights"
                     )
                 if trackers is not None:
                     counts, toks, host_reason = n_gen.tolist(), out_tokens[:, steps - 1].tolist(), reason.tolist()
@@ -344,6 +391,7 @@ class DecodeEngine:
             attn[:, T + t] = 1
             fed_ids, fed_valid, fed_pos = tok, reason == RUNNING, next_pos + t
             logits = self.decode_one_token(tok, attn[:, : T + t + 1], fed_pos, cache)
+            calls += 1
 
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -381,7 +429,7 @@ class DecodeEngine:
             for i, tr in enumerate(trackers):  # sequences whose last event was not sent yet (length, early break)
                 if host_reason[i] == RUNNING or (tr.emitted < len(tr.final_text)):
                     yield StreamEvent(i // n, i % n, tr.delta(final=True), names[i])
-        stats.forward_calls = self.forward_calls - calls0
+        stats.forward_calls = calls
         stats.generated_tokens = sum(counts)
         return GenerationResult(samples=samples, stats=stats)
 

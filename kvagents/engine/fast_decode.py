@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import time
 import warnings
 from collections import deque
@@ -69,7 +70,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .components import Component, FinishView, ForceTokens, PrefillView, StopSequence
+from .components import Component, FinishView, ForceTokens, PrefillView, StopSequence, check_action
 from .decode import (
     COMPONENT,
     EOS,
@@ -86,7 +87,7 @@ from .decode import (
 from .fast_sampling import _M32, _compile_search_pass, hash_exponential, process_logits_search, top_p_keep
 from .params import SamplingParams
 from .results import GenerationResult, GenerationStats, SampleResult, StreamEvent
-from .sampling import process_logits
+from .sampling import non_finite_rows, process_logits
 from .static_cache import StaticBatch as _Static
 from .static_cache import StaticLM, UnsupportedModelError
 from .static_view import StaticStepView, _get_attr, _graph_key, _set_attr, _StaticCacheView, graph_step_for
@@ -187,7 +188,8 @@ class FastDecodeEngine:
             _warm_compile_pool()
         self.eos_token_ids = self.base.eos_token_ids
         self.pad_token_id = self.base.pad_token_id
-        self._st: _Static | None = None
+        self._sets: list[_Static] = []  # buffer sets; ``in_use``: a live generation owns it
+        self._sets_lock = threading.Lock()
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self._stream = torch.cuda.Stream(model.device) if self.graphs else None
         self.captures = 0
@@ -213,11 +215,24 @@ class FastDecodeEngine:
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _static(self, B: int, cap: int) -> _Static:
-        st = self._st
-        if st is None or st.B != B or st.cap < cap:
-            self._st = None
-            st = self._st = _Static(self.lm, B, cap)
-        return st
+        """A buffer set of batch ``B`` and capacity >= ``cap`` that no live generation owns, marked as owned:
+        the kept one when it fits, else a new one. Sets other generations own are never shared (a suspended
+        stream keeps its own); free sets that do not fit are dropped, so at most one free set stays allocated
+        once the generations that overlapped have finished."""
+        with self._sets_lock:
+            pick = next((s for s in self._sets if not s.in_use and s.B == B and s.cap >= cap), None)
+            self._sets = [s for s in self._sets if s.in_use or s is pick]
+            if pick is None:
+                pick = _Static(self.lm, B, cap)
+                self._sets.append(pick)
+            pick.in_use = True
+            return pick
+
+    @staticmethod
+    def _release(st: _Static) -> None:
+        """Give a buffer set back (the generation finished, failed, or was closed / garbage-collected). Only a
+        flag: safe from a finaliser in any thread."""
+        st.in_use = False
 
     def _head(self, st: _Static, params: _Samp, stop_t, eos_t, gcomps, has_kv: bool, processed: bool = False) -> None:
         """Choose token ``step`` for every row, finish checks, graph components, ``step += 1`` (device only).
@@ -226,16 +241,18 @@ class FastDecodeEngine:
         scores = st.scores if processed else logits
         if params.greedy:
             tok = scores.argmax(dim=-1)
+            bad = torch.isnan(scores.sum(dim=-1))
         else:
             if self.top_p_impl == "sort":
                 probs = _process_logits_eager(scores, params).softmax(dim=-1)
             else:
                 probs = process_logits_search(scores, params, self._topp_kernel).softmax(dim=-1)
             tok = (probs / hash_exponential(st.seed_key, st.step, st.rows, st.vocab)).argmax(dim=-1)
+            bad = non_finite_rows(probs, scores)
         alive = st.reason == RUNNING
         tok = torch.where(st.force_mask, st.force_tok, tok)
         forced = st.force_mask & alive
-        nan_now = torch.isnan(logits.sum(dim=-1)) & alive & (st.nan_step < 0)
+        nan_now = (torch.isnan(logits.sum(dim=-1)) | bad) & alive & (st.nan_step < 0)
         st.nan_step.copy_(torch.where(nan_now, st.step, st.nan_step))
         tok = torch.where(alive, tok, self.pad_token_id)
         st.out_tokens.index_copy_(1, st.step.view(1), tok[:, None])
@@ -261,7 +278,7 @@ class FastDecodeEngine:
     def _view(self, st: _Static, step, has_kv: bool) -> StaticStepView:
         return StaticStepView(step, st.tok, None, st.logits, st.forced, st.alive, st.finished,
                               st.fed_ids if has_kv else None, st.fed_valid if has_kv else None,
-                              st.fed_pos if has_kv else None, None, self._info, K=st.K, V=st.V, col=st.col)
+                              st.fed_pos if has_kv else None, None, st.info, K=st.K, V=st.V, col=st.col)
 
     def _forward(self, st: _Static, Lb: int) -> None:
         """Feed token ``step - 1`` (``st.tok``) of every row; logits into ``st.logits``."""
@@ -306,19 +323,32 @@ class FastDecodeEngine:
         g.replay()
 
     # -- the loop ----------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def run(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, components: Sequence[Component] = (),
             stream: bool = False, logits_processors: Sequence[Callable] = ()) -> Generator[StreamEvent, None, GenerationResult]:
         """The loop, as a generator of :class:`StreamEvent` (only when ``stream``) returning the result.
         ``logits_processors``: see :meth:`DecodeEngine.run <kvagents.engine.decode.DecodeEngine.run>` (called on the host
-        between the step's forward and sampling graphs)."""
+        between the step's forward and sampling graphs).
+
+        Re-entrant: the generation owns its static buffers until it finishes, so another ``run`` started while
+        this one is suspended (an interleaved stream, a ``generate`` between two events) decodes in a buffer set
+        of its own; closing the generator (or dropping it) gives the buffers back."""
+        held: list[_Static] = []
+        try:
+            return (yield from self._run(held, prompt_ids, params, components, stream, logits_processors))
+        finally:
+            for st in held:
+                self._release(st)
+
+    @torch.inference_mode()
+    def _run(self, held: list[_Static], prompt_ids, params: SamplingParams, components, stream: bool,
+             logits_processors) -> Generator[StreamEvent, None, GenerationResult]:
         model, dev = self.model, self.model.device
         procs = list(logits_processors)
         n, P = params.n, len(prompt_ids)
-        lengths, max_new = check_prompts(prompt_ids, model.config, params.max_new_tokens)
+        lengths, max_new = check_prompts(prompt_ids, model.config, params.max_new_tokens, params.n)
         B, T = P * n, max(lengths)
         stats = GenerationStats(prompts=P, sequences=B)
-        calls0 = self.forward_calls
+        calls = 0  # this generation's forward calls (the engine's counter also counts interleaved ones)
 
         # ---- prefill (eager, as the eager engine) ----------------------------------------------------------
         t0 = time.perf_counter()
@@ -326,9 +356,9 @@ class FastDecodeEngine:
         cache = DynamicCache(config=model.config)
         logits0 = self.base.prefill(ids, mask, pos, cache)
         self.forward_calls += 1
+        calls += 1
         stats.prefill_tokens = int(sum(lengths))
         info = layer_info(cache, model)
-        self._info = info
         if info.tp.size > 1:
             raise UnsupportedModelError("the fast path runs on one device: no tensor parallelism")
         if len(info.attention_layers) != self.lm.num_layers:
@@ -339,6 +369,8 @@ class FastDecodeEngine:
             prefill_actions.extend((c, a) for a in (c.on_prefill(pview) or ()))
         cap = max(1, -(-(T + max_new) // self.bucket)) * self.bucket
         st = self._static(B, cap)
+        held.append(st)
+        st.info = info
         for i in range(self.lm.num_layers):
             k, v = cache.layers[i].keys, cache.layers[i].values
             if n > 1:
@@ -347,7 +379,7 @@ class FastDecodeEngine:
             st.V[i, :, :, :T].copy_(v)
         del cache
         if self.lm.rope_table(T + max_new + 1):
-            for s_ in ([self._st] if self._st is not None else []):
+            for s_ in list(self._sets):
                 s_.graphs.clear()  # graphs read the old table
         L_t = torch.as_tensor(lengths, device=dev).repeat_interleave(n)
         st.lengths.copy_(L_t)
@@ -444,8 +476,7 @@ class FastDecodeEngine:
             if not isinstance(action, ForceTokens):
                 raise TypeError(f"component {c.name!r} returned {action!r} from on_prefill; only ForceTokens is "
                                 "allowed there")
-            if not 0 <= action.index < B:
-                raise IndexError(f"component {c.name!r} forced tokens on sequence {action.index}; valid: 0..{B - 1}")
+            check_action(c, action, B, st.logits.shape[-1])
             force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
         custom_reason: dict[int, str] = {}
         host_reason = [RUNNING] * B
@@ -469,6 +500,7 @@ class FastDecodeEngine:
             st.force_tok[idx_t] = torch.as_tensor(vals, device=dev)
 
         def one_step(t: int) -> None:
+            nonlocal calls
             forcing = bool(force_queues)
             if forcing:
                 set_force(t)
@@ -489,6 +521,7 @@ class FastDecodeEngine:
                     process(t)
                     self._step(st, Lb, ("head", *gkey), head_fn, comp_tensors)
                 self.forward_calls += 1
+                calls += 1
             if forcing:
                 st.force_mask.zero_()
 
@@ -525,8 +558,9 @@ class FastDecodeEngine:
             if bool((st.nan_step >= 0).any()):
                 bad = (st.nan_step >= 0).nonzero().flatten().tolist()
                 raise NonFiniteLogitsError(
-                    f"NaN logits at step {int(st.nan_step[bad].min())} for sequences {bad}; "
-                    "try dtype=float32 or check the weights")
+                    f"NaN logits at step {int(st.nan_step[bad].min())} for sequences {bad} (or logits that are "
+                    "not finite after temperature scaling or logits processors); try dtype=float32 or check the "
+                    "weights")
             if trackers is not None:
                 counts, host_reason = st.n_gen.tolist(), st.reason.tolist()
                 window = st.out_tokens[:, last_check:steps].tolist()
@@ -603,7 +637,7 @@ class FastDecodeEngine:
             for i, tr in enumerate(trackers):
                 if i not in final_sent or tr.emitted < len(tr.final_text):
                     yield StreamEvent(i // n, i % n, tr.delta(final=True), names[i])
-        stats.forward_calls = self.forward_calls - calls0
+        stats.forward_calls = calls
         stats.generated_tokens = sum(counts)
         return GenerationResult(samples=samples, stats=stats)
 
@@ -641,7 +675,7 @@ class FastDecodeEngine:
         view = StaticStepView(t, st.tok.clone(), None, st.logits.clone(), st.forced.clone(), st.alive.clone(),
                               st.finished.clone(), st.fed_ids.clone() if has_kv else None,
                               st.fed_valid.clone() if has_kv else None, st.fed_pos.clone() if has_kv else None,
-                              _StaticCacheView(st.K, st.V, int(st.T0) + t) if has_kv else None, self._info,
+                              _StaticCacheView(st.K, st.V, int(st.T0) + t) if has_kv else None, st.info,
                               K=st.K, V=st.V, col=st.col.clone())
         for c in plain:
             self._apply(st, c, c.on_step(view), force_queues, custom_reason)
@@ -654,6 +688,8 @@ class FastDecodeEngine:
     @staticmethod
     def _apply(st: _Static, c, actions, force_queues, custom_reason) -> None:
         for action in actions or ():
+            if isinstance(action, (StopSequence, ForceTokens)):
+                check_action(c, action, st.B, st.logits.shape[-1])
             if isinstance(action, StopSequence):
                 r = st.reason[action.index]
                 st.reason[action.index] = torch.where(r == RUNNING, COMPONENT, r)

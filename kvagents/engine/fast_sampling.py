@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .sampling import scale_logits
+
 _M32 = 0xFFFFFFFF
 
 
@@ -135,7 +137,7 @@ _TOP_P_OP = _register_top_p()
 def process_logits_search(logits: torch.Tensor, params, kernel: bool = False) -> torch.Tensor:
     """:func:`kvagents.engine.sampling.process_logits` with :func:`top_p_keep` in place of the sort (same kept set up to
     the rounding of the masses)."""
-    logits = logits / params.temperature
+    logits = scale_logits(logits, params.temperature)
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

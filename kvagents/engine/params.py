@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+#: Seeds are 32-bit: the fast path keys its counter-based noise with ``seed`` itself, so a larger one would alias.
+SEED_LIMIT = 2**32
+
 
 def check_temperature(v: float) -> float:
     """Temperature >= 0 (0 = greedy); NaN is refused too. Shared by every config that takes one."""
@@ -36,7 +39,7 @@ class SamplingParams(BaseModel):
     temperature: float = Field(1.0, description="Softmax temperature; 0 selects greedy decoding.")
     top_p: float = Field(1.0, description="Nucleus sampling mass, in (0, 1].")
     top_k: int = Field(0, description="Keep only the k most likely tokens; 0 disables.")
-    seed: int | None = Field(None, description="Seed of the sampling generator; a fixed seed reproduces samples.")
+    seed: int | None = Field(None, description="Seed of the sampling generator, in [0, 2**32); a fixed seed reproduces samples.")
     n: int = Field(1, description="Samples per prompt; they share the prompt's prefilled KV cache.")
     stop: list[str] = Field(default_factory=list, description="Stop strings, matched on decoded text; output is cut before them.")
     stop_token_ids: list[int] = Field(default_factory=list, description="Extra token ids that end a sample (EOS always does).")
@@ -68,6 +71,13 @@ class SamplingParams(BaseModel):
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {v}")
         return v
 
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**32) (the fast path samples with 32-bit seeds), got {v}")
+        return v
+
     @field_validator("n")
     @classmethod
     def _check_n(cls, v: int) -> int:
@@ -80,6 +90,8 @@ class SamplingParams(BaseModel):
             v = [v]
         if v is None:
             return []
+        if not isinstance(v, (list, tuple, set, frozenset)):
+            raise ValueError(f"stop must be a string or a list of strings, got {v!r}")
         for s in v:
             if not isinstance(s, str) or s == "":
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")

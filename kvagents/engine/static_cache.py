@@ -420,6 +420,8 @@ class StaticBatch:
         self.comp_state: dict[tuple, torch.Tensor] = {}
         self.graphs: dict[tuple, Any] = {}
         self.consts: dict[tuple, torch.Tensor] = {}
+        self.in_use = False  # owned by a live generation (FastDecodeEngine._static / _release)
+        self.info = None  # the owning generation's LayerInfo
 
     def engine_state(self) -> list[torch.Tensor]:
         return [self.tok, self.fed_ids, self.reason, self.n_gen, self.n_forced, self.nan_step, self.fed_pos,
