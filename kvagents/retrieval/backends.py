@@ -6,6 +6,7 @@ Each backend stores vectors under int64 labels and answers ``search(q, k, allowe
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -54,7 +55,78 @@ class _FaissBackend:
         self.index = faiss.deserialize_index(data)
         if self.index.d != dim:
             raise KVIndexError(f"stored faiss index has dimension {self.index.d}, header says {dim}")
+        self.metric = metric
         return self
+
+    @staticmethod
+    def layout_mismatch(data: bytes, dim: int, ntotal: int) -> str | None:
+        """Check the serialised faiss header(s) before faiss reads them, so a crafted count cannot make faiss
+        allocate more than the file holds: the outer (and ``IndexIDMap2``'s inner) ``d`` / ``ntotal``, and for
+        ``IndexIDMap2`` over a flat index the exact length of every field. None when it agrees."""
+        header = struct.Struct("<4siq")  # fourcc, d, ntotal: how every faiss index starts
+        if len(data) < header.size:
+            return f"the faiss section has {len(data)} bytes, too few for an index header"
+        _, d, n = header.unpack_from(data)
+        if d != dim or n != ntotal:
+            return f"the faiss index header says d={d}, ntotal={n}; the records say d={dim}, ntotal={ntotal}"
+        if data[:4] != b"IxM2" or len(data) < 37 + header.size:
+            return None
+        metric_type = struct.unpack_from("<i", data, 33)[0]
+        inner = 37 + (4 if metric_type > 1 else 0)
+        fourcc, d, n = header.unpack_from(data, inner)
+        if d != dim or n != ntotal:
+            return f"the inner faiss index header says d={d}, ntotal={n}; the records say d={dim}, ntotal={ntotal}"
+        if fourcc in (b"IxFI", b"IxF2"):  # flat: header, codes (count, floats), id_map (count, int64s)
+            codes_at = inner + 37
+            want = codes_at + 8 + 4 * ntotal * dim + 8 + 8 * ntotal
+            if len(data) != want:
+                return f"the flat faiss section has {len(data)} bytes; {ntotal} x {dim}-d vectors need {want}"
+            n_codes = struct.unpack_from("<Q", data, codes_at)[0]
+            n_ids = struct.unpack_from("<Q", data, codes_at + 8 + 4 * ntotal * dim)[0]
+            if n_codes != ntotal * dim or n_ids != ntotal:
+                return f"the flat faiss section announces {n_codes} floats and {n_ids} ids for {ntotal} vectors"
+        return None
+
+    def mismatch(self, labels: list[int], tombstones: list[int], vectors: np.ndarray) -> str | None:
+        """What disagrees between this (deserialised) faiss index and the stored labels / vectors, or None.
+
+        Checks the index type and metric against a fresh one of the same factory, ``d`` and ``ntotal``, the ids
+        faiss holds (``IndexIDMap2``), and for flat storage the stored codes against the vectors bit for bit."""
+        faiss, index = self.faiss, self.index
+        if index.d != vectors.shape[1]:
+            return f"the faiss index has d={index.d}, the vectors section {vectors.shape[1]}"
+        if index.ntotal != len(labels) + len(tombstones):
+            return (f"the faiss index holds {index.ntotal} vectors, the records {len(labels)} labels and "
+                    f"{len(tombstones)} tombstones")
+        fresh = _FaissBackend(index.d, self.metric, self.factory).index
+
+        def kind(ix) -> str:
+            outer = faiss.downcast_index(ix)
+            inner = faiss.downcast_index(outer.index) if hasattr(outer, "id_map") else None
+            name = type(outer).__name__ + (f"({type(inner).__name__})" if inner is not None else "")
+            return name.replace("IndexFlatIP", "IndexFlat").replace("IndexFlatL2", "IndexFlat")  # metric: below
+
+        if kind(index) != kind(fresh):
+            return f"the faiss index is a {kind(index)}, factory {self.factory!r} builds a {kind(fresh)}"
+        if index.metric_type != fresh.metric_type:
+            return f"the faiss index has metric type {index.metric_type}, the header says {self.metric!r}"
+        if not hasattr(index, "id_map"):
+            return None
+        id_map = faiss.vector_to_array(index.id_map)
+        if sorted(id_map.tolist()) != sorted(labels + tombstones):
+            return "the ids inside the faiss index differ from the stored labels and tombstones"
+        inner = faiss.downcast_index(index.index)
+        storage = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else inner
+        if isinstance(storage, faiss.IndexFlat) and labels:
+            codes = faiss.vector_to_array(storage.codes).view(np.float32)
+            if codes.size != index.ntotal * index.d:
+                return "the faiss flat storage has the wrong size"
+            codes = codes.reshape(index.ntotal, index.d)
+            pos = {int(label): p for p, label in enumerate(id_map.tolist())}
+            want = codes[[pos[label] for label in labels]]
+            if not np.array_equal(want.view(np.uint32), np.ascontiguousarray(vectors, np.float32).view(np.uint32)):
+                return "the vectors inside the faiss index differ from the vectors section"
+        return None
 
     def to_bytes(self) -> np.ndarray:
         return self.faiss.serialize_index(self.index)

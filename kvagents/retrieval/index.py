@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .backends import Metric, _faiss, _FaissBackend, _ShardedTorchBackend, _TorchBackend
-from .errors import KVIndexError
+from .errors import IndexFormatError, KVIndexError
 from .index_file import read_index_file, write_index_file
 
 Filter = dict[str, Any] | Callable[[dict[str, Any]], bool] | None
@@ -72,9 +72,12 @@ def _as_matrix(vectors: Any, dim: int, what: str = "vectors") -> np.ndarray:
     """float32 C-contiguous ``[n, dim]`` from numpy / torch / lists; 1-D input becomes one row."""
     if hasattr(vectors, "detach"):  # torch.Tensor without importing torch here
         vectors = vectors.detach().float().cpu().numpy()
-    x = np.asarray(vectors, dtype=np.float32)
+    try:
+        x = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise KVIndexError(f"{what} must be a numeric array [n, {dim}]; got {type(vectors).__name__}: {e}") from e
     if x.ndim == 1:
-        x = x[None, :]
+        x = x.reshape(0, dim) if x.size == 0 else x[None, :]  # [] = no rows
     if x.ndim != 2 or x.shape[1] != dim:
         raise KVIndexError(f"{what} must have shape [n, {dim}] (the index dimension); got {tuple(x.shape)}")
     if not np.isfinite(x).all():
@@ -84,8 +87,72 @@ def _as_matrix(vectors: Any, dim: int, what: str = "vectors") -> np.ndarray:
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    """Unit rows (zero rows stay zero); scaled by the max-abs first so huge or tiny values neither overflow nor
+    underflow in float32 (``[1e20, 1e20]`` -> ``[0.707, 0.707]``)."""
+    scale = np.abs(x).max(axis=1, keepdims=True) if x.size else np.ones((len(x), 1), np.float32)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    y = x / scale
+    norms = np.linalg.norm(y, axis=1, keepdims=True)
+    return (y / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def _check_k(k: Any, name: str = "k") -> int:
+    """``k`` as a Python int >= 1 (numpy ints accepted; bool, float and the rest refused)."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise KVIndexError(f"{name} must be a positive int, got {k!r} ({type(k).__name__})")
+    return int(k)
+
+
+def _check_ids(ids: Any, what: str = "add") -> list[str]:
+    """The ids as a list of str; a bare string, or any id that is not a str, is refused."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        hint = f" (for one id pass a list such as [{ids!r}])" if isinstance(ids, str) else ""
+        raise KVIndexError(f"ids must be a list of strings; {what}() got {type(ids).__name__} {ids!r}{hint}")
+    out = list(ids)
+    for i in out:
+        if not isinstance(i, str):
+            raise KVIndexError(f"ids must be strings; got {i!r} ({type(i).__name__}); pass a list of strings "
+                               f"such as [str(x) for x in ids]")
+    return [str(i) for i in out]  # str subclasses (numpy.str_) become plain str
+
+
+def _json_value(value: Any, where: str) -> Any:
+    """A copy of ``value`` made of JSON types that round-trips a save / load exactly; refuses anything else."""
+    if value is None or isinstance(value, (bool, str)):
+        return str(value) if isinstance(value, str) else value
+    if isinstance(value, np.generic) and isinstance(value, (np.bool_, np.integer, np.floating, np.str_)):
+        value = value.item()  # numpy scalars are stored as the equal Python value
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not np.isfinite(value):
+            raise KVIndexError(f"{where} is {value!r}: NaN / inf cannot be saved; store None or a string instead")
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_value(v, f"{where}[{j}]") for j, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for key, v in value.items():
+            if not isinstance(key, str):
+                raise KVIndexError(f"{where} has key {key!r} ({type(key).__name__}); metadata keys must be "
+                                   "strings (a save / load turns other keys into strings)")
+            out[str(key)] = _json_value(v, f"{where}[{key!r}]")
+        return out
+    hint = " (use a list)" if isinstance(value, (tuple, set, frozenset)) else ""
+    raise KVIndexError(f"{where} is {value!r} ({type(value).__name__}): metadata values must be JSON types "
+                       f"(None, bool, int, float, str, list, dict) so they survive a save / load unchanged{hint}")
+
+
+def _check_metadata(md: Any, id_: str) -> dict[str, Any]:
+    if md is None:
+        return {}
+    if not isinstance(md, dict):
+        raise KVIndexError(f"metadata of id {id_!r} must be a dict (or None), got {type(md).__name__} {md!r}")
+    return _json_value(md, f"metadata of id {id_!r}")
 
 
 def _matches(filter: Filter, metadata: dict[str, Any]) -> bool:
@@ -94,7 +161,9 @@ def _matches(filter: Filter, metadata: dict[str, Any]) -> bool:
     if callable(filter):
         return bool(filter(metadata))
     for key, want in filter.items():
-        have = metadata.get(key)
+        if key not in metadata:  # a missing key matches nothing, not even None
+            return False
+        have = metadata[key]
         if isinstance(want, (list, tuple, set)):
             if have not in want:
                 return False
@@ -161,7 +230,9 @@ class KVIndex:
         self._ids: dict[int, str] = {}  # label -> id
         self._texts: dict[int, str | None] = {}
         self._metadata: dict[int, dict[str, Any]] = {}
-        self._store = np.zeros((0, dim), dtype=np.float32)  # rows by label
+        self._store = np.zeros((0, dim), dtype=np.float32)  # vectors by row (rows of deleted labels are not reused)
+        self._rows: dict[int, int] = {}  # label -> row of _store
+        self._nrows = 0
         self._next_label = 0
         self._tombstones: set[int] = set()  # removed labels an index type could not remove (HNSW)
         self.exact_filter_limit = 2048  # a filter matching at most this many rows is answered by an exact scan
@@ -239,12 +310,20 @@ class KVIndex:
     ) -> list[str]:
         """Add vectors ``[n, dim]`` (numpy, torch or lists). Ids default to fresh uuid4 hex strings.
 
+        ``ids`` must be a list of ``str`` (other types, ``None`` and a bare string are refused, not converted);
+        each metadata must be a dict with ``str`` keys and JSON values (None, bool, int, finite float, str, list,
+        dict; numpy scalars become the equal Python value) so that it round-trips a save / load exactly —
+        tuples, sets, non-str keys and NaN / inf are refused here, naming the id and key. No rows (``[]`` or
+        ``[0, dim]``) adds nothing and returns ``[]``.
+
         Raises KVIndexError for an id that is already present (use :meth:`upsert`) or repeated in the call.
         """
         x = self._prepare(vectors)
         n = len(x)
-        ids = [uuid.uuid4().hex for _ in range(n)] if ids is None else [str(i) for i in ids]
+        ids = [uuid.uuid4().hex for _ in range(n)] if ids is None else _check_ids(ids)
         self._check_lengths(n, ids, texts, metadatas)
+        texts = None if texts is None else self._check_texts(texts, ids)
+        metadatas = None if metadatas is None else [_check_metadata(md, i) for md, i in zip(metadatas, ids)]
         dupes = [i for i in ids if i in self._labels]
         if dupes:
             raise KVIndexError(f"ids already in the index: {dupes[:5]}; use upsert() to replace them")
@@ -259,17 +338,35 @@ class KVIndex:
         labels = np.arange(self._next_label, self._next_label + n, dtype=np.int64)
         self._backend.add(labels, x)
         self._next_label += n
-        if self._store.shape[0] < self._next_label:
-            grown = np.zeros((max(self._next_label, 2 * self._store.shape[0]), self.dim), dtype=np.float32)
-            grown[: self._store.shape[0]] = self._store
+        start = self._nrows
+        if self._store.shape[0] < start + n:
+            grown = np.zeros((max(start + n, 2 * self._store.shape[0]), self.dim), dtype=np.float32)
+            grown[:start] = self._store[:start]
             self._store = grown
-        self._store[labels] = x
+        self._store[start: start + n] = x
+        self._nrows += n
         for j, (label, id_) in enumerate(zip(labels.tolist(), ids)):
             self._labels[id_] = label
             self._ids[label] = id_
+            self._rows[label] = start + j
             self._texts[label] = texts[j] if texts is not None else None
-            self._metadata[label] = dict(metadatas[j] or {}) if metadatas is not None else {}
+            self._metadata[label] = metadatas[j] if metadatas is not None else {}
         return ids
+
+    @staticmethod
+    def _check_texts(texts: Any, ids: list[str]) -> list[str | None]:
+        if isinstance(texts, str):
+            raise KVIndexError(f"texts must be a list of strings (or None); got the string {texts!r}")
+        texts = list(texts)
+        for t, id_ in zip(texts, ids):
+            if t is not None and not isinstance(t, str):
+                raise KVIndexError(f"text of id {id_!r} must be a str or None, got {type(t).__name__} {t!r}")
+        return [None if t is None else str(t) for t in texts]
+
+    def _vectors_of(self, labels: Any) -> np.ndarray:
+        """Stored vectors of ``labels`` (an int sequence), in that order."""
+        rows = np.fromiter((self._rows[int(label)] for label in labels), dtype=np.int64)
+        return self._store[rows]
 
     def upsert(
         self,
@@ -280,7 +377,7 @@ class KVIndex:
         metadatas: Sequence[dict[str, Any] | None] | None = None,
     ) -> list[str]:
         """Add or replace by id: vector, text and metadata of an existing id are all replaced."""
-        ids = [str(i) for i in ids]
+        ids = _check_ids(ids, "upsert")
         x = self._prepare(vectors)
         self._check_lengths(len(x), ids, texts, metadatas)
         if len(set(ids)) != len(ids):
@@ -297,7 +394,7 @@ class KVIndex:
         if not self._backend.remove(arr):
             self._tombstones.update(labels)
         for label in labels:
-            del self._ids[label], self._texts[label], self._metadata[label]
+            del self._ids[label], self._texts[label], self._metadata[label], self._rows[label]
         return len(labels)
 
     @staticmethod
@@ -313,7 +410,7 @@ class KVIndex:
         for i in ids:
             label = self._labels.get(str(i))
             if label is not None:
-                out.append(IndexRecord(self._ids[label], self._store[label].copy(), self._texts[label],
+                out.append(IndexRecord(self._ids[label], self._store[self._rows[label]].copy(), self._texts[label],
                                        dict(self._metadata[label])))
         return out
 
@@ -329,12 +426,12 @@ class KVIndex:
 
     def search_batch(self, queries: Any, k: int = 4, *, filter: Filter = None) -> list[list[SearchHit]]:
         """Top-``k`` hits for each query row ``[q, dim]``, best first; fewer when fewer entries match."""
-        if not isinstance(k, int) or k <= 0:
-            raise KVIndexError(f"k must be a positive int, got {k!r}")
+        k = _check_k(k)
         q = self._prepare(queries, "queries")
         allowed = self._allowed(filter)
         if len(self._labels) == 0 or (allowed is not None and len(allowed) == 0):
             return [[] for _ in range(len(q))]
+        k = min(k, len(self._labels) if allowed is None else len(allowed))  # never allocate beyond the rows
         if allowed is not None and not self.backend_name.startswith("torch") and len(allowed) <= self.exact_filter_limit:
             scores, labels = self._exact_subset(q, k, allowed)  # few matches: exact scan of just those rows
         else:
@@ -345,7 +442,7 @@ class KVIndex:
         return [self._hits(s, lab, k) for s, lab in zip(scores, labels)]
 
     def _exact_subset(self, q: np.ndarray, k: int, allowed: np.ndarray):
-        x = self._store[allowed]
+        x = self._vectors_of(allowed.tolist())
         if self.metric == "l2":
             scores = (q * q).sum(1)[:, None] - 2 * q @ x.T + (x * x).sum(1)[None, :]
             order = np.argsort(scores, axis=1, kind="stable")[:, :k]
@@ -355,7 +452,7 @@ class KVIndex:
         return np.take_along_axis(scores, order, 1), allowed[order]
 
     def _post_filtered(self, q: np.ndarray, k: int, allowed: set[int]):
-        total = self._next_label
+        total = len(self._labels) + len(self._tombstones)  # rows the backend holds
         fetch = min(max(4 * k, k), total)
         while True:
             scores, labels = self._backend.search(q, fetch, None)
@@ -384,8 +481,9 @@ class KVIndex:
     def search(self, query: Any, k: int = 4, *, filter: Filter = None) -> list[SearchHit]:
         """Top-``k`` hits for one query vector ``[dim]``, best first.
 
-        ``filter``: a dict (each key must equal the metadata value, or be in it when the value is a list) or a
-        callable on the metadata dict.
+        ``filter``: a dict (each key must be present and equal the metadata value, or be in it when the value is
+        a list; ``{"k": None}`` matches only entries whose ``k`` is None) or a callable on the metadata dict.
+        ``k``: an int >= 1 (numpy ints too, bool refused), capped at the number of entries.
         """
         q = _as_matrix(query, self.dim, "query")
         if q.shape[0] != 1:
@@ -397,13 +495,14 @@ class KVIndex:
         """Maximal marginal relevance: ``fetch_k`` nearest candidates, then greedily pick ``k`` that are relevant
         to the query (cosine) and unlike those already picked; ``lambda_mult`` 1 = relevance only, 0 = diversity only.
         """
-        if not 0.0 <= lambda_mult <= 1.0:
-            raise KVIndexError(f"lambda_mult must be in [0, 1], got {lambda_mult}")
+        k, fetch_k = _check_k(k), _check_k(fetch_k, "fetch_k")
+        if not isinstance(lambda_mult, (int, float, np.floating)) or not 0.0 <= lambda_mult <= 1.0:
+            raise KVIndexError(f"lambda_mult must be in [0, 1], got {lambda_mult!r}")
         candidates = self.search(query, max(fetch_k, k), filter=filter)
         if not candidates:
             return []
         q = _normalize(_as_matrix(query, self.dim, "query"))[0]
-        vecs = _normalize(np.stack([self._store[self._labels[h.id]] for h in candidates]))
+        vecs = _normalize(self._vectors_of([self._labels[h.id] for h in candidates]))
         picked = maximal_marginal_relevance(q, vecs, k=k, lambda_mult=lambda_mult)
         return [candidates[i] for i in picked]
 
@@ -419,7 +518,7 @@ class KVIndex:
             "tombstones": sorted(self._tombstones),
             "next_label": self._next_label,
         }
-        vectors = self._store[labels] if labels else np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self._vectors_of(labels) if labels else np.zeros((0, self.dim), dtype=np.float32)
         faiss_bytes = self._backend.to_bytes().tobytes() if isinstance(self._backend, _FaissBackend) else b""
         meta = {"dim": self.dim, "metric": self.metric, "factory": self.factory,
                 "encoder_identity": self.encoder_identity, "ntotal": self.ntotal}
@@ -430,32 +529,52 @@ class KVIndex:
              device: str | Sequence[str] = "cpu", backend: Literal["auto", "faiss", "torch"] = "auto") -> KVIndex:
         """Load a saved index; refuses a corrupt / truncated file, a newer format, or an encoder / dimension that
         differs from ``encoder_identity`` / ``dim`` (each a subclass of :class:`KVIndexError`)."""
-        header, records, faiss_bytes, vectors = read_index_file(Path(path), encoder_identity=encoder_identity, dim=dim)
+        path = Path(path)
+        header, records, faiss_bytes, vectors = read_index_file(path, encoder_identity=encoder_identity, dim=dim)
         stored_dim = int(header["dim"])
-        index = cls(stored_dim, header["metric"], factory=header.get("factory"), device=device, backend=backend,
-                    encoder_identity=header.get("encoder_identity"))
-        labels = np.asarray(records["labels"], dtype=np.int64)
-        if isinstance(index._backend, _FaissBackend) and faiss_bytes:
-            index._backend = _FaissBackend.from_bytes(
-                np.frombuffer(faiss_bytes, dtype=np.uint8), stored_dim, header["metric"], header.get("factory"),
-                use_gpu=index.backend_name == "faiss-gpu",
-            )
-        elif len(labels):
-            if not index._backend.is_trained:
-                index._backend.train(vectors)
-            index._backend.add(labels, vectors)
-        index._next_label = int(records["next_label"])
-        index._store = np.zeros((max(index._next_label, 1), stored_dim), dtype=np.float32)
-        if len(labels):
-            index._store[labels] = vectors
-        for label, id_, text, md in zip(records["labels"], records["ids"], records["texts"], records["metadatas"]):
+        try:
+            index = cls(stored_dim, header["metric"], factory=header.get("factory"), device=device, backend=backend,
+                        encoder_identity=header.get("encoder_identity"))
+        except KVIndexError as e:
+            if isinstance(e, IndexFormatError) or "factory" not in str(e):
+                raise
+            raise IndexFormatError(f"{path} is not a consistent index file: {e}") from e
+        labels = list(records["labels"])
+        tombstones = list(records["tombstones"])
+        if isinstance(index._backend, _FaissBackend) and faiss_bytes:  # faiss holds the labels: keep them
+            problem = _FaissBackend.layout_mismatch(faiss_bytes, stored_dim, len(labels) + len(tombstones))
+            if problem:
+                raise IndexFormatError(f"{path} is not a consistent index file: {problem}")
+            try:
+                index._backend = _FaissBackend.from_bytes(
+                    np.frombuffer(faiss_bytes, dtype=np.uint8), stored_dim, header["metric"], header.get("factory"),
+                    use_gpu=index.backend_name == "faiss-gpu",
+                )
+                problem = index._backend.mismatch(labels, tombstones, vectors)
+            except (RuntimeError, MemoryError, ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
+                problem = f"the faiss section cannot be read ({type(e).__name__}: {e})"
+            if problem:
+                raise IndexFormatError(f"{path} is not a consistent index file: {problem}")
+            index._next_label = int(records["next_label"])
+            index._tombstones = set(tombstones)
+            if index._tombstones:
+                index._backend.can_remove = False
+        else:  # the vectors are added afresh: number them 0..n-1 (no allocation follows a stored label)
+            labels = list(range(len(labels)))
+            if labels:
+                if not index._backend.is_trained:
+                    index._backend.train(vectors)
+                index._backend.add(np.asarray(labels, dtype=np.int64), vectors)
+            index._next_label = len(labels)
+        index._store = np.array(vectors, dtype=np.float32, copy=True).reshape(len(labels), stored_dim)
+        index._nrows = len(labels)
+        for row, (label, id_, text, md) in enumerate(zip(labels, records["ids"], records["texts"],
+                                                         records["metadatas"])):
             index._labels[id_] = label
             index._ids[label] = id_
+            index._rows[label] = row
             index._texts[label] = text
             index._metadata[label] = md
-        index._tombstones = set(records.get("tombstones", []))
-        if index._tombstones and isinstance(index._backend, _FaissBackend):
-            index._backend.can_remove = False
         return index
 
 

@@ -12,8 +12,11 @@ File layout (little endian)::
 
 Saving writes a temporary file next to the target, fsyncs it, renames it over the target and fsyncs the folder,
 so a crash at any point leaves either the previous file or the new one — never a mix. Loading checks, in order:
-magic, version (a newer format is refused), size (truncation), checksum, then the encoder identity and dimension
-the caller expects. Each failure raises a named subclass of :class:`~kvagents.retrieval.index.KVIndexError` and leaves the
+magic, version (a newer format is refused), size (truncation), checksum, then every section against the header
+(offsets within the payload and not overlapping, each section's SHA-256, counts, ids / labels / texts /
+metadatas, the vectors' size; the faiss index's own header, ``ntotal``, ``d``, type, metric, ids and flat codes
+against the records and vectors), then the encoder identity and dimension the caller expects. A successful save
+also removes temp files that savers killed mid-write left next to the target (never a live process's). Each failure raises a named subclass of :class:`~kvagents.retrieval.index.KVIndexError` and leaves the
 file untouched.
 """
 
@@ -70,10 +73,10 @@ def write_index_file(path: Path, meta: dict[str, Any], records: dict[str, Any], 
     header = {
         "format_version": FORMAT_VERSION,
         **meta,
-        "sections": {
-            "records": [0, len(records)],
-            "faiss": [len(records), len(faiss_bytes)],
-            "vectors": [len(records) + len(faiss_bytes), len(vec_bytes)],
+        "sections": {  # [offset in the payload, length, SHA-256 of the section]
+            "records": [0, len(records), hashlib.sha256(records).hexdigest()],
+            "faiss": [len(records), len(faiss_bytes), hashlib.sha256(faiss_bytes).hexdigest()],
+            "vectors": [len(records) + len(faiss_bytes), len(vec_bytes), hashlib.sha256(vec_bytes).hexdigest()],
         },
     }
     header_bytes = json.dumps(header, default=_json_default).encode("utf-8")
@@ -104,7 +107,45 @@ def write_index_file(path: Path, meta: dict[str, Any], records: dict[str, Any], 
             os.close(dir_fd)
     except OSError:  # pragma: no cover - some filesystems refuse fsync on folders
         pass
+    remove_stale_temp_files(path)
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's live process, or cannot tell: keep its file
+        return True
+    return True
+
+
+def remove_stale_temp_files(path: Path) -> list[Path]:
+    """Remove ``.<name>.tmp-<pid>-<hex>`` files next to ``path`` left by savers that no longer run (killed
+    mid-write); a live process's temp file is never touched. Returns the removed paths."""
+    path = Path(path)
+    prefix = f".{path.name}.tmp-"
+    removed = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:  # pragma: no cover - folder vanished or unreadable
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(prefix):
+            continue
+        pid_str, sep, rest = name[len(prefix):].partition("-")
+        if not sep or not pid_str.isdigit() or not rest or _pid_alive(int(pid_str)):
+            continue
+        try:
+            entry.unlink()
+            removed.append(entry)
+        except OSError:  # pragma: no cover - removed by another saver meanwhile
+            pass
+    return removed
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -140,10 +181,25 @@ def _read(path: Path) -> tuple[dict[str, Any], bytes]:
         raise IndexChecksumError(f"{path} fails its SHA-256 check: the file is corrupt; restore it or rebuild the index")
     header_bytes = data[_FIXED.size: _FIXED.size + header_len]
     try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # pragma: no cover - checksum catches this first
+        header = _strict_json(header_bytes)
+    except (ValueError, RecursionError) as e:
         raise IndexFormatError(f"{path} has an unreadable header: {e}") from e
+    if not isinstance(header, dict):
+        raise IndexFormatError(f"{path} has a header that is not a JSON object")
     return header, data[_FIXED.size + header_len:]
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"non-finite number {name} in JSON")
+
+
+def _strict_json(data: bytes) -> Any:
+    """JSON without NaN / Infinity (which would not round-trip as metadata equality)."""
+    return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_index_file(path: Path, *, encoder_identity: dict[str, Any] | None = None, dim: int | None = None
@@ -154,7 +210,50 @@ def read_index_file(path: Path, *, encoder_identity: dict[str, Any] | None = Non
     or for another dimension (``dim``) than the caller's."""
     path = Path(path)
     header, payload = _read(path)
-    stored_dim = int(header["dim"])
+
+    def bad(what: str) -> IndexFormatError:
+        return IndexFormatError(f"{path} is not a consistent index file: {what}")
+
+    stored_dim = header.get("dim")
+    if not _is_int(stored_dim) or not 1 <= stored_dim <= 1 << 20:
+        raise bad(f"header dim {stored_dim!r} is not a positive int")
+    version = header.get("format_version")
+    if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
+        raise bad(f"header format_version {version!r} is not one this kvagents reads")
+    if header.get("metric") not in ("cosine", "ip", "l2"):
+        raise bad(f"unknown metric {header.get('metric')!r}")
+    if header.get("factory") is not None and not isinstance(header.get("factory"), str):
+        raise bad(f"factory {header.get('factory')!r} is not a string")
+    if header.get("encoder_identity") is not None and not isinstance(header.get("encoder_identity"), dict):
+        raise bad(f"encoder_identity {header.get('encoder_identity')!r} is not an object")
+    sections = header.get("sections")
+    names = ("records", "faiss", "vectors")
+    if not isinstance(sections, dict) or set(sections) != set(names):
+        raise bad(f"sections {sections!r} are not exactly {names}")
+    spans = []
+    for name in names:
+        sec = sections[name]
+        if (not isinstance(sec, list) or len(sec) not in (2, 3) or not all(_is_int(v) for v in sec[:2])
+                or (len(sec) == 3 and not isinstance(sec[2], str))):
+            raise bad(f"section {name} is {sec!r}, not [offset, length, sha256]")
+        start, length = sec[0], sec[1]
+        if start < 0 or length < 0 or start + length > len(payload):
+            raise bad(f"section {name} [{start}, {start + length}) lies outside the {len(payload)}-byte payload")
+        spans.append((start, start + length, name))
+    spans.sort()
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise bad(f"sections {a} and {b} overlap")
+    if sum(e - s for s, e, _ in spans) != len(payload):
+        raise bad("the sections do not cover the payload exactly")
+
+    def section(name: str) -> bytes:
+        start, length = sections[name][0], sections[name][1]
+        data = bytes(payload[start: start + length])
+        if len(sections[name]) == 3 and hashlib.sha256(data).hexdigest() != sections[name][2]:
+            raise IndexChecksumError(f"{path}: section {name} fails its SHA-256 check; the file is corrupt")
+        return data
+
     if dim is not None and int(dim) != stored_dim:
         raise IndexMismatchError(
             f"{path} holds {stored_dim}-d vectors but the encoder in use gives {dim}-d; "
@@ -172,13 +271,52 @@ def read_index_file(path: Path, *, encoder_identity: dict[str, Any] | None = Non
         if "dim" in encoder_identity and int(encoder_identity["dim"]) != stored_dim:  # pragma: no cover
             raise IndexMismatchError(f"{path} holds {stored_dim}-d vectors, the encoder gives {encoder_identity['dim']}")
 
-    def section(name: str) -> bytes:
-        start, length = header["sections"][name]
-        return payload[start: start + length]
-
-    records = json.loads(section("records").decode("utf-8"))
-    vectors = np.frombuffer(section("vectors"), dtype="<f4").reshape(-1, stored_dim).astype(np.float32)
+    try:
+        records = _strict_json(section("records"))
+    except (ValueError, RecursionError) as e:
+        raise bad(f"the records section is not valid JSON ({e})") from e
+    _check_records(records, header, bad)
+    vec_bytes = section("vectors")
+    n = len(records["labels"])
+    if len(vec_bytes) != n * stored_dim * 4:
+        raise bad(f"the vectors section has {len(vec_bytes)} bytes; {n} labels x {stored_dim} dims x 4 need "
+                  f"{n * stored_dim * 4}")
+    vectors = np.frombuffer(vec_bytes, dtype="<f4").reshape(n, stored_dim).astype(np.float32)
+    if not np.isfinite(vectors).all():
+        raise bad("the vectors section holds NaN or inf")
     return header, records, section("faiss"), vectors
+
+
+def _check_records(records: Any, header: dict[str, Any], bad) -> None:
+    """Cross-check the records against themselves and the header; raise ``bad(what)`` on the first problem."""
+    keys = {"ids", "labels", "texts", "metadatas", "tombstones", "next_label"}
+    if not isinstance(records, dict) or set(records) != keys:
+        raise bad(f"the records are not an object with exactly the keys {sorted(keys)}")
+    for name in ("ids", "labels", "texts", "metadatas", "tombstones"):
+        if not isinstance(records[name], list):
+            raise bad(f"records {name} is not a list")
+    ids, labels, tombstones, next_label = records["ids"], records["labels"], records["tombstones"], records["next_label"]
+    n = len(labels)
+    for name in ("ids", "texts", "metadatas"):
+        if len(records[name]) != n:
+            raise bad(f"records hold {len(records[name])} {name} for {n} labels")
+    if header.get("ntotal") != n:
+        raise bad(f"header ntotal {header.get('ntotal')!r} differs from the {n} stored entries")
+    if not _is_int(next_label) or not 0 <= next_label < 1 << 62:
+        raise bad(f"next_label {next_label!r} is not an int in [0, 2**62)")
+    for name, seq in (("labels", labels), ("tombstones", tombstones)):
+        if not all(_is_int(v) and 0 <= v < next_label for v in seq):
+            raise bad(f"{name} must be ints in [0, next_label={next_label})")
+        if len(set(seq)) != len(seq):
+            raise bad(f"{name} repeat a value")
+    if set(labels) & set(tombstones):
+        raise bad("a label is both live and a tombstone")
+    if not all(isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
+        raise bad("ids must be unique strings")
+    if not all(t is None or isinstance(t, str) for t in records["texts"]):
+        raise bad("texts must be strings or null")
+    if not all(isinstance(m, dict) for m in records["metadatas"]):
+        raise bad("metadatas must be objects")
 
 
 def _canonical(identity: dict[str, Any]) -> str:
