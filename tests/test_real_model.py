@@ -66,12 +66,23 @@ def test_stop_string_across_real_token_boundaries(smollm):
 
 
 def test_demo_runs_and_shows_the_choice(capsys):
-    from kvagents.demo import QUESTIONS, run_demo
+    from collections import Counter
 
-    run_demo(model="smollm2-135m", n=2, max_new_tokens=12, dtype="float32", device="cpu")
+    from kvagents.demo import PROBLEMS, run_demo
+
+    summary = run_demo(model="smollm2-135m", n=3, max_new_tokens=24, dtype="float32", device="cpu")
     out = capsys.readouterr().out
-    assert out.count("chosen: sample") == len(QUESTIONS)
-    assert "KV-CoE-C" in out and "forward calls" in out
+    assert "What the KV cache bought here" in out and "tokens saved" in out and "Columns:" in out
+    assert len(summary["problems"]) == len(PROBLEMS) and summary["early_stop"]["samples"] == 3 * len(PROBLEMS)
+    # the majority pick is the most common parsed answer among the samples that were not stopped (recomputed here
+    # from the printed table)
+    for p, row in enumerate(summary["problems"]):
+        block = out.split(f"Q{p + 1}: ")[1].split("\n\n")[0].splitlines()[2:]
+        answers = [line.split()[3] for line in block if line.split()[2] != "weak"]
+        counts = Counter(a for a in answers if a != "None")
+        if counts:
+            top = max(counts.values())
+            assert row["majority"] in {a for a, c in counts.items() if c == top}
 
 
 def test_cli_embed_writes_npy(tmp_path):

@@ -17,7 +17,10 @@ from kvagents.control.thinking import ControllerConfig, ThinkingFormat
 from kvagents.engine.components import InvalidActionError, InvalidComponentError
 from kvagents.engine.decode import MAX_SEQUENCES, PromptError, TooManySequencesError
 from kvagents.engine.sampling import process_logits, scale_logits
-from kvagents.registry import UnknownModelError
+from kvagents.evals.reasoning import ReasoningEvalConfig
+from kvagents.evals.train_probe import TrainProbeConfig
+from kvagents.registry import REGISTRY, ModelSpec, UnknownModelError
+from kvagents.signals.artifact import ModelFingerprint
 from kvagents.signals.kv_classifier import KVClassifierConfig
 from kvagents.signals.pooling import KVPooling
 from kvagents.signals.probe import KVProbeConfig
@@ -245,7 +248,16 @@ def _plausible(cls, field):
     )
 
 
-CONFIGS = [SamplingParams, KVPooling, ControllerConfig, ThinkingFormat, KVClassifierConfig, KVProbeConfig]
+CONFIGS = [SamplingParams, KVPooling, ControllerConfig, ThinkingFormat, KVClassifierConfig, KVProbeConfig,
+           TrainProbeConfig, ReasoningEvalConfig, ModelSpec, ModelFingerprint]
+# a valid object of each config whose required fields need a precise shape (a pattern, paired lists): the examples
+# also draw it with up to three fields replaced, so valid and invalid neighbours are both reached
+_EXAMPLES = {
+    ModelSpec: lambda: REGISTRY["smollm2-135m"],
+    ModelFingerprint: lambda: ModelFingerprint(
+        architecture="LlamaForCausalLM", num_layers=4, attention_layers=[0, 1, 2, 3], kv_heads=2, head_dim=16,
+        hidden_size=64, vocab_size=256, tokenizer_sha256="0" * 64, weights_sha256="1" * 64),
+}
 
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
@@ -256,9 +268,16 @@ def test_config_any_input_is_valid_or_validation_error(cls):
     values = {f: st.one_of(_ANY, _plausible(cls, f)) for f in fields}
     plain = {f: _plausible(cls, f) for f in required}  # required fields: mostly plausible, so some objects are valid
 
+    inputs = st.fixed_dictionaries({f: st.one_of(plain[f], plain[f], values[f]) for f in required},
+                                   optional={f: values[f] for f in fields if f not in required})
+    if cls in _EXAMPLES:
+        base = _EXAMPLES[cls]().model_dump()
+        near = st.sets(st.sampled_from(fields), max_size=3).flatmap(
+            lambda keys: st.fixed_dictionaries({f: values[f] for f in keys}))
+        inputs = st.one_of(inputs, st.just(base), near.map(lambda changed: {**base, **changed}))
+
     @settings(max_examples=1000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(st.fixed_dictionaries({f: st.one_of(plain[f], plain[f], values[f]) for f in required},
-                                 optional={f: values[f] for f in fields if f not in required}))
+    @given(inputs)
     def check(kwargs):
         try:
             obj = cls(**kwargs)
