@@ -6,7 +6,9 @@ Each backend stores vectors under int64 labels and answers ``search(q, k, allowe
 
 from __future__ import annotations
 
+import re
 import struct
+import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -23,6 +25,47 @@ def _faiss():
     except ImportError as e:  # pragma: no cover - faiss-cpu is a test dependency
         raise ImportError("KVIndex needs faiss: pip install faiss-cpu (or kvagents[faiss])") from e
     return faiss
+
+
+_LIMITS_LOCK = threading.Lock()
+_LOOP_FLOOR = 1 << 20  # faiss loops of up to this many items (e.g. the lists of an empty IVF) are always allowed
+
+
+def _deserialize_bounded(faiss, data: np.ndarray):
+    """``faiss.deserialize_index`` with faiss's own deserialisation limits lowered to what ``data`` can hold: no
+    vector it reads may be larger than the bytes given, no count-driven loop (IVF list counts, ...) longer than
+    ``max(len(data), 2**20)``. A crafted count then fails with a RuntimeError instead of allocating. Faiss builds
+    without these limits (before 1.14.2) read the bytes as they are."""
+    if not hasattr(faiss, "set_deserialization_vector_byte_limit"):  # pragma: no cover - older faiss
+        return faiss.deserialize_index(data)
+    with _LIMITS_LOCK:  # the limits are process-wide: lower them only around this read, and only lower them
+        old_bytes = faiss.get_deserialization_vector_byte_limit()
+        old_loops = faiss.get_deserialization_loop_limit()
+        faiss.set_deserialization_vector_byte_limit(min(old_bytes, len(data) + 64))
+        loops = max(len(data), _LOOP_FLOOR)
+        faiss.set_deserialization_loop_limit(loops if old_loops == 0 else min(old_loops, loops))
+        try:
+            return faiss.deserialize_index(data)
+        finally:
+            faiss.set_deserialization_vector_byte_limit(old_bytes)
+            faiss.set_deserialization_loop_limit(old_loops)
+
+
+def _kind_of_factory(faiss, factory: str, d: int, metric_type: int):
+    """A small index of the same types as ``factory`` builds (every number in the factory clamped to 8, the
+    dimension to at most 256), so comparing types never allocates what a crafted factory string asks for; if the
+    shrunken factory does not build, the factory itself when its numbers and ``d`` are at most 4096; else None."""
+    small = re.sub(r"(?<!fp)(?<!bf)(?<!SQ)\d+", lambda m: str(min(int(m.group()), 8)), factory)
+    try:
+        return faiss.index_factory(d if d <= 256 else 256, small, metric_type)
+    except RuntimeError:
+        pass
+    if d <= 4096 and all(int(n) <= 4096 for n in re.findall(r"\d+", factory)):  # small enough to build as is
+        try:
+            return faiss.index_factory(d, factory, metric_type)
+        except RuntimeError:
+            pass
+    return None
 
 
 class _FaissBackend:
@@ -52,7 +95,7 @@ class _FaissBackend:
         faiss = _faiss()
         self.faiss, self.factory, self.use_gpu, self._gpu_index = faiss, factory or "Flat", use_gpu, None
         self.nprobe, self.ef_search, self.can_remove = 16, 64, True
-        self.index = faiss.deserialize_index(data)
+        self.index = _deserialize_bounded(faiss, data)
         if self.index.d != dim:
             raise KVIndexError(f"stored faiss index has dimension {self.index.d}, header says {dim}")
         self.metric = metric
@@ -98,7 +141,16 @@ class _FaissBackend:
         if index.ntotal != len(labels) + len(tombstones):
             return (f"the faiss index holds {index.ntotal} vectors, the records {len(labels)} labels and "
                     f"{len(tombstones)} tombstones")
-        fresh = _FaissBackend(index.d, self.metric, self.factory).index
+        if index.ntotal > 0 and not index.is_trained:
+            return f"the faiss index holds {index.ntotal} vectors but says it is not trained"
+        metric_type = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        if index.metric_type != metric_type:
+            return f"the faiss index has metric type {index.metric_type}, the header says {self.metric!r}"
+        small = _kind_of_factory(faiss, self.factory, index.d, metric_type)
+        if small is None:
+            return f"faiss cannot build the factory {self.factory!r} the header names"
+        native = isinstance(faiss.downcast_index(small), faiss.IndexIVF) or self.factory.startswith("IDMap")
+        fresh = small if native else faiss.IndexIDMap2(small)
 
         def kind(ix) -> str:
             outer = faiss.downcast_index(ix)
@@ -108,8 +160,9 @@ class _FaissBackend:
 
         if kind(index) != kind(fresh):
             return f"the faiss index is a {kind(index)}, factory {self.factory!r} builds a {kind(fresh)}"
-        if index.metric_type != fresh.metric_type:
-            return f"the faiss index has metric type {index.metric_type}, the header says {self.metric!r}"
+        outer = faiss.downcast_index(index)
+        if isinstance(outer, faiss.IndexIVF):
+            return self._ivf_mismatch(outer, labels, tombstones, vectors)
         if not hasattr(index, "id_map"):
             return None
         id_map = faiss.vector_to_array(index.id_map)
@@ -126,6 +179,34 @@ class _FaissBackend:
             want = codes[[pos[label] for label in labels]]
             if not np.array_equal(want.view(np.uint32), np.ascontiguousarray(vectors, np.float32).view(np.uint32)):
                 return "the vectors inside the faiss index differ from the vectors section"
+        return None
+
+    def _ivf_mismatch(self, ivf, labels: list[int], tombstones: list[int], vectors: np.ndarray) -> str | None:
+        """An IVF index keeps its ids in its inverted lists: they must be the stored labels and tombstones, each
+        once; an IVF-Flat keeps the vectors themselves, which must equal the vectors section bit for bit."""
+        faiss = self.faiss
+        invlists = ivf.invlists
+        flat_codes = isinstance(ivf, faiss.IndexIVFFlat) and ivf.code_size == 4 * ivf.d
+        stored = np.asarray(labels, dtype=np.int64)
+        order = np.argsort(stored, kind="stable")
+        by_label = stored[order]
+        want = np.ascontiguousarray(vectors, np.float32).view(np.uint32)
+        seen: list[int] = []
+        for list_no in range(ivf.nlist):
+            size = invlists.list_size(list_no)
+            if size == 0:
+                continue
+            ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), size).astype(np.int64)
+            seen.extend(ids.tolist())
+            if flat_codes and len(stored):
+                codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * ivf.code_size).copy()
+                codes = codes.view(np.uint32).reshape(size, ivf.d)
+                at = np.minimum(np.searchsorted(by_label, ids), len(by_label) - 1)
+                live = by_label[at] == ids  # tombstoned ids have no vector to compare with
+                if not np.array_equal(codes[live], want[order[at[live]]]):
+                    return "the vectors inside the faiss IVF lists differ from the vectors section"
+        if sorted(seen) != sorted(labels + tombstones):
+            return "the ids inside the faiss IVF lists differ from the stored labels and tombstones"
         return None
 
     def to_bytes(self) -> np.ndarray:

@@ -46,6 +46,9 @@ from .index_file import read_index_file, write_index_file
 
 Filter = dict[str, Any] | Callable[[dict[str, Any]], bool] | None
 METRICS = ("cosine", "ip", "l2")
+MAX_NORM = 1e18  # ip / l2: rows and queries above this norm would give float32 scores of inf
+MAX_DEPTH = 100  # metadata nested deeper is refused (JSON readers recurse)
+_CHUNK = 65536  # rows normalised at a time
 
 
 @dataclass(frozen=True)
@@ -68,32 +71,76 @@ class IndexRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _as_matrix(vectors: Any, dim: int, what: str = "vectors") -> np.ndarray:
-    """float32 C-contiguous ``[n, dim]`` from numpy / torch / lists; 1-D input becomes one row."""
+def _as_matrix(vectors: Any, dim: int, what: str = "vectors", metric: str | None = None) -> np.ndarray:
+    """float32 C-contiguous ``[n, dim]`` from numpy / torch / lists; 1-D input becomes one row, ``[]`` no rows.
+
+    Refuses non-real input, NaN / inf and the wrong width. ``metric="cosine"`` returns unit rows (normalised in
+    float64, so a float64 ``1e300`` row keeps its direction); ``"ip"`` / ``"l2"`` refuse rows whose norm exceeds
+    :data:`MAX_NORM`, where float32 scores would overflow to inf."""
     if hasattr(vectors, "detach"):  # torch.Tensor without importing torch here
-        vectors = vectors.detach().float().cpu().numpy()
+        t = vectors.detach().cpu()
+        if t.is_complex():
+            raise KVIndexError(f"{what} must be real numbers, got a {t.dtype} tensor; pass the real part or the norm")
+        vectors = (t.double() if t.dtype.is_floating_point and t.element_size() >= 8 else t.float()).numpy()
     try:
-        x = np.asarray(vectors, dtype=np.float32)
+        x = np.asarray(vectors)
     except (TypeError, ValueError) as e:
         raise KVIndexError(f"{what} must be a numeric array [n, {dim}]; got {type(vectors).__name__}: {e}") from e
+    if x.dtype.kind in "cSU":
+        raise KVIndexError(f"{what} must be a numeric array [n, {dim}] of real numbers; got {x.dtype} values "
+                           f"such as {x.ravel()[:1].tolist()!r}: convert them to floats first")
+    if x.dtype.kind not in "biuf":
+        try:
+            x = x.astype(np.float64)
+        except (TypeError, ValueError) as e:
+            raise KVIndexError(f"{what} must be a numeric array [n, {dim}] of real numbers; {e}") from e
     if x.ndim == 1:
         x = x.reshape(0, dim) if x.size == 0 else x[None, :]  # [] = no rows
     if x.ndim != 2 or x.shape[1] != dim:
         raise KVIndexError(f"{what} must have shape [n, {dim}] (the index dimension); got {tuple(x.shape)}")
-    if not np.isfinite(x).all():
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).any(axis=1).argmax())
         raise KVIndexError(f"{what} row {bad} contains NaN or inf; refusing to index it")
-    return np.ascontiguousarray(x)
+    if metric == "cosine":
+        return _normalize(x)
+    if x.dtype.kind == "f" and x.dtype.itemsize > 4 and len(x) and np.abs(x).max() > np.finfo(np.float32).max:
+        bad = int((np.abs(x) > np.finfo(np.float32).max).any(axis=1).argmax())
+        raise KVIndexError(f"{what} row {bad} holds values beyond float32 range ({np.abs(x[bad]).max():.3g}); "
+                           "scale the vectors down (or use metric='cosine', which keeps only their direction)")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if metric in ("ip", "l2") and len(x):
+        norms = _norms(x)
+        if (norms > MAX_NORM).any():
+            bad = int((norms > MAX_NORM).argmax())
+            raise KVIndexError(f"{what} row {bad} has norm {norms[bad]:.3g}; {metric} scores of vectors above norm "
+                               f"{MAX_NORM:.0e} overflow float32 to inf: scale the vectors down (or use "
+                               "metric='cosine')")
+    return x
+
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    """Row norms in float64 without overflow (each row divided by its largest magnitude first)."""
+    out = np.empty(len(x), dtype=np.float64)
+    for start in range(0, len(x), _CHUNK):
+        c = x[start: start + _CHUNK].astype(np.float64)
+        scale = np.abs(c).max(axis=1) if c.shape[1] else np.zeros(len(c))
+        safe = np.where(scale > 0, scale, 1.0)
+        out[start: start + _CHUNK] = np.linalg.norm(c / safe[:, None], axis=1) * scale
+    return out
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
-    """Unit rows (zero rows stay zero); scaled by the max-abs first so huge or tiny values neither overflow nor
-    underflow in float32 (``[1e20, 1e20]`` -> ``[0.707, 0.707]``)."""
-    scale = np.abs(x).max(axis=1, keepdims=True) if x.size else np.ones((len(x), 1), np.float32)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    y = x / scale
-    norms = np.linalg.norm(y, axis=1, keepdims=True)
-    return (y / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+    """Unit rows as float32 (zero rows stay zero): each row is divided by its largest magnitude first and the
+    norm taken in float64, so huge or tiny values neither overflow nor underflow (``[1e20, 1e20]`` ->
+    ``[0.707, 0.707]``). Works in chunks of rows, so the float64 scratch stays small."""
+    out = np.empty(x.shape, dtype=np.float32)
+    for start in range(0, len(x), _CHUNK):
+        c = x[start: start + _CHUNK].astype(np.float64)
+        scale = np.abs(c).max(axis=1, keepdims=True) if c.shape[1] else np.zeros((len(c), 1))
+        c /= np.where(scale > 0, scale, 1.0)
+        norms = np.linalg.norm(c, axis=1, keepdims=True)
+        out[start: start + _CHUNK] = c / np.where(norms > 0, norms, 1.0)
+    return out
 
 
 def _check_k(k: Any, name: str = "k") -> int:
@@ -113,14 +160,34 @@ def _check_ids(ids: Any, what: str = "add") -> list[str]:
         if not isinstance(i, str):
             raise KVIndexError(f"ids must be strings; got {i!r} ({type(i).__name__}); pass a list of strings "
                                f"such as [str(x) for x in ids]")
-    return [str(i) for i in out]  # str subclasses (numpy.str_) become plain str
+    return [_utf8(str.__str__(i), "id") for i in out]  # str subclasses (numpy.str_) become plain str
 
 
-def _json_value(value: Any, where: str) -> Any:
+def _utf8(s: str, where: str) -> str:
+    """``s`` unless it cannot be written as UTF-8 (a lone surrogate such as ``'\\ud800'``): refused when added,
+    not when a later save fails."""
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise KVIndexError(f"{where} {s!r} holds a lone surrogate at position {e.start}, which cannot be saved "
+                               "as UTF-8; fix the string (e.g. decode its bytes with errors='replace')") from None
+    return s
+
+
+def _check_list(value: Any, name: str) -> list:
+    """``texts`` / ``metadatas`` as a list: one value per vector, so a bare string or dict is refused."""
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        raise KVIndexError(f"{name} must be a list with one entry per vector; got {type(value).__name__} "
+                           f"{value!r} (for one vector pass [{value!r}])")
+    return list(value)
+
+
+def _json_value(value: Any, where: str, depth: int = 0) -> Any:
     """A copy of ``value`` made of JSON types that round-trips a save / load exactly; refuses anything else."""
     if value is None or isinstance(value, (bool, str)):
-        return str(value) if isinstance(value, str) else value
-    if isinstance(value, np.generic) and isinstance(value, (np.bool_, np.integer, np.floating, np.str_)):
+        return _utf8(str.__str__(value), where) if isinstance(value, str) else value
+    if isinstance(value, (np.bool_, np.integer, np.floating, np.str_)) and not isinstance(value.item(), np.generic):
         value = value.item()  # numpy scalars are stored as the equal Python value
     if isinstance(value, bool):
         return value
@@ -131,16 +198,20 @@ def _json_value(value: Any, where: str) -> Any:
             raise KVIndexError(f"{where} is {value!r}: NaN / inf cannot be saved; store None or a string instead")
         return float(value)
     if isinstance(value, str):
-        return str(value)
+        return _utf8(str.__str__(value), where)
+    if isinstance(value, (list, dict)) and depth >= MAX_DEPTH:
+        where = where if len(where) < 120 else where[:100] + "..."
+        raise KVIndexError(f"{where} is nested deeper than {MAX_DEPTH} lists / dicts; flatten it (e.g. store a "
+                           "JSON string)")
     if isinstance(value, list):
-        return [_json_value(v, f"{where}[{j}]") for j, v in enumerate(value)]
+        return [_json_value(v, f"{where}[{j}]", depth + 1) for j, v in enumerate(value)]
     if isinstance(value, dict):
         out = {}
         for key, v in value.items():
             if not isinstance(key, str):
                 raise KVIndexError(f"{where} has key {key!r} ({type(key).__name__}); metadata keys must be "
                                    "strings (a save / load turns other keys into strings)")
-            out[str(key)] = _json_value(v, f"{where}[{key!r}]")
+            out[_utf8(str.__str__(key), f"{where} key")] = _json_value(v, f"{where}[{key!r}]", depth + 1)
         return out
     hint = " (use a list)" if isinstance(value, (tuple, set, frozenset)) else ""
     raise KVIndexError(f"{where} is {value!r} ({type(value).__name__}): metadata values must be JSON types "
@@ -155,6 +226,15 @@ def _check_metadata(md: Any, id_: str) -> dict[str, Any]:
     return _json_value(md, f"metadata of id {id_!r}")
 
 
+def _copy_json(value: Any) -> Any:
+    """Deep copy of stored metadata, so a caller changing a hit's metadata cannot change the index."""
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) for v in value]
+    return value
+
+
 def _matches(filter: Filter, metadata: dict[str, Any]) -> bool:
     if filter is None:
         return True
@@ -164,8 +244,8 @@ def _matches(filter: Filter, metadata: dict[str, Any]) -> bool:
         if key not in metadata:  # a missing key matches nothing, not even None
             return False
         have = metadata[key]
-        if isinstance(want, (list, tuple, set)):
-            if have not in want:
+        if isinstance(want, (list, tuple, set, frozenset)):
+            if not any(have == w for w in want):  # by equality: a list value is unhashable, so no `in set`
                 return False
         elif have != want:
             return False
@@ -205,8 +285,9 @@ class KVIndex:
         backend: Literal["auto", "faiss", "torch"] = "auto",
         encoder_identity: dict[str, Any] | None = None,
     ):
-        if not isinstance(dim, int) or dim <= 0:
-            raise KVIndexError(f"dim must be a positive int, got {dim!r}")
+        if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, (int, np.integer)) or not 0 < dim < 2**31:
+            raise KVIndexError(f"dim must be a positive int (below 2**31), got {dim!r} ({type(dim).__name__})")
+        dim = int(dim)
         if metric not in METRICS:
             raise KVIndexError(f"unknown metric {metric!r}; use one of {METRICS}")
         if backend not in ("auto", "faiss", "torch"):
@@ -293,8 +374,7 @@ class KVIndex:
 
     # ------------------------------------------------------------------ writes
     def _prepare(self, vectors: Any, what: str = "vectors") -> np.ndarray:
-        x = _as_matrix(vectors, self.dim, what)
-        return _normalize(x) if self.metric == "cosine" else x
+        return _as_matrix(vectors, self.dim, what, self.metric)
 
     def train(self, vectors: Any) -> None:
         """Train an approximate index (IVF / PQ) on representative vectors; a no-op for exact indexes."""
@@ -318,19 +398,30 @@ class KVIndex:
 
         Raises KVIndexError for an id that is already present (use :meth:`upsert`) or repeated in the call.
         """
-        x = self._prepare(vectors)
-        n = len(x)
-        ids = [uuid.uuid4().hex for _ in range(n)] if ids is None else _check_ids(ids)
-        self._check_lengths(n, ids, texts, metadatas)
-        texts = None if texts is None else self._check_texts(texts, ids)
-        metadatas = None if metadatas is None else [_check_metadata(md, i) for md, i in zip(metadatas, ids)]
+        x, ids, texts, metadatas = self._checked(vectors, ids, texts, metadatas, "add")
         dupes = [i for i in ids if i in self._labels]
         if dupes:
             raise KVIndexError(f"ids already in the index: {dupes[:5]}; use upsert() to replace them")
+        return self._add_checked(x, ids, texts, metadatas)
+
+    def _checked(self, vectors, ids, texts, metadatas, what: str):
+        """Every argument of add / upsert checked before anything changes: (vectors, ids, texts, metadatas)."""
+        x = self._prepare(vectors)
+        n = len(x)
+        ids = [uuid.uuid4().hex for _ in range(n)] if ids is None else _check_ids(ids, what)
+        texts = None if texts is None else _check_list(texts, "texts")
+        metadatas = None if metadatas is None else _check_list(metadatas, "metadatas")
+        self._check_lengths(n, ids, texts, metadatas)
+        texts = None if texts is None else self._check_texts(texts, ids)
+        metadatas = None if metadatas is None else [_check_metadata(md, i) for md, i in zip(metadatas, ids)]
         if len(set(ids)) != len(ids):
             seen: set[str] = set()
             rep = [i for i in ids if i in seen or seen.add(i)]
-            raise KVIndexError(f"ids repeated within one add(): {rep[:5]}")
+            raise KVIndexError(f"ids repeated within one {what}(): {rep[:5]}; give each entry its own id")
+        return x, ids, texts, metadatas
+
+    def _add_checked(self, x: np.ndarray, ids: list[str], texts, metadatas) -> list[str]:
+        n = len(x)
         if n == 0:
             return []
         if not self._backend.is_trained:  # first add to an untrained IVF / PQ index trains it on these vectors
@@ -361,7 +452,7 @@ class KVIndex:
         for t, id_ in zip(texts, ids):
             if t is not None and not isinstance(t, str):
                 raise KVIndexError(f"text of id {id_!r} must be a str or None, got {type(t).__name__} {t!r}")
-        return [None if t is None else str(t) for t in texts]
+        return [None if t is None else _utf8(str.__str__(t), f"text of id {id_!r}") for t, id_ in zip(texts, ids)]
 
     def _vectors_of(self, labels: Any) -> np.ndarray:
         """Stored vectors of ``labels`` (an int sequence), in that order."""
@@ -376,18 +467,18 @@ class KVIndex:
         texts: Sequence[str | None] | None = None,
         metadatas: Sequence[dict[str, Any] | None] | None = None,
     ) -> list[str]:
-        """Add or replace by id: vector, text and metadata of an existing id are all replaced."""
-        ids = _check_ids(ids, "upsert")
-        x = self._prepare(vectors)
-        self._check_lengths(len(x), ids, texts, metadatas)
-        if len(set(ids)) != len(ids):
-            raise KVIndexError("ids repeated within one upsert()")
+        """Add or replace by id: vector, text and metadata of an existing id are all replaced.
+
+        Everything is checked first: a refused argument leaves the existing entries as they were."""
+        if ids is None:
+            raise KVIndexError("upsert() needs ids (a list of strings naming the entries to add or replace)")
+        x, ids, texts, metadatas = self._checked(vectors, ids, texts, metadatas, "upsert")
         self.delete([i for i in ids if i in self._labels])
-        return self.add(x, ids=ids, texts=texts, metadatas=metadatas)
+        return self._add_checked(x, ids, texts, metadatas)
 
     def delete(self, ids: Iterable[str]) -> int:
-        """Delete by id; unknown ids are ignored. Returns how many entries were removed."""
-        labels = [self._labels.pop(str(i)) for i in dict.fromkeys(ids) if str(i) in self._labels]
+        """Delete by id (a list of strings); unknown ids are ignored. Returns how many entries were removed."""
+        labels = [self._labels.pop(i) for i in dict.fromkeys(_check_ids(ids, "delete")) if i in self._labels]
         if not labels:
             return 0
         arr = np.asarray(labels, dtype=np.int64)
@@ -405,13 +496,13 @@ class KVIndex:
 
     # ------------------------------------------------------------------ reads
     def get(self, ids: Iterable[str]) -> list[IndexRecord]:
-        """Records for ``ids`` in the order asked; unknown ids are skipped."""
+        """Records for ``ids`` (a list of strings) in the order asked; unknown ids are skipped."""
         out = []
-        for i in ids:
-            label = self._labels.get(str(i))
+        for i in _check_ids(ids, "get"):
+            label = self._labels.get(i)
             if label is not None:
                 out.append(IndexRecord(self._ids[label], self._store[self._rows[label]].copy(), self._texts[label],
-                                       dict(self._metadata[label])))
+                                       _copy_json(self._metadata[label])))
         return out
 
     def _allowed(self, filter: Filter) -> np.ndarray | None:
@@ -422,6 +513,10 @@ class KVIndex:
             return np.fromiter(self._ids.keys(), dtype=np.int64, count=len(self._ids))
         if not (callable(filter) or isinstance(filter, dict)):
             raise KVIndexError(f"filter must be a dict of metadata values or a callable, got {type(filter).__name__}")
+        bad_keys = [key for key in filter if not isinstance(key, str)] if isinstance(filter, dict) else []
+        if bad_keys:
+            raise KVIndexError(f"filter key {bad_keys[0]!r} ({type(bad_keys[0]).__name__}) can never match: metadata "
+                               f"keys are strings; use {str(bad_keys[0])!r}")
         return np.asarray([label for label, md in self._metadata.items() if _matches(filter, md)], dtype=np.int64)
 
     def search_batch(self, queries: Any, k: int = 4, *, filter: Filter = None) -> list[list[SearchHit]]:
@@ -473,7 +568,7 @@ class KVIndex:
         for s, lab in zip(scores.tolist(), labels.tolist()):
             if lab < 0 or lab not in self._ids or lab in self._tombstones:
                 continue
-            hits.append(SearchHit(self._ids[lab], float(s), self._texts[lab], dict(self._metadata[lab])))
+            hits.append(SearchHit(self._ids[lab], float(s), self._texts[lab], _copy_json(self._metadata[lab])))
             if len(hits) == k:
                 break
         return hits
@@ -485,7 +580,7 @@ class KVIndex:
         a list; ``{"k": None}`` matches only entries whose ``k`` is None) or a callable on the metadata dict.
         ``k``: an int >= 1 (numpy ints too, bool refused), capped at the number of entries.
         """
-        q = _as_matrix(query, self.dim, "query")
+        q = _as_matrix(query, self.dim, "query", self.metric)
         if q.shape[0] != 1:
             raise KVIndexError(f"search() takes one query vector; got {q.shape[0]} rows (use search_batch)")
         return self.search_batch(q, k, filter=filter)[0]
@@ -501,7 +596,7 @@ class KVIndex:
         candidates = self.search(query, max(fetch_k, k), filter=filter)
         if not candidates:
             return []
-        q = _normalize(_as_matrix(query, self.dim, "query"))[0]
+        q = _as_matrix(query, self.dim, "query", "cosine")[0]
         vecs = _normalize(self._vectors_of([self._labels[h.id] for h in candidates]))
         picked = maximal_marginal_relevance(q, vecs, k=k, lambda_mult=lambda_mult)
         return [candidates[i] for i in picked]
@@ -524,30 +619,59 @@ class KVIndex:
                 "encoder_identity": self.encoder_identity, "ntotal": self.ntotal}
         return write_index_file(Path(path), meta, records, faiss_bytes, vectors)
 
+    @staticmethod
+    def _check_stored_entries(path: Path, records: dict[str, Any]) -> None:
+        """The stored ids, texts and metadata obey what :meth:`add` accepts (so the loaded index saves again)."""
+        try:
+            for id_, text, md in zip(records["ids"], records["texts"], records["metadatas"]):
+                _utf8(id_, "id")
+                if text is not None:
+                    _utf8(text, f"text of id {id_!r}")
+                _check_metadata(md, id_)
+        except KVIndexError as e:
+            raise IndexFormatError(f"{path} is not a consistent index file: {e}") from e
+
     @classmethod
     def load(cls, path: str | Path, *, encoder_identity: dict[str, Any] | None = None, dim: int | None = None,
              device: str | Sequence[str] = "cpu", backend: Literal["auto", "faiss", "torch"] = "auto") -> KVIndex:
-        """Load a saved index; refuses a corrupt / truncated file, a newer format, or an encoder / dimension that
-        differs from ``encoder_identity`` / ``dim`` (each a subclass of :class:`KVIndexError`)."""
+        """Load a saved index; refuses a corrupt / truncated / inconsistent file (:class:`IndexFormatError` naming
+        the file and what disagrees), a newer format, or an encoder / dimension that differs from
+        ``encoder_identity`` / ``dim`` (each a subclass of :class:`KVIndexError`). Stored ids, texts and metadata
+        must obey what :meth:`add` accepts. Indexes rebuilt from their vectors (the torch backends, or a file
+        without a faiss section) are renumbered 0..n-1, so no allocation follows a stored label."""
         path = Path(path)
         header, records, faiss_bytes, vectors = read_index_file(path, encoder_identity=encoder_identity, dim=dim)
         stored_dim = int(header["dim"])
+        factory = header.get("factory")
+        flat = factory in (None, "Flat")
+        if not flat and not faiss_bytes:
+            raise IndexFormatError(f"{path} is not a consistent index file: factory {factory!r} needs the faiss "
+                                   "section (it holds the trained index) but the file has none")
+        cls._check_stored_entries(path, records)
         try:
-            index = cls(stored_dim, header["metric"], factory=header.get("factory"), device=device, backend=backend,
-                        encoder_identity=header.get("encoder_identity"))
+            if not flat:  # never build the header's factory: a crafted one ("IVF1000000000,Flat") would allocate
+                # before the faiss section is read; check where it may run, then build a flat placeholder
+                devices = list(device) if isinstance(device, (list, tuple)) else [device]
+                if len(devices) > 1:
+                    raise KVIndexError(f"factory {factory!r} needs one device, not {devices}")
+                backend_name = cls._pick_backend(backend, factory, str(devices[0]))
+            index = cls(stored_dim, header["metric"], factory=None if not flat else factory, device=device,
+                        backend=backend, encoder_identity=header.get("encoder_identity"))
         except KVIndexError as e:
             if isinstance(e, IndexFormatError) or "factory" not in str(e):
                 raise
             raise IndexFormatError(f"{path} is not a consistent index file: {e}") from e
+        if not flat:
+            index.factory, index.backend_name = factory, backend_name
         labels = list(records["labels"])
         tombstones = list(records["tombstones"])
-        if isinstance(index._backend, _FaissBackend) and faiss_bytes:  # faiss holds the labels: keep them
+        if index.backend_name.startswith("faiss") and faiss_bytes:  # faiss holds the labels: keep them
             problem = _FaissBackend.layout_mismatch(faiss_bytes, stored_dim, len(labels) + len(tombstones))
             if problem:
                 raise IndexFormatError(f"{path} is not a consistent index file: {problem}")
             try:
                 index._backend = _FaissBackend.from_bytes(
-                    np.frombuffer(faiss_bytes, dtype=np.uint8), stored_dim, header["metric"], header.get("factory"),
+                    np.frombuffer(faiss_bytes, dtype=np.uint8), stored_dim, header["metric"], factory,
                     use_gpu=index.backend_name == "faiss-gpu",
                 )
                 problem = index._backend.mismatch(labels, tombstones, vectors)

@@ -15,9 +15,14 @@ so a crash at any point leaves either the previous file or the new one — never
 magic, version (a newer format is refused), size (truncation), checksum, then every section against the header
 (offsets within the payload and not overlapping, each section's SHA-256, counts, ids / labels / texts /
 metadatas, the vectors' size; the faiss index's own header, ``ntotal``, ``d``, type, metric, ids and flat codes
-against the records and vectors), then the encoder identity and dimension the caller expects. A successful save
-also removes temp files that savers killed mid-write left next to the target (never a live process's). Each failure raises a named subclass of :class:`~kvagents.retrieval.index.KVIndexError` and leaves the
-file untouched.
+against the records and vectors; an IVF's list ids and IVF-Flat vectors too), then the encoder identity and
+dimension the caller expects. Nothing is sized by a stored count before it is checked: the header's factory string
+is never built at full size, and faiss reads the faiss section with its read limits lowered to the section's size.
+What the checks cannot see is the *trained* state of an approximate index (IVF centroids, PQ / SQ codebooks and
+codes, the HNSW graph): for those bytes the SHA-256s are the only protection. A successful save also removes temp
+files that savers killed mid-write left next to the target (never a live process's, unless untouched for a day).
+Each failure raises a named subclass of :class:`~kvagents.retrieval.index.KVIndexError` and leaves the file
+untouched.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import hashlib
 import json
 import os
 import struct
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -111,9 +117,14 @@ def write_index_file(path: Path, meta: dict[str, Any], records: dict[str, Any], 
     return path
 
 
+STALE_AFTER_S = 24 * 3600  # a temp file untouched this long is left over whatever its pid says (pids get reused)
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: assume alive, rely on the age rule
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -125,7 +136,8 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temp_files(path: Path) -> list[Path]:
     """Remove ``.<name>.tmp-<pid>-<hex>`` files next to ``path`` left by savers that no longer run (killed
-    mid-write); a live process's temp file is never touched. Returns the removed paths."""
+    mid-write), and any such file untouched for :data:`STALE_AFTER_S` (its pid was reused); a saver that is
+    writing keeps its file. Returns the removed paths."""
     path = Path(path)
     prefix = f".{path.name}.tmp-"
     removed = []
@@ -138,8 +150,14 @@ def remove_stale_temp_files(path: Path) -> list[Path]:
         if not name.startswith(prefix):
             continue
         pid_str, sep, rest = name[len(prefix):].partition("-")
-        if not sep or not pid_str.isdigit() or not rest or _pid_alive(int(pid_str)):
+        if not sep or not pid_str.isdigit() or not rest:
             continue
+        if _pid_alive(int(pid_str)):
+            try:  # a live pid may be a reused one: a file nobody has written for a day is stale all the same
+                if time.time() - entry.stat().st_mtime < STALE_AFTER_S:
+                    continue
+            except OSError:  # pragma: no cover - renamed by its saver meanwhile
+                continue
         try:
             entry.unlink()
             removed.append(entry)
@@ -193,9 +211,19 @@ def _refuse_constant(name: str):
     raise ValueError(f"non-finite number {name} in JSON")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {dup!r} appears twice in one JSON object")
+    return out
+
+
 def _strict_json(data: bytes) -> Any:
-    """JSON without NaN / Infinity (which would not round-trip as metadata equality)."""
-    return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    """JSON without NaN / Infinity (which would not round-trip as metadata equality) and without repeated keys
+    in an object (which one would count is a guess)."""
+    return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
 
 
 def _is_int(value: Any) -> bool:

@@ -130,7 +130,9 @@ class KVVectorStore(VectorStore):
             raise ValueError(f"got {n} texts but {len(metadatas)} metadatas")
         if ids is not None and len(ids) != n:
             raise ValueError(f"got {n} texts but {len(ids)} ids")
-        ids = [str(i) if i else uuid.uuid4().hex for i in (ids or [None] * n)]
+        # a missing id (None or "") gets a fresh one; any other id goes to KVIndex as given (it refuses non-str
+        # ids, so 0 is an error to fix, not an id silently replaced)
+        ids = [uuid.uuid4().hex if i is None or i == "" else i for i in (ids or [None] * n)]
         metas = [dict(m or {}) for m in (metadatas or [{}] * n)]
         vecs = np.asarray(vectors, dtype=np.float32)
         with self._lock:
