@@ -7,7 +7,7 @@ Example:
 """
 
 from ._messages import UnsupportedMessageError
-from .chat_models import ChatKV
+from .chat_models import ChatKV, UnsupportedArgumentError
 from .embeddings import KVEmbeddings
 from .retrievers import KVRetriever
 from .runnables import KVBestOfN, KVStepEvents, budgeted_reasoning
@@ -20,6 +20,7 @@ __all__ = [
     "KVRetriever",
     "KVStepEvents",
     "KVVectorStore",
+    "UnsupportedArgumentError",
     "UnsupportedMessageError",
     "budgeted_reasoning",
 ]

@@ -4,6 +4,7 @@ tool calls (incrementally, for streaming)."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,7 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 BARE_OPEN = '{"name": '  # a tool call written as a bare JSON object (no tags)
 BARE_OPEN_PRETTY = '{\n  "name": '  # ... pretty-printed (as in a ```json block)
 BARE_OPENS = (BARE_OPEN, BARE_OPEN_PRETTY)
+FENCES = ("```json\n", "```\n")  # small models wrap a bare call in a code fence
 
 #: Content block types that are only bookkeeping for other providers and carry nothing for a text model.
 _SKIPPED_BLOCKS = {"tool_use", "tool_call", "thinking", "reasoning", "redacted_thinking", "server_tool_call"}
@@ -118,9 +120,9 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def parse_tool_call(body: str) -> tuple[dict | None, dict | None]:
+def parse_tool_call(body: str, call_id: str | None = None) -> tuple[dict | None, dict | None]:
     """``(tool_call, None)`` or ``(None, invalid_tool_call)`` from the JSON between the tool-call tags."""
-    call_id = new_call_id()
+    call_id = call_id or new_call_id()
     try:
         obj, end = json.JSONDecoder().raw_decode(body)  # a complete object counts even if the closing tag was cut
         if body[end:].strip() and not TOOL_CLOSE.startswith(body[end:].strip()):
@@ -138,26 +140,82 @@ def parse_tool_call(body: str) -> tuple[dict | None, dict | None]:
                       "type": "invalid_tool_call"}
 
 
+def _is_bare_call(body: str, names: set[str] | None) -> bool:
+    """Whether a bare JSON object is a tool call: ``{"name": <a bound tool>, "arguments": {...}}`` (any object
+    with a ``name`` when ``names`` is None). A schema-shaped answer whose first key is ``name`` is not one."""
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(body)
+    except ValueError:
+        return False
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return False
+    if names is None:
+        return True
+    return obj["name"] in names and ("arguments" in obj or "parameters" in obj)
+
+
+#: The head of a call object up to its arguments value: ``{"name": "f", "arguments": `` (group 1: the name).
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)')
+
+
+def _object_end(text: str) -> int | None:
+    """Index just past the JSON object ``text`` starts with (``None`` while it is incomplete)."""
+    depth, in_str, esc = 0, False, False
+    for i, ch in enumerate(text):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
 class OutputSplitter:
     """Splits generated text, as it grows, into answer text, reasoning (``<think>...</think>``, or a plain
-    format's forced cue ... end-of-thinking sequence: ``think_tags``) and tool calls (``<tool_call>...</tool_call>``). ``feed(delta)`` returns the new ``(text, reasoning)`` safe to show; tags
-    and partial tags are held back; tool-call bodies are collected in ``tool_calls`` / ``invalid_tool_calls``.
+    format's forced cue ... end-of-thinking sequence: ``think_tags``) and tool calls (``<tool_call>...</tool_call>``,
+    or a bare ``{"name": ..., "arguments": ...}`` object, also inside a ```json fence, which is dropped with it).
+    ``feed(delta)`` returns the new ``(text, reasoning)`` safe to show; tags and partial tags are held back;
+    tool-call bodies are collected in ``tool_calls`` / ``invalid_tool_calls``.
+
+    While a call is decoded its pieces land in ``call_deltas`` (``{"index", "id", "name", "args"}``: the name
+    first, then the arguments' JSON text as it grows), and each finished call in ``finished`` (``(index, call)``;
+    ``call`` is ``None`` for an invalid one), for streaming ``tool_call_chunks``. ``names``: the bound tools; a
+    bare object naming none of them (e.g. a JSON answer whose first key is ``name``) stays text.
     ``finish()`` flushes (an unterminated tool call becomes an invalid one)."""
 
     def __init__(self, *, reasoning: bool, tools: bool, think_tags: tuple[str, str] = (THINK_OPEN, THINK_CLOSE),
-                 keep_open: bool = False) -> None:
+                 keep_open: bool = False, names: Sequence[str] | None = None) -> None:
         self.reasoning, self.tools = reasoning, tools
         self.think_open, self.think_close = think_tags
         self.keep_open = keep_open  # the opening tag is reasoning text (plain formats' forced cue)
+        self.names = set(names) if names is not None else None
         self.buf = ""
         self.state = "text"
         self.tool_calls: list[dict] = []
         self.invalid_tool_calls: list[dict] = []
+        self.call_deltas: list[dict] = []
+        self.finished: list[tuple[int, dict | None]] = []
         self.text = ""
         self.reasoning_text = ""
+        self._cur: dict | None = None  # the call being decoded
+        self._fence = ""  # the ```json fence that opened it
+        self._indices = 0
 
     def _opens(self) -> list[str]:
-        return ([self.think_open] if self.reasoning else []) + ([TOOL_OPEN, *BARE_OPENS] if self.tools else [])
+        if not self.tools:
+            return [self.think_open] if self.reasoning else []
+        calls = [TOOL_OPEN, *BARE_OPENS]
+        return ([self.think_open] if self.reasoning else []) + calls + [f + c for f in FENCES for c in calls]
 
     def feed(self, delta: str, final: bool = False) -> tuple[str, str]:
         self.buf += delta
@@ -165,44 +223,73 @@ class OutputSplitter:
         while True:
             if self.state == "text":
                 opens = self._opens()
-                hits = [(self.buf.find(t), t) for t in opens if self.buf.find(t) >= 0]
+                hits = [(self.buf.find(t), -len(t), t) for t in opens if self.buf.find(t) >= 0]
                 if hits:
-                    k, tag = min(hits)
+                    k, _, tag = min(hits)
                     text_out += self.buf[:k]
                     self.buf = self.buf[k + len(tag):]
-                    self.state = "think" if tag == self.think_open and self.reasoning else (
-                        "bare" if tag in BARE_OPENS else "tool")
+                    fence = next((f for f in FENCES if tag.startswith(f) and len(tag) > len(f)), "")
+                    core = tag[len(fence):]
+                    self.state = "think" if core == self.think_open and self.reasoning else (
+                        "bare" if core in BARE_OPENS else "tool")
                     if self.state == "think" and self.keep_open:
                         reason_out += tag
+                    if self.state in ("bare", "tool"):
+                        self._fence = fence
+                        self._cur = {"id": new_call_id(), "index": None, "head": None, "sent": 0, "text": False,
+                                     "bare": self.state == "bare"}
                     if self.state == "bare":
-                        self.buf = tag + self.buf
+                        self.buf = core + self.buf
                     continue
                 keep = 0 if final else max((j for t in opens for j in range(1, len(t)) if self.buf.endswith(t[:j])),
                                            default=0)
                 text_out += self.buf[: len(self.buf) - keep]
                 self.buf = self.buf[len(self.buf) - keep:]
                 break
+            if self.state == "fence":  # drop the ``` that closes a fenced call
+                rest = self.buf.lstrip(" \n")
+                if rest.startswith("```"):
+                    self.buf = rest[3:].lstrip("\n")
+                elif rest and "```".startswith(rest) and not final:
+                    break
+                elif not rest and not final:
+                    break
+                self.state = "text"
+                continue
             if self.state == "bare":  # complete when the buffer starts with one whole JSON object
                 try:
                     _, end = json.JSONDecoder().raw_decode(self.buf)
                 except ValueError:
+                    self._progress(self.buf)
                     if final:
-                        self._add_call(self.buf)
+                        if self._cur["index"] is None:
+                            text_out += self._fence + self.buf
+                        else:
+                            self._add_call(self.buf)
                         self.buf = ""
+                        self.state = "text"
                     break
-                self._add_call(self.buf[:end])
-                self.buf = self.buf[end:].lstrip("\n")
-                self.state = "text"
+                body = self.buf[:end]
+                self.buf = self.buf[end:]
+                if not _is_bare_call(body, self.names):
+                    text_out += self._fence + body
+                    self.state = "text"
+                    continue
+                self._add_call(body)
+                self.buf = self.buf.lstrip("\n")
+                self.state = "fence" if self._fence else "text"
                 continue
             close = self.think_close if self.state == "think" else TOOL_CLOSE
             k = self.buf.find(close)
             if k >= 0:
                 if self.state == "think":
                     reason_out += self.buf[:k]
+                    self.buf = self.buf[k + len(close):]
+                    self.state = "text"
                 else:
                     self._add_call(self.buf[:k])
-                self.buf = self.buf[k + len(close):].lstrip("\n") if self.state == "tool" else self.buf[k + len(close):]
-                self.state = "text"
+                    self.buf = self.buf[k + len(close):].lstrip("\n")
+                    self.state = "fence" if self._fence else "text"
                 continue
             if final:
                 if self.state == "think":
@@ -210,22 +297,68 @@ class OutputSplitter:
                 else:
                     self._add_call(self.buf)
                 self.buf = ""
+                self.state = "text"
                 break
             if self.state == "think":
                 keep = max((j for j in range(1, len(close)) if self.buf.endswith(close[:j])), default=0)
                 reason_out += self.buf[: len(self.buf) - keep]
                 self.buf = self.buf[len(self.buf) - keep:]
+            else:
+                self._progress(self.buf)
             break
         self.text += text_out
         self.reasoning_text += reason_out
         return text_out, reason_out
 
+    def _progress(self, body: str) -> None:
+        """Record the new pieces of the call being decoded (its name once complete, then its arguments' text)."""
+        cur = self._cur
+        if cur is None or cur["text"]:
+            return
+        body = body.lstrip()
+        if cur["head"] is None:
+            m = _CALL_HEAD.match(body)
+            if not m:
+                return
+            try:
+                name = json.loads(f'"{m.group(1)}"')
+            except ValueError:
+                return
+            if cur["bare"] and self.names is not None and name not in self.names:
+                cur["text"] = True
+                return
+            cur["head"], cur["index"] = m.end(), self._indices
+            self._indices += 1
+            self.call_deltas.append({"index": cur["index"], "id": cur["id"], "name": name, "args": ""})
+        args = body[cur["head"]:]
+        if not args.startswith("{"):
+            return  # a string or other value: sent whole when the call completes
+        end = _object_end(args)
+        upto = len(args) if end is None else end
+        if upto > cur["sent"]:
+            self.call_deltas.append({"index": cur["index"], "id": None, "name": None, "args": args[cur["sent"]:upto]})
+            cur["sent"] = upto
+
     def _add_call(self, body: str) -> None:
-        call, bad = parse_tool_call(body.strip())
+        cur = self._cur or {"id": new_call_id(), "index": None, "head": None, "sent": 0, "text": False, "bare": False}
+        self._cur = cur
+        body = body.strip()
+        call, bad = parse_tool_call(body, cur["id"])
         if call is not None:
+            self._progress(body)
+            if cur["index"] is None:  # a form the head pattern does not match: the whole call at once
+                cur["index"] = self._indices
+                self._indices += 1
+                self.call_deltas.append({"index": cur["index"], "id": cur["id"], "name": call["name"],
+                                         "args": json.dumps(call["args"], ensure_ascii=False)})
+            elif not body[cur["head"]:].startswith("{"):  # arguments given as a JSON string
+                self.call_deltas.append({"index": cur["index"], "id": None, "name": None,
+                                         "args": json.dumps(call["args"], ensure_ascii=False)})
             self.tool_calls.append(call)
         else:
             self.invalid_tool_calls.append(bad)
+        self.finished.append((cur["index"], call))
+        self._cur = None
 
     def finish(self) -> tuple[str, str]:
         return self.feed("", final=True)

@@ -27,21 +27,40 @@ class _Deadline(Component):
 
 
 class _Request:
-    """One prepared engine call: prompts, params, grammar, components, and how to read the output."""
+    """One prepared engine call: prompts, params, grammar, components, and how to read the output.
+
+    Per prompt: ``modes[p]`` (``"off"``: no tools bound; ``"none"``: bound but not to be called, call text is
+    dropped; ``"auto"``; ``"required"``) and ``answered[p]``, the calls of the current turn a tool result answered
+    (a repeat of one of them ends tool use). ``names``: the bound tools; ``answer_schema``: the bounded
+    ``response_format`` schema (``None`` for a text answer); ``penalties``: keyword arguments of
+    :class:`~langchain_kvagents._decoding.Penalties` (empty: none)."""
 
     def __init__(self, llm: KVModel, prompt_ids, params, grammars, components, tools_active, json_output, name):
         self.llm, self.prompt_ids, self.params = llm, prompt_ids, params
         self.grammars, self.components = grammars, components
         self.tools_active, self.json_output, self.model_name = tools_active, json_output, name
         self.controller = None
+        self.modes: list[str] = ["off"] * len(prompt_ids)
+        self.answered: list[list[tuple[str, dict]]] = [[] for _ in prompt_ids]
+        self.names: list[str] = []
+        self.answer_schema: dict | None = None
+        self.penalties: dict = {}
+        self.logprobs: tuple[bool, int] = (False, 0)
+        self.deadline: Component | None = None
+        self.cues: list[str] = [""] * len(prompt_ids)  # text already forced at the start of the answer
 
     def processors(self) -> list:
+        out = []
+        if self.penalties:
+            from ._decoding import Penalties
+
+            out.append(Penalties(self.prompt_ids, self.params.n, **self.penalties))
         if all(g is None for g in self.grammars):
-            return []
+            return out
         # the last `reserve` tokens of the budget steer the grammar to completion (see GrammarMask._close)
         reserve = min(24, self.params.max_new_tokens // 3)
-        return [GrammarMask(self.grammars, n=self.params.n, budget=self.params.max_new_tokens, reserve=reserve,
-                            closing_tokens=closing_tokens(self.llm), stop_token_ids=self.llm.engine.eos_token_ids)]
+        return out + [GrammarMask(self.grammars, n=self.params.n, budget=self.params.max_new_tokens, reserve=reserve,
+                                  closing_tokens=closing_tokens(self.llm), stop_token_ids=self.llm.engine.eos_token_ids)]
 
 
 class _Acquired:

@@ -30,11 +30,12 @@ def _response_schema(response_format: dict) -> dict:
     return schema or {"type": "object"}
 
 
-def _json_instruction(response_format: dict) -> str:
+def _json_instruction(response_format: dict, with_tools: bool = False) -> str:
     schema = _response_schema(response_format)
+    head = "When you answer (instead of calling a tool), reply" if with_tools else "Reply"
     if schema != {"type": "object"}:
-        return "Reply with one JSON object that follows this JSON schema:\n" + json.dumps(schema, ensure_ascii=False)
-    return "Reply with one JSON object."
+        return f"{head} with one JSON object that follows this JSON schema:\n" + json.dumps(schema, ensure_ascii=False)
+    return f"{head} with one JSON object."
 
 
 def _normalize_tool_choice(choice, names: list[str]):
@@ -93,12 +94,16 @@ def _tokens_per_char(tok, messages: Sequence[BaseMessage]) -> float:
     return max(1.0, len(tok(wide, add_special_tokens=False)["input_ids"]) / len(wide))
 
 
-def _tool_tag(tools: list[dict], required: bool, parallel: bool, budget: int = 256, tpc: float = 1.0) -> dict:
+def _tool_tag(tools: list[dict], required: bool, parallel: bool, budget: int = 256, tpc: float = 1.0,
+              answer_schema: dict | None = None) -> dict:
     """xgrammar structural tag for Hermes-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``.
 
     When the call is optional (``auto``) a bare ``{"name": ..., "arguments": ...}`` object (compact, or
     pretty-printed with two-space indent as in a ```json block) also triggers the tool's schema: small models (qwen2.5-coder-0.5b) that decide to call a tool often write the JSON without the
     tags their template asks for.
+
+    ``answer_schema`` (tools together with a ``response_format``): the output is either tool calls or one JSON
+    object valid for that schema, nothing else.
     """
     tags, bare = [], []
     for t in tools:
@@ -124,6 +129,11 @@ def _tool_tag(tools: list[dict], required: bool, parallel: bool, budget: int = 2
     triggers = [TOOL_OPEN]
     if not required:
         tags, triggers = tags + bare, [TOOL_OPEN, BARE_OPEN, BARE_OPEN_PRETTY]
+    if answer_schema is not None and not required:
+        calls = {"type": "triggered_tags", "triggers": triggers, "tags": tags, "at_least_one": True,
+                 "stop_after_first": not parallel}
+        answer = {"type": "json_schema", "json_schema": answer_schema, "max_whitespace_cnt": 1}
+        return {"type": "structural_tag", "format": {"type": "or", "elements": [calls, answer]}}
     return {
         "type": "structural_tag",
         "format": {

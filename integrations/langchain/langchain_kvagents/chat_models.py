@@ -3,7 +3,7 @@
 This module is one class, LangChain's ``BaseChatModel`` interface (invoke, stream, async, batch, tools,
 structured output), hence its length; what it builds on lives beside it: message conversion and output splitting
 in ``_messages``, tool and schema grammars in ``_tools``, the prepared request, deadline and model lock in
-``_requests``.
+``_requests``, the agent-turn rules (answered calls, repeats), log-probabilities and penalties in ``_decoding``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
+from pathlib import Path
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput, ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
@@ -34,6 +35,13 @@ from kvagents import Component, KVModel, SamplingParams
 from kvagents.engine.params import check_n, check_temperature
 from kvagents.grammar import compile_grammar
 
+from ._decoding import (
+    ANSWER_TEXT_REGEX,
+    TokenLogprobs,
+    answered_calls,
+    is_repeat,
+    tool_rounds,
+)
 from ._messages import OutputSplitter, to_chat_messages, tools_system_prompt
 from ._requests import _Acquired, _Deadline, _key, _Request
 from ._shared import get_model, run_on_worker
@@ -47,10 +55,107 @@ from ._tools import (
     bound_strings,
 )
 
-__all__ = ["ChatKV"]
+__all__ = ["ChatKV", "UnsupportedArgumentError"]
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 _PREFETCHED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kvagents_prefetched", default=None)
+
+#: Keyword arguments a call (``invoke(..., **kw)``, ``bind(**kw)``) may carry.
+_CALL_KWARGS = frozenset({
+    "tools", "tool_choice", "response_format", "parallel_tool_calls", "strict", "model", "components",
+    "max_tokens", "temperature", "top_p", "top_k", "seed", "n", "thinking", "thinking_format", "reasoning_effort",
+    "max_thinking_tokens", "logprobs", "top_logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty",
+})
+#: What other providers call the options ChatKV has.
+_HINTS = {
+    "num_predict": "use max_tokens", "max_new_tokens": "use max_tokens", "max_completion_tokens": "use max_tokens",
+    "max_length": "use max_tokens", "max_output_tokens": "use max_tokens", "repeat_penalty": "use repetition_penalty",
+    "stop_sequences": "use stop", "random_seed": "use seed", "num_return_sequences": "use n",
+    "num_ctx": "the context window is the model's own", "min_p": "not supported; use top_p or top_k",
+    "typical_p": "not supported; use top_p or top_k", "logit_bias": "not supported",
+}
+
+
+class UnsupportedArgumentError(TypeError, ValueError):
+    """A keyword argument ChatKV does not know (it would otherwise be silently ignored)."""
+
+
+def _unsupported_message(names: Sequence[str], head: str) -> str:
+    parts = ", ".join(f"{k!r}" + (f" ({_HINTS[k]})" if k in _HINTS else "") for k in names)
+    return f"{head} {parts}; per-call options are {', '.join(sorted(_CALL_KWARGS))} (and stop)"
+
+
+def _check_call_kwargs(kwargs: dict) -> None:
+    unknown = [k for k in kwargs if k not in _CALL_KWARGS and not k.startswith("ls_")]
+    if unknown:
+        raise UnsupportedArgumentError(_unsupported_message(unknown, "ChatKV does not support the argument"))
+
+
+def _check_top_logprobs(v: int | None) -> int | None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 20):
+        raise ValueError(f"top_logprobs must be an integer from 0 to 20, got {v!r}")
+    return v
+
+
+def _check_penalties(p: dict) -> None:
+    r = p.get("repetition")
+    if r is not None and not r > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 is none), got {r}")
+    for k in ("presence", "frequency"):
+        v = p.get(k)
+        if v is not None and not -2.0 <= v <= 2.0:
+            raise ValueError(f"{k}_penalty must be from -2 to 2, got {v}")
+
+
+def _add_usage(usage: dict, prompt_tokens: int, generated: int) -> dict:
+    """``usage`` plus a second engine call's tokens (the answer turn)."""
+    out = dict(usage)
+    out["input_tokens"] += prompt_tokens
+    out["output_tokens"] += generated
+    out["total_tokens"] = out["input_tokens"] + out["output_tokens"]
+    return out
+
+
+def _model_folder(model: str) -> Path | None:
+    """The local folder of ``model`` if it is there without fetching anything (registry cache or a path)."""
+    from kvagents.registry import MARKER_NAME, REGISTRY, cache_dir
+
+    if model in REGISTRY:
+        folder = cache_dir() / "models" / model
+        return folder if (folder / MARKER_NAME).exists() or (folder / "config.json").exists() else None
+    path = Path(model).expanduser()
+    return path if path.is_dir() else None
+
+
+def _profile(model: str, thinking: str) -> dict:
+    """A langchain-core model profile from what is known without loading weights: the model folder's
+    ``config.json`` (context window) and chat template (native ``<think>`` reasoning)."""
+    prof: dict[str, Any] = {
+        "open_weights": True, "text_inputs": True, "image_inputs": False, "image_url_inputs": False,
+        "pdf_inputs": False, "audio_inputs": False, "video_inputs": False, "image_tool_message": False,
+        "pdf_tool_message": False, "text_outputs": True, "image_outputs": False, "audio_outputs": False,
+        "video_outputs": False, "tool_calling": True, "tool_choice": True, "tool_call_streaming": True,
+        "structured_output": True, "temperature": True,
+    }
+    template = ""
+    folder = _model_folder(model)
+    if folder is not None:
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+            ctx = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+            if ctx:
+                prof["max_input_tokens"] = int(ctx)
+        except (OSError, ValueError):
+            pass
+        for name in ("chat_template.jinja", "tokenizer_config.json"):
+            try:
+                template += (folder / name).read_text()
+            except OSError:
+                pass
+    prof["reasoning_output"] = "<think>" in template or thinking != "off"
+    if prof["reasoning_output"]:
+        prof["reasoning_effort_levels"] = ["low", "medium", "high"]
+    return prof
 
 
 class ChatKV(BaseChatModel):
@@ -86,9 +191,21 @@ class ChatKV(BaseChatModel):
             llm.bind_tools([get_weather], tool_choice="any").invoke("Weather in Paris?").tool_calls
             llm.with_structured_output(Joke).invoke("Tell me a joke about cats")
 
-    Response metadata: ``model_name``, ``finish_reason`` (``stop``, ``length``, ``tool_calls``, ``timeout``),
-    per-sample ``scores`` when ``return_scores=True`` or ``select_by`` is set; ``usage_metadata`` with input / output tokens and
-    ``output_token_details["reasoning"]`` for ``<think>`` text.
+    Agents (``langchain.agents.create_agent``): after a tool result, a call that repeats one already answered in
+    this turn ends tool use and the model answers (``repeated_tool_calls``, ``answer_cue``); after
+    ``max_tool_rounds`` rounds of calls it answers too. Tools and ``response_format`` together: each turn is either
+    tool calls or the schema's JSON object. Tool calls stream as ``tool_call_chunks`` (name first, then the
+    arguments as they are decoded; after a tool result a call is sent once complete, when it is known not to be
+    a repeat).
+
+    Response metadata: ``model_name``, ``model_provider`` (``kvagents``), ``finish_reason`` (``stop``,
+    ``length``, ``tool_calls``, ``timeout``), per-sample ``scores`` when ``return_scores=True`` or ``select_by`` is
+    set, ``logprobs`` when asked, ``dropped_tool_calls`` (repeats, or call text under ``tool_choice="none"``) and
+    ``answer_turn`` (the answer was decoded in a second engine call); ``usage_metadata`` with input / output tokens
+    (both calls when there were two) and ``output_token_details["reasoning"]`` for ``<think>`` text.
+
+    Unknown keyword arguments (``num_predict``, ``min_p`` ...), at construction or per call, raise an error that
+    names them instead of being ignored.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
@@ -153,7 +270,56 @@ class ChatKV(BaseChatModel):
     """Decode with kvagents' fast path (static KV cache, CUDA graphs and compiled steps on CUDA; Llama / Qwen2 /
     Qwen3 / Mistral models): same greedy answers, tool calls and structured output, faster on a GPU after a
     first call that compiles (``KVModel.generate(..., fast=True)``)."""
+    repeated_tool_calls: Literal["answer", "allow"] = "answer"
+    """After a tool result, with ``tool_choice="auto"``: ``"answer"`` ends tool use when the model calls a tool of
+    this turn again with the same arguments (a small model shown a tool result often writes the call it just made
+    once more, and an agent then loops until its recursion limit): that call is dropped and the model answers, on
+    the same prompt followed by ``answer_cue``, under a grammar that admits plain text only (or the
+    ``response_format`` object). A different call goes through. ``"allow"``: repeated calls go through."""
+    max_tool_rounds: int | None = 5
+    """With ``tool_choice="auto"``: after this many assistant turns with tool calls since the user's message the
+    model answers (the same answer turn as above, tools no longer callable), so an agent ends within a
+    recursion limit of ``2 * max_tool_rounds + 1`` steps; ``None``: no limit."""
+    answer_cue: str | None = "The answer is"
+    """Text that opens that answer (and the answer after a ``tool_choice="none"`` reply that was only call
+    text); ``None`` or ``""``: none."""
+    logprobs: bool = False
+    """Per-token log-probabilities of the content in ``response_metadata["logprobs"]["content"]`` (OpenAI's shape:
+    ``token``, ``logprob``, ``bytes``, ``top_logprobs``), under the model's distribution (before temperature,
+    top-k / top-p and grammar masks)."""
+    top_logprobs: int | None = None
+    """With ``logprobs``: that many most likely alternatives per token (0-20)."""
+    repetition_penalty: float | None = None
+    """Hugging Face's repetition penalty (> 0; 1 is none): a seen token's positive logit is divided by it, a
+    negative one multiplied; the prompt's tokens count as seen."""
+    presence_penalty: float | None = None
+    """Subtracted from the logit of every token generated so far (OpenAI's meaning, -2 to 2)."""
+    frequency_penalty: float | None = None
+    """Subtracted from a token's logit once per time it was generated so far (OpenAI's meaning, -2 to 2)."""
     custom_get_token_ids: Callable[[str], list[int]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            # LangChain's standard constructor parameters of hosted models; a local model has no use for them
+            values = {k: v for k, v in values.items() if k not in ("api_key", "base_url")}
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            unknown = [k for k in values if k not in known]
+            if unknown:
+                raise ValueError(_unsupported_message(unknown, "ChatKV() takes no argument"))
+        return values
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top(cls, v: int | None) -> int | None:
+        return _check_top_logprobs(v)
+
+    @model_validator(mode="after")
+    def _check_penalty_fields(self) -> ChatKV:
+        _check_penalties({"repetition": self.repetition_penalty, "presence": self.presence_penalty,
+                          "frequency": self.frequency_penalty})
+        return self
 
     @field_validator("temperature")
     @classmethod
@@ -203,6 +369,32 @@ class ChatKV(BaseChatModel):
     def get_num_tokens(self, text: str) -> int:
         return len(self.llm.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence | None = None) -> int:
+        """Tokens of the prompt these messages (and tools) make through the model's chat template, generation
+        prompt included: the ``input_tokens`` a call on them reports."""
+        tok = self.llm.tokenizer
+        native = "tools" in (getattr(tok, "chat_template", None) or "")
+        formatted = [convert_to_openai_tool(t) for t in tools or []]
+        chat = to_chat_messages(messages, native_tools=native)
+        if formatted and not native:
+            _add_system(chat, tools_system_prompt(formatted))
+        ids = tok.apply_chat_template(chat, tools=formatted if (native and formatted) else None,
+                                      add_generation_prompt=True, tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "kvagents"  # as response_metadata["model_provider"]
+        params["ls_model_name"] = kwargs.get("model") or self.model
+        params["ls_temperature"] = kwargs.get("temperature", self.temperature)
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens:
+            params["ls_max_tokens"] = max_tokens
+        return params
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        return _profile(self.model, self.thinking)  # type: ignore[return-value]
+
     # -- tools and structured output ------------------------------------------------------------------------
     def bind_tools(
         self,
@@ -217,6 +409,8 @@ class ChatKV(BaseChatModel):
         ``tool_choice``: ``None`` / ``"auto"`` (see ``auto_tool_calls``), ``"any"`` / ``"required"`` / ``True``
         (at least one call), ``"none"``, a tool name, or ``{"type": "function", "function": {"name": ...}}``.
         """
+        kwargs.pop("strict", None)  # decoding under the tools' grammar is always strict
+        _check_call_kwargs(kwargs)
         formatted = [convert_to_openai_tool(t) for t in tools]
         names = [t["function"]["name"] for t in formatted]
         choice = _normalize_tool_choice(tool_choice, names)
@@ -272,6 +466,7 @@ class ChatKV(BaseChatModel):
 
     # -- request preparation --------------------------------------------------------------------------------
     def _prepare(self, batch: Sequence[Sequence[BaseMessage]], stop: list[str] | None, kwargs: dict) -> _Request:
+        _check_call_kwargs(kwargs)
         name = kwargs.get("model") or self.model
         llm = get_model(name, self.dtype, self.device)
         tok = llm.tokenizer
@@ -280,6 +475,7 @@ class ChatKV(BaseChatModel):
             raise ValueError(f"the tokenizer of {name!r} has no chat template; ChatKV needs an instruct model")
         native_tools = "tools" in template
         tools = kwargs.get("tools") or []
+        names = [t["function"]["name"] for t in tools]
         choice = kwargs.get("tool_choice")
         response_format = kwargs.get("response_format")
         parallel = kwargs.get("parallel_tool_calls", self.parallel_tool_calls)
@@ -295,44 +491,59 @@ class ChatKV(BaseChatModel):
             n=kwargs.get("n", self.n),
             stop=stops,
         )
-        prompt_ids, grammars = [], []
-        tools_active = required_calls = False
+        schema = None
+        if response_format is not None:
+            schema = bound_strings(_response_schema(response_format), params.max_new_tokens,
+                                   tokens_per_char=_tokens_per_char(tok, batch[0]) if batch else 1.0)
+        prompt_ids, grammars, modes, answered, cues = [], [], [], [], []
+        required_calls = False
         for i, messages in enumerate(batch):
             chat = to_chat_messages(messages, native_tools=native_tools)
             eff = choice if tools else "none"
             if tools and eff in (None, "auto") and self.auto_tool_calls == "after_user":
                 eff = "required" if messages and isinstance(messages[-1], HumanMessage) else "auto"
-            use_tools = [t for t in tools if eff not in ("none",)]
+            eff = "auto" if eff is None else eff
+            mode = "off" if not tools else "none" if eff == "none" else "auto" if eff == "auto" else "required"
+            if mode == "auto" and self.max_tool_rounds is not None and tool_rounds(messages) >= self.max_tool_rounds:
+                mode = "final"  # the tool budget of this turn is spent: the model answers
+            use_tools = [] if mode in ("off", "none", "final") else tools
             if isinstance(eff, dict):
                 use_tools = [t for t in tools if t["function"]["name"] == eff["name"]]
             if use_tools and not native_tools:
                 _add_system(chat, tools_system_prompt(tools))
-            if response_format is not None:
-                _add_system(chat, _json_instruction(response_format))
+            if response_format is not None and mode != "required":
+                _add_system(chat, _json_instruction(response_format, with_tools=mode == "auto"))
             template_kw = {}
             if kwargs.get("thinking", self.thinking) != "off":
                 from kvagents.control.thinking import get_format
 
                 template_kw = dict(get_format(kwargs.get("thinking_format", self.thinking_format)).chat_template_kwargs)
-            ids = tok.apply_chat_template(
-                chat, tools=tools if (native_tools and tools) else None, add_generation_prompt=True, tokenize=True,
-                **template_kw,
-            )
+            # tool_choice="none": the tools stay out of the prompt (a small model shown tools writes calls)
+            shown = tools if (native_tools and (use_tools or mode == "final")) else None
+            ids = tok.apply_chat_template(chat, tools=shown, add_generation_prompt=True, tokenize=True, **template_kw)
             if hasattr(ids, "keys"):
                 ids = ids["input_ids"]
-            prompt_ids.append(llm.encode_prompt(list(ids), i))
-            if response_format is not None:
-                schema = _response_schema(response_format)
-                bounded = bound_strings(schema, params.max_new_tokens, tokens_per_char=_tokens_per_char(tok, messages))
-                grammars.append(compile_grammar(llm, "json_schema", bounded))
+            ids = llm.encode_prompt(list(ids), i)
+            cue = ""
+            if mode == "final":
+                grammar, cue = self._answer_grammar(llm, schema)
+                ids = list(ids) + (tok(cue, add_special_tokens=False)["input_ids"] if cue else [])
+            prompt_ids.append(ids)
+            cues.append(cue)
+            answered.append(answered_calls(messages) if mode == "auto" else [])
+            if mode == "final":
+                grammars.append(grammar)
             elif use_tools:
-                tools_active = True
-                required = eff not in (None, "auto")
+                required = mode == "required"
                 required_calls = required_calls or required
-                tag = _tool_tag(use_tools, required, parallel, params.max_new_tokens, _tokens_per_char(tok, messages))
+                tag = _tool_tag(use_tools, required, parallel, params.max_new_tokens, _tokens_per_char(tok, messages),
+                                answer_schema=schema if not required else None)
                 grammars.append(compile_grammar(llm, "structural_tag", tag))
+            elif schema is not None:
+                grammars.append(compile_grammar(llm, "json_schema", schema))
             else:
                 grammars.append(None)
+            modes.append(mode)
         comps = [c() if callable(c) and not isinstance(c, Component) else c for c in self.components]
         comps += list(kwargs.get("components") or [])  # per-call components (runnables pass observers here)
         # thinking cues are free text: fine before an optional tool call, not where the grammar demands one
@@ -347,11 +558,53 @@ class ChatKV(BaseChatModel):
                 comps.append(LayerCoE())
             elif self.select_by and self.select_by.startswith("kv_coe_token"):
                 comps.append(TokenCoE())
-        if self.timeout is not None:
-            comps.append(_Deadline(self.timeout))
-        req = _Request(llm, prompt_ids, params, grammars, comps, tools_active, response_format is not None, name)
+        logprobs = bool(kwargs.get("logprobs", self.logprobs))
+        top = kwargs.get("top_logprobs", self.top_logprobs)
+        _check_top_logprobs(top)
+        if top and not logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
+        if logprobs:
+            comps.append(TokenLogprobs(tok, top or 0, skip_ids=llm.engine.eos_token_ids))
+        deadline = _Deadline(self.timeout) if self.timeout is not None else None
+        if deadline is not None:
+            comps.append(deadline)
+        active = any(m != "off" for m in modes)
+        req = _Request(llm, prompt_ids, params, grammars, comps, active, response_format is not None, name)
         req.controller = controller
+        req.modes, req.answered, req.names, req.answer_schema = modes, answered, names, schema
+        req.logprobs, req.deadline = (logprobs, int(top or 0)), deadline
+        req.cues = cues
+        req.penalties = {k: v for k, v in (
+            ("repetition", kwargs.get("repetition_penalty", self.repetition_penalty)),
+            ("presence", kwargs.get("presence_penalty", self.presence_penalty)),
+            ("frequency", kwargs.get("frequency_penalty", self.frequency_penalty)),
+        ) if v is not None}
+        _check_penalties(req.penalties)
         return req
+
+    def _answer_grammar(self, llm: KVModel, schema: dict | None) -> tuple[Any, str]:
+        """The grammar and cue of an answer turn: the ``response_format`` object, or plain text after the cue."""
+        if schema is not None:
+            return compile_grammar(llm, "json_schema", schema), ""
+        return compile_grammar(llm, "regex", ANSWER_TEXT_REGEX), self.answer_cue or ""
+
+    def _answer_request(self, req: _Request, rows: list[int]) -> tuple[_Request, list[str]]:
+        """The answer turn for prompts ``rows`` whose model repeated an answered call (or only wrote call text
+        under ``tool_choice="none"``): the same prompt, then the answer cue, under a grammar that admits a
+        plain-text answer (or the ``response_format`` object) and no call."""
+        llm, tok = req.llm, req.llm.tokenizer
+        grammar, cue = self._answer_grammar(llm, req.answer_schema)
+        cue_ids = tok(cue, add_special_tokens=False)["input_ids"] if cue else []
+        comps: list = []
+        if req.logprobs[0]:
+            comps.append(TokenLogprobs(tok, req.logprobs[1], skip_ids=llm.engine.eos_token_ids))
+        if req.deadline is not None:
+            comps.append(req.deadline)
+        sub = _Request(llm, [list(req.prompt_ids[p]) + cue_ids for p in rows],
+                       req.params.model_copy(update={"n": 1}), [grammar] * len(rows), comps, False,
+                       req.json_output, req.model_name)
+        sub.penalties, sub.logprobs = req.penalties, req.logprobs
+        return sub, [cue] * len(rows)
 
     def _controller(self, llm: KVModel, kwargs: dict):
         mode = kwargs.get("thinking", self.thinking)
@@ -397,18 +650,53 @@ class ChatKV(BaseChatModel):
                 torch.cuda.empty_cache()
 
     def _results(self, req: _Request, gen) -> list[ChatResult]:
+        rows = [[self._split(req, p, s) for s in group] for p, group in enumerate(gen.samples)]
+        need = [(p, j) for p, row in enumerate(rows) for j, (_s, split, dropped) in enumerate(row)
+                if self._needs_answer(split, dropped)]
+        answers: dict[tuple[int, int], tuple[Any, str]] = {}
+        if need:
+            sub, cues = self._answer_request(req, [p for p, _ in need])
+            again = self._run(sub)
+            answers = {pj: (again.samples[k][0], cues[k]) for k, pj in enumerate(need)}
         out = []
-        for _p, group in enumerate(gen.samples):
+        for p, (group, row) in enumerate(zip(gen.samples, rows)):
             gens = []
-            for s in group:
-                split = self._splitter(req)
-                split.feed(s.text, final=True)
-                msg = self._message(req, s, split)
-                gens.append(ChatGeneration(message=msg, generation_info={"finish_reason": s.finish_reason}))
+            for j, (s, split, dropped) in enumerate(row):
+                msg = self._message(req, s, split, dropped, answers.get((p, j)), p)
+                last = answers[(p, j)][0] if (p, j) in answers else s
+                gens.append(ChatGeneration(message=msg, generation_info={"finish_reason": last.finish_reason}))
             if self.select_by and len(group) > 1:
                 gens = self._ordered(group, gens)
             out.append(ChatResult(generations=gens, llm_output={"model_name": req.model_name}))
         return out
+
+    def _split(self, req: _Request, p: int, s) -> tuple[Any, OutputSplitter, list[dict]]:
+        split = self._splitter(req, p)
+        split.feed(s.text, final=True)
+        return s, split, self._drop_calls(req, p, split)
+
+    def _drop_calls(self, req: _Request, p: int, split: OutputSplitter) -> list[dict]:
+        """Remove the calls that must not reach the caller (all of them under ``tool_choice="none"``; those
+        repeating an answered call of this turn), returning them."""
+        mode = req.modes[p]
+        if mode == "none":
+            dropped = split.tool_calls + split.invalid_tool_calls
+            split.tool_calls, split.invalid_tool_calls = [], []
+            return dropped
+        if mode == "auto" and req.answered[p] and self.repeated_tool_calls == "answer":
+            answered = req.answered[p]
+            new = [c for c in split.tool_calls if not is_repeat(c, answered)]
+            dropped = [c for c in split.tool_calls if is_repeat(c, answered)]
+            if dropped:  # a truncated call after a repeat is noise too
+                dropped += split.invalid_tool_calls
+                split.invalid_tool_calls = []
+            split.tool_calls = new
+            return dropped
+        return []
+
+    @staticmethod
+    def _needs_answer(split: OutputSplitter, dropped: list[dict]) -> bool:
+        return bool(dropped) and not split.tool_calls and not split.invalid_tool_calls and not split.text.strip()
 
     def _ordered(self, group, gens: list[ChatGeneration]) -> list[ChatGeneration]:
         """Samples ordered by ``select_by`` (kvagents' argmax rule: direction from ``SCORE_DIRECTIONS``, NaN
@@ -432,30 +720,48 @@ class ChatKV(BaseChatModel):
         gens[sel.chosen.index].message.response_metadata["selection_note"] = sel.note
         return [gens[i] for i in order]
 
-    def _splitter(self, req: _Request) -> OutputSplitter:
+    def _splitter(self, req: _Request, p: int = 0) -> OutputSplitter:
+        tools = req.modes[p] not in ("off", "final")
+        names = req.names or None
         ctl = req.controller
         if ctl is not None and not ctl.fmt.native:  # plain format: forced cue ... forced end-of-thinking text
             r = ctl.fmt.render()
             end, cue = r["end_thinking"], ctl.fmt.answer_cue
             close = end[: end.find(cue)] if cue and cue in end else end
-            return OutputSplitter(reasoning=True, tools=req.tools_active, think_tags=(r["slow_cue"], close),
-                                  keep_open=True)
-        return OutputSplitter(reasoning=self.reasoning and not req.json_output, tools=req.tools_active)
+            return OutputSplitter(reasoning=True, tools=tools, think_tags=(r["slow_cue"], close), keep_open=True,
+                                  names=names)
+        return OutputSplitter(reasoning=self.reasoning and not req.json_output, tools=tools, names=names)
 
-    def _message(self, req: _Request, s, split: OutputSplitter) -> AIMessage:
-        text = split.text.strip() if split.tool_calls or split.invalid_tool_calls else split.text
+    def _message(self, req: _Request, s, split: OutputSplitter, dropped: Sequence[dict] = (),
+                 answer: tuple[Any, str] | None = None, p: int = 0) -> AIMessage:
+        text = split.text.strip() if split.tool_calls or split.invalid_tool_calls or dropped else split.text
         reasoning = split.reasoning_text
         if req.controller is not None and not req.controller.fmt.native and not text.strip():
             reasoning, text = "", reasoning  # thought until EOS without the end sequence: that text is the answer
-        md = self._response_metadata(req, s, bool(split.tool_calls))
+        last = s
+        if req.cues[p] if p < len(req.cues) else "":
+            text = req.cues[p] + text
+        if answer is not None:
+            last, cue = answer
+            text = cue + last.text
+        md = self._response_metadata(req, last, bool(split.tool_calls))
         if "reasoning" in s.outputs:
             md["reasoning"] = {k: v for k, v in s.outputs["reasoning"].items() if k != "features"}
+        if dropped:
+            md["dropped_tool_calls"] = [{"name": c.get("name"), "args": c.get("args")} for c in dropped]
+        if answer is not None:
+            md["answer_turn"] = True
+        if req.logprobs[0]:
+            md["logprobs"] = {"content": list(last.outputs.get("logprobs") or [])}  # the tokens of the content
+        usage = self._usage(req, s.prompt_tokens, s.generated_tokens, reasoning, s.outputs)
+        if last is not s:
+            usage = _add_usage(usage, last.prompt_tokens, last.generated_tokens)
         return AIMessage(
             content=text,
             tool_calls=split.tool_calls,
             invalid_tool_calls=split.invalid_tool_calls,
             additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
-            usage_metadata=self._usage(req, s.prompt_tokens, s.generated_tokens, reasoning, s.outputs),
+            usage_metadata=usage,
             response_metadata=md,
         )
 
@@ -516,6 +822,52 @@ class ChatKV(BaseChatModel):
         if req.params.n != 1:  # one stream carries one sample: the others are dropped
             req.params = SamplingParams(**{**req.params.model_dump(), "n": 1})
         split = self._splitter(req)
+        mode, answered = req.modes[0], req.answered[0]
+        # after a tool result the calls are held until decoding ends (a repeat of an answered call is dropped)
+        hold = mode == "auto" and bool(answered) and self.repeated_tool_calls == "answer"
+        held: list[dict] = []
+        out_index: dict[int, int] = {}
+        seen = {"deltas": 0}
+
+        def call_chunks(kept: list[dict] | None = None) -> list[dict]:
+            deltas = split.call_deltas[seen["deltas"]:]
+            seen["deltas"] = len(split.call_deltas)
+            if mode == "none":
+                return []
+            if hold:
+                held.extend(deltas)
+                if kept is None:
+                    return []
+                ids = {c["id"] for c in kept}
+                keep = {d["index"] for d in held if d["id"] in ids}
+                deltas = [d for d in held if d["index"] in keep]
+            pieces = deltas
+            out: list[dict] = []
+            for d in pieces:  # one entry per call and chunk: pieces of one call are joined
+                i = out_index.setdefault(d["index"], len(out_index))
+                if out and out[-1]["index"] == i:
+                    out[-1]["args"] += d["args"]
+                    out[-1]["name"] = out[-1]["name"] or d["name"]
+                    out[-1]["id"] = out[-1]["id"] or d["id"]
+                else:
+                    out.append({"name": d["name"], "args": d["args"], "id": d["id"], "index": i,
+                                "type": "tool_call_chunk"})
+            return out
+
+        def text_chunks(text: str, reasoning: str, kept: list[dict] | None = None) -> Iterator[ChatGenerationChunk]:
+            if reasoning:
+                yield ChatGenerationChunk(
+                    message=AIMessageChunk(content="", additional_kwargs={"reasoning_content": reasoning})
+                )
+            if text:
+                yield ChatGenerationChunk(message=AIMessageChunk(content=text))
+            calls = call_chunks(kept)
+            if calls:
+                yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=calls))
+
+        last = None
+        if req.cues[0]:  # the answer's forced opening
+            yield ChatGenerationChunk(message=AIMessageChunk(content=req.cues[0]))
         with self._lock(req.llm):
             stream = req.llm.stream(
                 req.prompt_ids, req.params, components=req.components, logits_processors=req.processors(),
@@ -526,40 +878,53 @@ class ChatKV(BaseChatModel):
                 for ev in it:
                     if cancel is not None and cancel.is_set():
                         return
-                    text, reasoning = split.feed(ev.text)
-                    if reasoning:
-                        yield ChatGenerationChunk(
-                            message=AIMessageChunk(content="", additional_kwargs={"reasoning_content": reasoning})
-                        )
-                    if text:
-                        yield ChatGenerationChunk(message=AIMessageChunk(content=text))
+                    yield from text_chunks(*split.feed(ev.text))
             finally:
                 it.close()
-        text, reasoning = split.finish()
-        plain = req.controller is not None and not req.controller.fmt.native
-        if plain and not split.text.strip() and split.reasoning_text:
-            text = split.reasoning_text  # thought until EOS: the reasoning is the answer (as invoke returns it)
-        if reasoning:
-            yield ChatGenerationChunk(
-                message=AIMessageChunk(content="", additional_kwargs={"reasoning_content": reasoning})
-            )
-        if text:
-            yield ChatGenerationChunk(message=AIMessageChunk(content=text))
-        s = stream.result.samples[0][0]
-        calls = [
-            {"name": c["name"], "args": json.dumps(c["args"], ensure_ascii=False), "id": c["id"], "index": i,
-             "type": "tool_call_chunk"}
-            for i, c in enumerate(split.tool_calls)
-        ]
-        last = AIMessageChunk(
+            text, reasoning = split.finish()
+            plain = req.controller is not None and not req.controller.fmt.native
+            if plain and not split.text.strip() and split.reasoning_text:
+                text = split.reasoning_text  # thought until EOS: the reasoning is the answer (as invoke returns it)
+            yield from text_chunks(text, reasoning)
+            s = stream.result.samples[0][0]
+            dropped = self._drop_calls(req, 0, split)
+            if hold:
+                yield from text_chunks("", "", kept=split.tool_calls)
+            if self._needs_answer(split, dropped):
+                sub, (cue,) = self._answer_request(req, [0])
+                if cue:
+                    yield ChatGenerationChunk(message=AIMessageChunk(content=cue))
+                again = sub.llm.stream(sub.prompt_ids, sub.params, components=sub.components,
+                                       logits_processors=sub.processors(), fast=self.fast)
+                it = iter(again)
+                try:
+                    for ev in it:
+                        if cancel is not None and cancel.is_set():
+                            return
+                        if ev.text:
+                            yield ChatGenerationChunk(message=AIMessageChunk(content=ev.text))
+                finally:
+                    it.close()
+                last = again.result.samples[0][0]
+        end = last or s
+        md = self._response_metadata(req, end, bool(split.tool_calls))
+        if dropped:
+            md["dropped_tool_calls"] = [{"name": c.get("name"), "args": c.get("args")} for c in dropped]
+        if last is not None:
+            md["answer_turn"] = True
+        if req.logprobs[0]:
+            md["logprobs"] = {"content": list(end.outputs.get("logprobs") or [])}
+        usage = self._usage(req, s.prompt_tokens, s.generated_tokens, split.reasoning_text, s.outputs)
+        if last is not None:
+            usage = _add_usage(usage, last.prompt_tokens, last.generated_tokens)
+        final = AIMessageChunk(
             content="",
-            tool_call_chunks=calls,
             invalid_tool_calls=split.invalid_tool_calls,
-            usage_metadata=self._usage(req, s.prompt_tokens, s.generated_tokens, split.reasoning_text, s.outputs),
-            response_metadata=self._response_metadata(req, s, bool(calls)),
+            usage_metadata=usage,
+            response_metadata=md,
             chunk_position="last",
         )
-        yield ChatGenerationChunk(message=last, generation_info={"finish_reason": s.finish_reason})
+        yield ChatGenerationChunk(message=final, generation_info={"finish_reason": end.finish_reason})
 
     def _stream(
         self,
