@@ -9,15 +9,17 @@
 #        the data: cp ../shared/data/gsm8k.jsonl .carry/   (.carry/ is listed in .git/info/exclude)
 #   2. one call per chunk carrying it: mkdir -p /tmp/m && cp .carry/qK /tmp/m/   (the first call also carries
 #      .carry/wheels .carry/src.tar.gz .carry/gsm8k.jsonl and runs `bash bench/run_train_probe_gpu.sh setup`)
-#   3. bash bench/run_train_probe_gpu.sh train     (about 5-10 min on an H100; resumable: run it again if cut)
-# The probe folder comes back in $OUT/probe (weights.safetensors + artifact.json with the held-out report).
+#   3. bash bench/run_train_probe_gpu.sh train     (under 9 min on an H100; resumable: run it again if cut)
+#      the probe folder, its records and features come back in $OUT (see bench/pack_probe_work.py)
+#   4. bash bench/run_train_probe_gpu.sh fetch-reasoning   (the reasoning work folder: cat rw.tgz.* | tar xz)
+# The data folder must hold gsm8k.jsonl, commonsenseqa.jsonl and math500.jsonl (.carry/data).
 set -euo pipefail
 export PYTHONPATH=/tmp/pylib:/tmp/src
 case "${1:-train}" in
   setup)
     mkdir -p /tmp/m /tmp/src /tmp/pylib
     tar xzf .carry/src.tar.gz -C /tmp/src
-    cp .carry/gsm8k.jsonl /tmp/src/
+    cp .carry/gsm8k.jsonl /tmp/src/ && cp -r .carry/data /tmp/src/data
     python3 -m pip install -q --no-deps --no-index --target /tmp/pylib .carry/wheels/*.whl
     python3 -c "import torch, pydantic, gguf; print(torch.cuda.get_device_name())"
     ;;
@@ -25,11 +27,32 @@ case "${1:-train}" in
     cat /tmp/m/q? > /tmp/m/model.gguf
     echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  /tmp/m/model.gguf" | sha256sum -c
     cd /tmp/src
-    # GSM8K shared rows 0-999: a seeded half trains the probe, the other half (500 rows, listed in
-    # artifact.json) is the held-out report: probe vote vs majority vs logprob vote
-    KVAGENTS_CACHE=/tmp/kvcache python3 -m kvagents.cli train probe --model /tmp/m/model.gguf \
+    export KVAGENTS_CACHE=/tmp/kvcache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+    python3 -c "from kvagents.registry import resolve_model_source as r; print(r('/tmp/m/model.gguf'))"
+    # (a) GSM8K shared rows 0-999, n = 8: a seeded half trains the probe, the other half (listed in artifact.json)
+    # is the held-out report; every sample's pooled KV and probability scores come back for cross-fitted rules.
+    timeout "${T_PROBE:-530}" python3 -m kvagents.cli train probe --model /tmp/m/model.gguf \
       --data gsm8k.jsonl --rows 0:1000 --question-field question --answer-field answer --grader gsm8k \
-      --n 8 --holdout 0.5 --max-new-tokens 384 --batch-prompts 128 --dtype bfloat16 --out /tmp/probe
-    mkdir -p "$OUT/probe" && cp /tmp/probe/* "$OUT/probe/"
+      --n 8 --holdout 0.5 --max-new-tokens 384 --batch-prompts 128 --dtype bfloat16 --out /tmp/probe \
+      > /tmp/log_probe.txt 2>&1 &
+    P1=$!
+    # (b) fast/slow reasoning collection (greedy) on GSM8K rows 700-999, CommonsenseQA rows 700-999, MATH500
+    # rows 100-399, with the KV features and every checkpoint's early-exit answer, for offline routing folds.
+    timeout "${T_REASON:-530}" python3 -m kvagents.cli eval reasoning collect --model /tmp/m/model.gguf \
+      --data-dir /tmp/src/data --train-per-dataset 300 --eval-per-dataset 100 --slow-tokens 512 \
+      --fast-tokens 32 --answer-tokens 32 --every 32 --batch-prompts 300 --device cuda --dtype bfloat16 \
+      --work /tmp/rw > /tmp/log_reason.txt 2>&1 &
+    P2=$!
+    wait $P1; R1=$?; wait $P2; R2=$?
+    echo "probe rc=$R1 reasoning rc=$R2"
+    tr '\r' '\n' < /tmp/log_probe.txt | grep -v "it/s\]$" | tail -n 25
+    tr '\r' '\n' < /tmp/log_reason.txt | grep -v "it/s\]$" | tail -n 12
+    python3 bench/pack_probe_work.py /tmp/probe.work /tmp/probe "$OUT"
+    mkdir -p /tmp/rw_out && cp /tmp/log_*.txt /tmp/rw/ 2>/dev/null
+    tar czf - -C /tmp/rw . | split -b 15M - /tmp/rw_out/rw.tgz.
+    ls -la "$OUT" /tmp/rw_out
+    ;;
+  fetch-reasoning)  # the next call: the reasoning work folder (tar split in 15 MiB parts)
+    cp /tmp/rw_out/* "$OUT/"
     ;;
 esac

@@ -333,7 +333,8 @@ def collect(cfg: ReasoningEvalConfig, work: str | Path, runner: Runner | None = 
     for s in slow:
         s["checkpoints"] = [{"step": t} for t in s["_features"]["steps"]]
     for (i, j), e, (_, prefix) in zip(where, early, items):
-        slow[i]["checkpoints"][j].update(correct=e["correct"], tokens=len(prefix) + e["new_tokens"])
+        slow[i]["checkpoints"][j].update(correct=e["correct"], tokens=len(prefix) + e["new_tokens"],
+                                          answer=e["answer"], answer_tokens=e["new_tokens"])
     _write_jsonl(work / "train_fast.jsonl", fast)
     _write_jsonl(work / "train_slow.jsonl", slow)
     _save_features(work / "train_features.npz", slow)
