@@ -8,7 +8,7 @@
 #        ../shared/docs/models.md); the source at HEAD: git archive --format=tar.gz HEAD -o .carry/src.tar.gz;
 #        the data: cp ../shared/data/gsm8k.jsonl .carry/   (.carry/ is listed in .git/info/exclude)
 #   2. one call per chunk carrying it: mkdir -p /tmp/m && cp .carry/qK /tmp/m/   (the first call also carries
-#      .carry/wheels .carry/src.tar.gz .carry/gsm8k.jsonl and runs `bash bench/run_train_probe_gpu.sh setup`)
+#      .carry/src.tar.gz .carry/data, the last .carry/wheels; both run `bash bench/run_train_probe_gpu.sh setup`)
 #   3. bash bench/run_train_probe_gpu.sh train     (under 9 min on an H100; resumable: run it again if cut)
 #      the probe folder, its records and features come back in $OUT (see bench/pack_probe_work.py)
 #   4. bash bench/run_train_probe_gpu.sh fetch-reasoning   (the reasoning work folder: cat rw.tgz.* | tar xz)
@@ -16,12 +16,15 @@
 set -euo pipefail
 export PYTHONPATH=/tmp/pylib:/tmp/src
 case "${1:-train}" in
-  setup)
+  setup)  # idempotent: unpacks what this call carries (the source and data, or the wheels)
     mkdir -p /tmp/m /tmp/src /tmp/pylib
-    tar xzf .carry/src.tar.gz -C /tmp/src
-    cp .carry/gsm8k.jsonl /tmp/src/ && cp -r .carry/data /tmp/src/data
-    python3 -m pip install -q --no-deps --no-index --target /tmp/pylib .carry/wheels/*.whl
-    python3 -c "import torch, pydantic, gguf; print(torch.cuda.get_device_name())"
+    if [ -f .carry/src.tar.gz ]; then
+      tar xzf .carry/src.tar.gz -C /tmp/src && cp -r .carry/data /tmp/src/data && cp .carry/data/gsm8k.jsonl /tmp/src/
+    fi
+    if [ -d .carry/wheels ]; then
+      python3 -m pip install -q --no-deps --no-index --target /tmp/pylib .carry/wheels/*.whl
+      python3 -c "import torch, pydantic, gguf; print(torch.cuda.get_device_name())"
+    fi
     ;;
   train)
     cat /tmp/m/q? > /tmp/m/model.gguf
