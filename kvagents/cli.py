@@ -43,6 +43,42 @@ def cmd_train_probe(args) -> int:
     return 0
 
 
+def cmd_train_router(args) -> int:
+    from .evals.train_router import TrainRouterConfig, format_report, train_router
+
+    cfg = TrainRouterConfig(**{k: getattr(args, k) for k in TrainRouterConfig.model_fields})
+    report = train_router(cfg)
+    print(format_report(report))
+    print(f"router written to {cfg.out} (load it with KVRouter.load({cfg.out!r}, model))")
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_cls) -> None:
+    """One option per field of a pydantic config (``--field-name``), typed, with the field's help and default."""
+    import typing
+
+    for name, field in config_cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kw = {"help": field.description or COMMON_HELP.get(name, name.replace("_", " "))}
+        ann = field.annotation
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if typing.get_origin(ann) is list:
+            kw.update(nargs="+", type=args[0] if args else str)
+        elif ann in (int, float):
+            kw["type"] = ann
+        elif len(args) == 1 and args[0] in (int, float):
+            kw["type"] = args[0]
+        if field.is_required():
+            kw["required"] = True
+        else:
+            default = field.get_default(call_default_factory=True)
+            kw["default"] = default
+            if default is not None:
+                shown = " ".join(map(str, default)) if isinstance(default, list) else default
+                kw["help"] += f" (default {shown})"
+        p.add_argument(flag, **kw)
+
+
 def cmd_embed(args) -> int:
     import numpy as np
 
@@ -430,6 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
             kw["type"] = field.annotation
         tp.add_argument(flag, **kw)
     tp.set_defaults(func=cmd_train_probe)
+    trr = trs.add_parser("router", help="a fast/slow thinking router: run fast and slow modes on each question, "
+                         "label, fit the prefill and step KV classifiers, calibrate their thresholds, report them on "
+                         "held-out questions (or train from a `kvagents eval reasoning collect` work folder)")
+    from .evals.train_router import TrainRouterConfig
+
+    _add_config_args(trr, TrainRouterConfig)
+    trr.set_defaults(func=cmd_train_router)
 
     m = sub.add_parser("models", help="list or fetch the embedded models")
     m.add_argument("action", choices=["list", "fetch"])

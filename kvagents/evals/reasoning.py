@@ -18,6 +18,9 @@ Stages (each reads and writes a work folder, so a GPU run can split them over pr
 * ``report``: tables per dataset and mixture (plus random routing at the controller's fast rate, prefill-only
   routers and the oracle router, computed from the fast/slow runs), ``pareto.png``, ``results.json/.md``.
 
+The runner, the collection and labelling helpers, the cross-fitting and the calibration are shared with
+``kvagents train router`` (:mod:`kvagents.evals.train_router`), which turns them into a router on the user's data.
+
 Example:
     >>> cfg = ReasoningEvalConfig(model="qwen2.5-coder-0.5b", train_per_dataset=200, eval_per_dataset=150)
     >>> run_all(cfg, "out/reasoning")  # doctest: +SKIP
@@ -69,6 +72,11 @@ class Task:
 
     def user_text(self, question: str) -> str:
         return f"{question}\n\n{self.instruction}"
+
+    def judge(self, text: str, r: dict) -> tuple[str | None, bool]:
+        """``(parsed answer, correct)`` of a generated ``text`` for row ``r`` (its ``gold``)."""
+        ans = get_parser(self.parser)(text)
+        return ans, ans is not None and ans == r["gold"]
 
 
 TASKS: dict[str, Task] = {
@@ -163,14 +171,22 @@ def load_rows(cfg: ReasoningEvalConfig, which: str) -> list[dict]:
 
 
 class Runner:
-    """The model, its prompts and batched generation with one :class:`ReasoningController` per batch."""
+    """The model, its prompts and batched generation with one :class:`ReasoningController` per batch.
 
-    def __init__(self, cfg: ReasoningEvalConfig, llm=None) -> None:
+    ``cfg``: any settings object with this config's ``format``, ``model``, ``dtype``, ``device``, ``batch_prompts``
+    (and, for the stage helpers, ``fast_tokens``, ``slow_tokens``, ``every``, ``layers``). ``tasks``: what a row's
+    ``dataset`` names (default :data:`TASKS`): an object with ``instruction``, ``answer_cue``, ``user_text(question)``
+    and ``judge(text, row) -> (answer, correct)``, like :class:`Task` (``kvagents train router`` passes the user's
+    grader this way).
+    """
+
+    def __init__(self, cfg: ReasoningEvalConfig, llm=None, tasks: dict | None = None) -> None:
         from ..model import KVModel
 
         self.cfg = cfg
         self.fmt = get_format(cfg.format)
-        for t in TASKS.values():
+        self.tasks = TASKS if tasks is None else tasks
+        for t in self.tasks.values():
             check_instruction(t.instruction, self.fmt, t.answer_cue)
         self.llm = llm or KVModel.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device).load()
         self.tok = self.llm.tokenizer
@@ -179,57 +195,60 @@ class Runner:
     def prompt_ids(self, r: dict) -> list[int]:
         key = (r["dataset"], r["row"])
         if key not in self._prompts:
-            self._prompts[key] = chat_prompt_ids(self.tok, TASKS[r["dataset"]].user_text(r["question"]), self.fmt)
+            self._prompts[key] = chat_prompt_ids(self.tok, self.tasks[r["dataset"]].user_text(r["question"]), self.fmt)
         return self._prompts[key]
 
     def end_ids(self, r: dict) -> list[int]:
-        return self.fmt.token_ids(self.tok, TASKS[r["dataset"]].answer_cue)["end_thinking"]
+        return self.fmt.token_ids(self.tok, self.tasks[r["dataset"]].answer_cue)["end_thinking"]
 
-    def generate(self, rows: list[dict], desc: str, max_new: int, **controller) -> list[dict]:
-        """Greedy decoding of ``rows`` (batched, longest prompts first); one record per row, in input order."""
+    def generate(self, rows: list[dict], desc: str, max_new: int, progress: bool = True, **controller) -> list[dict]:
+        """Greedy decoding of ``rows`` (batched, longest prompts first); one record per row, in input order.
+        ``progress=False``: no bar and no summary line (a caller with its own bar)."""
         order = sorted(range(len(rows)), key=lambda i: -len(self.prompt_ids(rows[i])))
         out: list[dict | None] = [None] * len(rows)
         bs = self.cfg.batch_prompts
         params = SamplingParams(max_new_tokens=max_new, temperature=0)
         t0 = time.perf_counter()
-        for s in tqdm(range(0, len(rows), bs), desc=desc):
+        for s in tqdm(range(0, len(rows), bs), desc=desc, disable=not progress):
             idx = order[s : s + bs]
             batch = [rows[i] for i in idx]
-            ctl = ReasoningController(self.fmt, self.tok, answer_cues=[TASKS[r["dataset"]].answer_cue for r in batch],
-                                      **controller)
+            ctl = ReasoningController(self.fmt, self.tok,
+                                      answer_cues=[self.tasks[r["dataset"]].answer_cue for r in batch], **controller)
             res = self.llm.generate([self.prompt_ids(r) for r in batch], params, components=[ctl])
             for i, r, g in zip(idx, batch, res.samples):
-                out[i] = record(r, g[0])
+                out[i] = record(r, g[0], self.tasks[r["dataset"]])
         dt = time.perf_counter() - t0
-        print(f"{desc}: {len(rows)} rows in {dt:.1f}s, mean tokens "
-              f"{np.mean([o['tokens'] for o in out]):.1f}", flush=True)
+        if progress:
+            print(f"{desc}: {len(rows)} rows in {dt:.1f}s, mean tokens "
+                  f"{np.mean([o['tokens'] for o in out]):.1f}", flush=True)
         return out
 
-    def continue_from(self, items: list[tuple[dict, list[int]]], desc: str, max_new: int) -> list[dict]:
+    def continue_from(self, items: list[tuple[dict, list[int]]], desc: str, max_new: int,
+                      progress: bool = True) -> list[dict]:
         """Greedy answers after ``prompt + prefix`` for (row, prefix ids) pairs (the prefix is re-processed: used
         for training labels and for the post-hoc baseline, never by the online controller)."""
         order = sorted(range(len(items)), key=lambda i: -(len(self.prompt_ids(items[i][0])) + len(items[i][1])))
         out: list[dict | None] = [None] * len(items)
         params = SamplingParams(max_new_tokens=max_new, temperature=0)
         bs = self.cfg.batch_prompts
-        for s in tqdm(range(0, len(items), bs), desc=desc):
+        for s in tqdm(range(0, len(items), bs), desc=desc, disable=not progress):
             idx = order[s : s + bs]
             res = self.llm.generate([self.prompt_ids(items[i][0]) + items[i][1] for i in idx], params)
             for i, g in zip(idx, res.samples):
                 r, prefix = items[i]
                 ids = list(prefix) + g[0].token_ids
                 text = self.tok.decode(ids, skip_special_tokens=True)
-                ans = get_parser(TASKS[r["dataset"]].parser)(text)
-                out[i] = {"answer": ans, "correct": ans is not None and ans == r["gold"],
-                          "new_tokens": g[0].generated_tokens, "text": text}
+                ans, ok = self.tasks[r["dataset"]].judge(text, r)
+                out[i] = {"answer": ans, "correct": ok, "new_tokens": g[0].generated_tokens, "text": text}
         return out
 
 
-def record(r: dict, s) -> dict:
+def record(r: dict, s, task=None) -> dict:
+    """One run's record (``task``: what judges the answer; default ``TASKS[r["dataset"]]``)."""
     o = s.outputs.get("reasoning", {})
-    ans = get_parser(TASKS[r["dataset"]].parser)(s.text)
+    ans, ok = (task or TASKS[r["dataset"]]).judge(s.text, r)
     rec = {"dataset": r["dataset"], "row": r["row"], "gold": r["gold"], "answer": ans,
-           "correct": ans is not None and ans == r["gold"], "tokens": s.generated_tokens, "finish": s.finish_reason,
+           "correct": ok, "tokens": s.generated_tokens, "finish": s.finish_reason,
            "thinking": o.get("thinking_tokens"), "answer_tokens": o.get("answer_tokens"),
            "forced": o.get("forced_tokens"), "start": o.get("start"), "start_score": o.get("start_score"),
            "switches": o.get("switches", []), "budget_hit": o.get("budget_hit"), "text": s.text}
@@ -289,15 +308,15 @@ def _fast_max_new(cfg):
     return cfg.fast_tokens + 48  # the cue, then fast_tokens (the controller stops the answer)
 
 
-def _fast(runner: Runner, rows, desc):
+def _fast(runner: Runner, rows, desc, progress: bool = True):
     cfg = runner.cfg
-    return runner.generate(rows, desc, _fast_max_new(cfg), start="fast", max_answer_tokens=cfg.fast_tokens)
+    return runner.generate(rows, desc, _fast_max_new(cfg), progress, start="fast", max_answer_tokens=cfg.fast_tokens)
 
 
-def _slow_capture(runner: Runner, rows, desc, window):
+def _slow_capture(runner: Runner, rows, desc, window, progress: bool = True):
     cfg = runner.cfg
-    return runner.generate(rows, desc, cfg.slow_tokens, config=ControllerConfig(start="slow", capture=True,
-                                                                                every=cfg.every),
+    return runner.generate(rows, desc, cfg.slow_tokens, progress, config=ControllerConfig(start="slow", capture=True,
+                                                                                          every=cfg.every),
                            kv_config=kv_config(cfg, window))
 
 
@@ -324,22 +343,30 @@ def collect(cfg: ReasoningEvalConfig, work: str | Path, runner: Runner | None = 
     window = _window(cfg, runner, rows + load_rows(cfg, "eval"))
     fast = _fast(runner, rows, "collect fast")
     slow = _slow_capture(runner, rows, "collect slow", window)
-    items, where = [], []
-    for i, (r, s) in enumerate(zip(rows, slow)):
-        for j, t in enumerate(s["_features"]["steps"]):
-            items.append((r, s["_token_ids"][: t + 1] + runner.end_ids(r)))
-            where.append((i, j))
-    early = runner.continue_from(items, "early-exit labels", cfg.answer_tokens) if items else []
-    for s in slow:
-        s["checkpoints"] = [{"step": t} for t in s["_features"]["steps"]]
-    for (i, j), e, (_, prefix) in zip(where, early, items):
-        slow[i]["checkpoints"][j].update(correct=e["correct"], tokens=len(prefix) + e["new_tokens"],
-                                          answer=e["answer"], answer_tokens=e["new_tokens"])
+    label_checkpoints(runner, rows, slow, cfg.answer_tokens)
     _write_jsonl(work / "train_fast.jsonl", fast)
     _write_jsonl(work / "train_slow.jsonl", slow)
     _save_features(work / "train_features.npz", slow)
     cue = len(runner.fmt.token_ids(runner.tok)["slow_cue"])
     (work / "window.json").write_text(json.dumps({"window": window, "slow_cue_tokens": cue}))
+
+
+def label_checkpoints(runner: Runner, rows: list[dict], slow: list[dict], answer_tokens: int,
+                      progress: bool = True) -> None:
+    """Early-exit labels: at every captured checkpoint of each slow run (records of :func:`_slow_capture`), the
+    prefix + the end-of-thinking marker + ``answer_tokens`` greedy answer tokens; sets ``checkpoints`` on every slow
+    record (``step``, ``correct``, ``tokens`` of the whole early-exit output, ``answer``, ``answer_tokens``)."""
+    items, where = [], []
+    for i, (r, s) in enumerate(zip(rows, slow)):
+        for j, t in enumerate(s["_features"]["steps"]):
+            items.append((r, s["_token_ids"][: t + 1] + runner.end_ids(r)))
+            where.append((i, j))
+    early = runner.continue_from(items, "early-exit labels", answer_tokens, progress=progress) if items else []
+    for s in slow:
+        s["checkpoints"] = [{"step": t} for t in s["_features"]["steps"]]
+    for (i, j), e, (_, prefix) in zip(where, early, items):
+        slow[i]["checkpoints"][j].update(correct=e["correct"], tokens=len(prefix) + e["new_tokens"],
+                                          answer=e["answer"], answer_tokens=e["new_tokens"])
 
 
 def paper_label(fast_correct: bool, fast_tokens: int, slow_correct: bool) -> float:
@@ -397,6 +424,78 @@ class Outcomes:
         return np.where(fast, self.fc, c), np.where(fast, self.ft, t)
 
 
+def step_labels(slow: list[dict], win_row: np.ndarray) -> np.ndarray:
+    """Mid-generation labels, one per captured window (``win_row``: its row): 100 when thinking on turns a wrong
+    early-exit answer at that checkpoint into a right final one, else 0."""
+    ckpt = [c for s in slow for c in s["checkpoints"]]
+    return np.array([100.0 if (slow[i]["correct"] and not c["correct"]) else 0.0 for i, c in zip(win_row, ckpt)])
+
+
+def cross_fit(X_p: np.ndarray, prompt_heads: dict[str, tuple[np.ndarray, bool, bool]], X_w: np.ndarray,
+              y_step: np.ndarray, win_row: np.ndarray, folds: np.ndarray, n_folds: int, kc: KVClassifierConfig,
+              fit: dict, progress: bool = True) -> dict[str, np.ndarray]:
+    """Out-of-fold predictions, folds by row (a row's step windows follow it). ``prompt_heads``: name ->
+    ``(labels, balance, needs both classes in the fold)`` of the heads on the prompt features; the step head on the
+    windows is fitted when its fold has >= 4 windows of both labels (else its predictions stay 0)."""
+    n = len(X_p)
+    oof = {name: np.zeros(n) for name in prompt_heads}
+    oof["step"] = np.zeros(len(y_step))
+    for k in tqdm(range(n_folds), desc="cross-fit", disable=not progress):
+        tr, te = folds != k, folds == k
+        wtr, wte = np.isin(win_row, np.nonzero(tr)[0]), np.isin(win_row, np.nonzero(te)[0])
+        for name, (y, balance, both) in prompt_heads.items():
+            if both and not 0 < y[tr].sum() < 100 * tr.sum():
+                continue
+            m, _ = KVClassifier.fit(X_p[tr], y[tr], kc, balance=balance, **fit)
+            oof[name][te] = m.predict(X_p[te])
+        if wtr.sum() >= 4 and 0 < y_step[wtr].sum() < 100 * wtr.sum():
+            m, _ = KVClassifier.fit(X_w[wtr], y_step[wtr], kc, balance=True, batch_size=1024, **fit)
+            oof["step"][wte] = m.predict(X_w[wte])
+    return oof
+
+
+def calibrate(out: Outcomes, pred_gain: np.ndarray, pred_step: np.ndarray, tolerance: float, every: int,
+              cue_tokens: int) -> tuple[dict[str, Any], int | None]:
+    """Thresholds with the fewest tokens at accuracy >= always-slow - ``tolerance`` points on these rows' (out-of-
+    fold) predictions; a thinking budget ending at a checkpoint is part of the grid (it is what the budget forces
+    there). Returns the calibration summary and the checkpoint index of the budget (``None``: no budget)."""
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0 accuracy points, got {tolerance}")
+    slow_acc = float(out.sc.mean())
+    q = np.linspace(0, 100, 21)
+    tp = sorted(set([-math.inf] + list(np.percentile(pred_gain, q)) + [math.inf]))
+    ts = sorted(set([-math.inf] + (list(np.percentile(pred_step, q)) if len(pred_step) else [])))
+    caps = [None] + list(range(1, out.valid.shape[1]))
+    best = None
+    for a in tp:
+        for b in ts:
+            for m in caps:
+                c, t = out.simulate(pred_gain, a, b, m)
+                acc, tok = float(c.mean()), float(t.mean())
+                if acc >= slow_acc - tolerance / 100 and (best is None or (tok, -acc) < (best[3], -best[4])):
+                    best = (a, b, m, tok, acc)
+    tau_p, tau_s, cap, tok, acc = best
+    budget = None if cap is None else (cap + 1) * every - cue_tokens  # thinking tokens up to checkpoint `cap`
+    return {"slow_accuracy": slow_acc, "slow_tokens": float(out.st.mean()), "fast_accuracy": float(out.fc.mean()),
+            "tau_gain": _clip(tau_p), "tau_step": _clip(tau_s), "thinking_budget": budget,
+            "ours_accuracy_oof": acc, "ours_tokens_oof": tok}, cap
+
+
+def fit_router_heads(X_p: np.ndarray, y_gain: np.ndarray, X_w: np.ndarray, y_step: np.ndarray,
+                     kc: KVClassifierConfig, tau_gain: float, tau_step: float, fit: dict) -> dict[str, tuple]:
+    """The final gain head (prompt features) and, when its labels hold both classes, the step head (windows), on
+    every given row (20 % held out for early stopping), thresholds stored: name -> ``(classifier, fit report)``."""
+    heads = {}
+    m, rep = KVClassifier.fit(X_p, y_gain, kc.model_copy(update={"labels": "gain", "threshold": tau_gain}),
+                              balance=True, **fit)
+    heads["gain"] = (m, rep)
+    if len(y_step) >= 4 and 0 < y_step.sum() < 100 * len(y_step):
+        m, rep = KVClassifier.fit(X_w, y_step, kc.model_copy(update={"labels": "step", "threshold": tau_step}),
+                                  balance=True, batch_size=1024, **fit)
+        heads["step"] = (m, rep)
+    return heads
+
+
 def train(cfg: ReasoningEvalConfig, work: str | Path) -> dict:
     """Fit the paper / gain / step heads, calibrate gain+step thresholds on out-of-fold predictions, save them."""
     work = Path(work)
@@ -409,8 +508,7 @@ def train(cfg: ReasoningEvalConfig, work: str | Path) -> dict:
     y_paper = np.array([paper_label(f["correct"], f["tokens"], s["correct"]) for f, s in zip(fast, slow)])
     y_gain = np.array([gain_label(f["correct"], s["correct"]) for f, s in zip(fast, slow)])
     win_row, X_w = feats["win_row"], feats["windows"]
-    ckpt = [c for s in slow for c in s["checkpoints"]]
-    y_step = np.array([100.0 if (slow[i]["correct"] and not c["correct"]) else 0.0 for i, c in zip(win_row, ckpt)])
+    y_step = step_labels(slow, win_row)
     X_p = feats["prompt"]
     fit = dict(seed=cfg.seed, device=dev, max_epochs=300, patience=25)
     report: dict[str, Any] = {"rows": n, "window": window, "label_counts": {
@@ -419,57 +517,21 @@ def train(cfg: ReasoningEvalConfig, work: str | Path) -> dict:
         "step_positive": int(y_step.sum() / 100)}}
     # out-of-fold predictions (folds by row; step samples follow their row)
     folds = _folds(n, cfg.folds, cfg.seed)
-    oof = {"paper": np.zeros(n), "gain": np.zeros(n), "step": np.zeros(len(y_step))}
-    for k in tqdm(range(cfg.folds), desc="cross-fit"):
-        tr, te = folds != k, folds == k
-        wtr, wte = np.isin(win_row, np.nonzero(tr)[0]), np.isin(win_row, np.nonzero(te)[0])
-        m, _ = KVClassifier.fit(X_p[tr], y_paper[tr], kc, **fit)
-        oof["paper"][te] = m.predict(X_p[te])
-        if 0 < y_gain[tr].sum() < 100 * tr.sum():
-            m, _ = KVClassifier.fit(X_p[tr], y_gain[tr], kc, balance=True, **fit)
-            oof["gain"][te] = m.predict(X_p[te])
-        if wtr.sum() >= 4 and 0 < y_step[wtr].sum() < 100 * wtr.sum():
-            m, _ = KVClassifier.fit(X_w[wtr], y_step[wtr], kc, balance=True, batch_size=1024, **fit)
-            oof["step"][wte] = m.predict(X_w[wte])
+    oof = cross_fit(X_p, {"paper": (y_paper, False, False), "gain": (y_gain, True, True)}, X_w, y_step, win_row,
+                    folds, cfg.folds, kc, fit)
     out = Outcomes(fast, slow, [oof["step"][win_row == i] for i in range(n)])
-    # calibration grid: fewest tokens with accuracy >= always-slow - tolerance (on the training rows); a thinking
-    # budget ending at a checkpoint is part of the grid (it is what the budget forces there)
-    slow_acc = float(out.sc.mean())
-    q = np.linspace(0, 100, 21)
-    tp = sorted(set([-math.inf] + list(np.percentile(oof["gain"], q)) + [math.inf]))
-    ts = sorted(set([-math.inf] + (list(np.percentile(oof["step"], q)) if len(y_step) else [])))
-    caps = [None] + list(range(1, out.valid.shape[1]))
-    best = None
-    for a in tp:
-        for b in ts:
-            for m in caps:
-                c, t = out.simulate(oof["gain"], a, b, m)
-                acc, tok = float(c.mean()), float(t.mean())
-                if acc >= slow_acc - cfg.tolerance / 100 and (best is None or (tok, -acc) < (best[3], -best[4])):
-                    best = (a, b, m, tok, acc)
-    tau_p, tau_s, cap, tok, acc = best
     cue = json.loads((work / "window.json").read_text()).get("slow_cue_tokens", 0)
-    budget = None if cap is None else (cap + 1) * cfg.every - cue  # thinking tokens up to checkpoint `cap`
+    cal, _ = calibrate(out, oof["gain"], oof["step"], cfg.tolerance, cfg.every, cue)
     pc, pt = out.simulate(oof["paper"], 50.0, -math.inf)
-    report["calibration"] = {
-        "slow_accuracy": slow_acc, "slow_tokens": float(out.st.mean()), "fast_accuracy": float(out.fc.mean()),
-        "tau_gain": _clip(tau_p), "tau_step": _clip(tau_s), "thinking_budget": budget,
-        "ours_accuracy_oof": acc, "ours_tokens_oof": tok,
-        "paper_prefill_accuracy_oof": float(pc.mean()), "paper_prefill_tokens_oof": float(pt.mean()),
-        "tolerance_points": cfg.tolerance}
+    report["calibration"] = {**cal, "paper_prefill_accuracy_oof": float(pc.mean()),
+                             "paper_prefill_tokens_oof": float(pt.mean()), "tolerance_points": cfg.tolerance}
     report["oof_auroc"] = {"paper": _auroc(oof["paper"], y_paper >= 50), "gain": _auroc(oof["gain"], y_gain >= 50),
                            "step": _auroc(oof["step"], y_step >= 50) if len(y_step) else None}
     # final heads on every training row (20 % held out for early stopping)
     heads = {}
     m, rep = KVClassifier.fit(X_p, y_paper, kc.model_copy(update={"labels": "paper", "threshold": 50.0}), **fit)
     heads["paper"] = (m, rep)
-    m, rep = KVClassifier.fit(X_p, y_gain, kc.model_copy(update={"labels": "gain", "threshold": _clip(tau_p)}),
-                              balance=True, **fit)
-    heads["gain"] = (m, rep)
-    if len(y_step) >= 4 and 0 < y_step.sum() < 100 * len(y_step):
-        m, rep = KVClassifier.fit(X_w, y_step, kc.model_copy(update={"labels": "step", "threshold": _clip(tau_s)}),
-                                  balance=True, batch_size=1024, **fit)
-        heads["step"] = (m, rep)
+    heads.update(fit_router_heads(X_p, y_gain, X_w, y_step, kc, cal["tau_gain"], cal["tau_step"], fit))
     for name, (m, rep) in heads.items():
         m.save(work / f"clf_{name}")
         report[name] = {k: v for k, v in rep.items() if k not in ("val_predictions", "val_index")}

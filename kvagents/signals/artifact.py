@@ -116,6 +116,42 @@ def as_fingerprint(model) -> ModelFingerprint | None:
     return fingerprint(model, None)
 
 
+#: Trained signals that ship with kvagents: one folder per signal under ``kvagents/signals/trained/``, found by name.
+TRAINED_DIR = Path(__file__).with_name("trained")
+
+
+def shipped(kind: str) -> list[str]:
+    """Names of the shipped trained signals of ``kind`` (``"kv_router"``, ``"kv_probe"``), sorted.
+
+    Example:
+        >>> isinstance(shipped("kv_router"), list)
+        True
+    """
+    names = []
+    if TRAINED_DIR.is_dir():
+        for d in sorted(TRAINED_DIR.iterdir()):
+            try:
+                if json.loads((d / META).read_text(encoding="utf-8")).get("kind") == kind:
+                    names.append(d.name)
+            except (OSError, ValueError):
+                continue
+    return names
+
+
+def find_trained(name: str | Path, kind: str) -> Path:
+    """The folder of a trained signal given by path or by the name of a shipped one (see :func:`shipped`);
+    raises :class:`ArtifactError` naming what exists when it is neither."""
+    p = Path(name)
+    if (p / META).is_file():
+        return p
+    if p.name == str(name) and (TRAINED_DIR / p.name / META).is_file():
+        return TRAINED_DIR / p.name
+    have = shipped(kind)
+    raise ArtifactError(f"no trained signal {str(name)!r}: not a folder holding {META}, nor a shipped {kind} "
+                        f"({', '.join(have) if have else 'none ship with this kvagents'}); pass the folder "
+                        "`kvagents train` wrote")
+
+
 def save_artifact(folder: str | Path, kind: str, tensors: dict[str, torch.Tensor], config: dict[str, Any],
                   model: ModelFingerprint | None, *, training: dict[str, Any] | None = None,
                   metrics: dict[str, Any] | None = None) -> Path:

@@ -11,6 +11,10 @@ The same features are computed at prefill (the prompt's last ``window`` rows) an
 buffer of the last ``window`` rows of prompt + generated tokens, updated O(1) per step): see
 :class:`~kvagents.control.thinking.ReasoningController`.
 
+:class:`KVRouter` pairs two such heads (``gain`` at prefill, ``step`` mid-thinking) with thresholds calibrated by
+``kvagents train router``, saved as one trained-signal folder (:mod:`kvagents.signals.artifact`); a
+``ReasoningController`` takes it as its classifier.
+
 Example:
     >>> cfg = KVClassifierConfig(layers=4, window=64)
     >>> clf, report = KVClassifier.fit(features, labels, cfg)   # doctest: +SKIP
@@ -311,13 +315,36 @@ class KVClassifier:
         (path / "classifier.json").write_text(json.dumps(meta, indent=2))
         return path
 
+    def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The weights as named tensors (``prefix`` + ``mlp.fc1.weight``, ..., ``mean``, ``std``)."""
+        t = {f"{prefix}mlp.{k}": v.detach().float().cpu().contiguous() for k, v in self.mlp.state_dict().items()}
+        t[f"{prefix}mean"], t[f"{prefix}std"] = self.mean.cpu().contiguous(), self.std.cpu().contiguous()
+        return t
+
+    @classmethod
+    def from_tensors(cls, config: KVClassifierConfig, tensors: dict[str, torch.Tensor],
+                     prefix: str = "") -> KVClassifier:
+        """The inverse of :meth:`tensors` (the tensors are copied)."""
+        mlp = _MLP(config.input_dim, config.hidden)
+        n = len(prefix) + 4
+        mlp.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(f"{prefix}mlp.")})
+        return cls(config, mlp, tensors[f"{prefix}mean"].clone(), tensors[f"{prefix}std"].clone())
+
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> KVClassifier:
-        """Load a folder written by :meth:`save`."""
+        """Load a folder written by :meth:`save`. A router folder (``kvagents train router``) loads as its
+        :class:`KVRouter`, which a ``ReasoningController`` takes wherever it takes a classifier."""
         from safetensors.torch import load_file
 
         path = Path(path)
         meta_path = path / "classifier.json"
+        if not meta_path.exists() and (path / "artifact.json").is_file():
+            try:
+                kind = json.loads((path / "artifact.json").read_text(encoding="utf-8")).get("kind")
+            except (OSError, ValueError):
+                kind = None
+            if kind == KVRouter.kind:
+                return KVRouter.load(path, device=device)
         if not meta_path.exists():
             raise FileNotFoundError(f"no classifier at {path}: expected {meta_path} (written by KVClassifier.save)")
         meta = json.loads(meta_path.read_text())
@@ -330,6 +357,152 @@ class KVClassifier:
         mlp = _MLP(config.input_dim, config.hidden)
         mlp.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("mlp.")})
         return cls(config, mlp, t["mean"], t["std"]).to(device)
+
+
+class KVRouterConfig(BaseModel):
+    """A router's calibrated decision rule and the settings of the runs it was calibrated on.
+
+    ``tau_gain``: at prefill, gain score >= ``tau_gain`` thinks slowly, below answers fast; ``tau_step``: while
+    thinking, a step score (read every ``every`` tokens) below ``tau_step`` ends the thinking; ``thinking_budget``:
+    thinking tokens after which the answer is forced (``None``: none). Scores are 0-100-scale difficulties;
+    ``-1e6`` / ``1e6`` stand for "always" / "never".
+
+    Example:
+        >>> KVRouterConfig(tau_gain=40.0, tau_step=20.0, every=16).every
+        16
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tau_gain: float = Field(description="Prefill: gain score >= tau_gain -> slow thinking, else a fast answer.")
+    tau_step: float = Field(-1e6, description="Mid-thinking: step score < tau_step -> stop thinking and answer.")
+    thinking_budget: int | None = Field(None, description="Thinking tokens before the answer is forced.")
+    format: str = Field("plain", description="Thinking format of the runs it was trained on (plain, qwen3).")
+    every: int = Field(32, description="Tokens between step predictions (the checkpoints it was trained on).")
+    fast_tokens: int = Field(32, description="Answer tokens of a fast answer.")
+    slow_tokens: int = Field(512, description="Generated tokens after which slow thinking was cut.")
+    answer_tokens: int = Field(32, description="Answer tokens after thinking ends.")
+    tolerance: float = Field(0.5, description="Calibration: accuracy points below always-slow allowed.")
+    instruction: str | None = Field(None, description="Format instruction appended to the questions it saw.")
+    answer_cue: str | None = Field(None, description="Answer cue forced after thinking / in fast mode.")
+
+    @field_validator("every", "fast_tokens", "slow_tokens", "answer_tokens")
+    @classmethod
+    def _positive(cls, v, info):
+        if v < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {v}")
+        return v
+
+
+class KVRouter:
+    """Fast or slow thinking per question, and when to stop thinking, from the KV cache: a ``gain`` head on the
+    prompt's KV window (does slow thinking change the outcome?) and a ``step`` head on the last-w tokens' KV
+    (would thinking on still turn a wrong answer right?), with thresholds calibrated by ``kvagents train router``.
+
+    It is a classifier to a :class:`~kvagents.control.thinking.ReasoningController`: ``config`` is the KV rows it
+    reads (threshold ``tau_gain``), and ``scores`` answers with the gain head at prefill (``step == -1``, which the
+    controller sets) and with the step head later, shifted by ``tau_gain - tau_step`` so that the one threshold
+    reads both (no step head: exactly the threshold, never a switch). :meth:`controller_settings` gives the
+    controller the rule it was calibrated for.
+
+    Example:
+        >>> router = KVRouter.load("routers/mine", llm)                              # doctest: +SKIP
+        >>> ctl = ReasoningController(PLAIN_FORMAT, llm.tokenizer, classifier=router,
+        ...                           **router.controller_settings())               # doctest: +SKIP
+        >>> router.route(prompt_features)   # True: think slowly                      # doctest: +SKIP
+    """
+
+    kind = "kv_router"
+
+    def __init__(self, gain: KVClassifier, step: KVClassifier | None, settings: KVRouterConfig) -> None:
+        if step is not None and (gain.config.layers, gain.config.part, gain.config.window) != (
+                step.config.layers, step.config.part, step.config.window):
+            raise ValueError("the gain and step heads must read the same KV rows (layers, part, window)")
+        self.gain, self.step_head, self.settings = gain, step, settings
+        self.config = gain.config.model_copy(update={"threshold": float(settings.tau_gain)})
+        self.step = -1  # -1 at prefill; a ReasoningController sets the decode step before each later call
+        self.metadata: dict = {}  # artifact.json of a loaded router (training summary, held-out metrics, model)
+
+    @property
+    def dim(self) -> int:
+        return self.gain.dim
+
+    def to(self, device) -> KVRouter:
+        self.gain.to(device)
+        if self.step_head is not None:
+            self.step_head.to(device)
+        return self
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier interface (see the class docstring): gain scores at prefill, shifted step scores later."""
+        if self.step < 0:
+            return self.gain.scores(x)
+        if self.step_head is None:
+            return torch.full((x.shape[0],), self.config.threshold, dtype=torch.float32, device=x.device)
+        return self.step_head.scores(x) + float(self.settings.tau_gain - self.settings.tau_step)
+
+    def predict(self, prompt_features) -> np.ndarray:
+        """Gain scores (0-100 scale) of prompt features ``[N, D]``."""
+        return self.gain.predict(prompt_features)
+
+    def predict_step(self, window_features) -> np.ndarray:
+        """Step scores (0-100 scale, unshifted) of last-w window features ``[M, D]`` (zeros without a step head)."""
+        if self.step_head is None:
+            return np.zeros(len(window_features), dtype=np.float32)
+        return self.step_head.predict(window_features)
+
+    def route(self, prompt_features) -> np.ndarray:
+        """``True`` where the router thinks slowly (gain score >= ``tau_gain``)."""
+        return self.predict(prompt_features) >= self.settings.tau_gain
+
+    def controller_settings(self) -> dict[str, Any]:
+        """``ReasoningController`` keyword arguments for the calibrated rule: start decided at prefill, one switch
+        (slow to fast) when a step score falls below ``tau_step`` (no hysteresis), the calibrated thinking budget,
+        the answer and length limits it was trained with, step predictions every ``every`` tokens."""
+        s = self.settings
+        return {"start": "auto", "delta": 0.0, "every": s.every, "max_switches": 1, "switch_to_slow": False,
+                "max_thinking_tokens": s.thinking_budget, "max_answer_tokens": s.answer_tokens,
+                "stop_thinking_at": s.slow_tokens}
+
+    # -- persistence ---------------------------------------------------------------------------------------------
+    def save(self, path: str | Path, model=None, *, training: dict | None = None, metrics: dict | None = None,
+             calibration: dict | None = None) -> Path:
+        """Write the router as one trained-signal folder (:mod:`kvagents.signals.artifact`): both heads' weights,
+        their pooling, the thresholds and settings (and ``calibration``, how they were chosen), ``model``'s
+        fingerprint (a ``KVModel`` or a :class:`~kvagents.signals.artifact.ModelFingerprint`), the training summary
+        and held-out metrics."""
+        from .artifact import as_fingerprint, save_artifact
+
+        tensors = self.gain.tensors("gain.")
+        if self.step_head is not None:
+            tensors.update(self.step_head.tensors("step."))
+        config = {"router": self.settings.model_dump(), "gain": self.gain.config.model_dump(),
+                  "step": None if self.step_head is None else self.step_head.config.model_dump(),
+                  "calibration": calibration or {}}
+        return save_artifact(path, self.kind, tensors, config, as_fingerprint(model), training=training,
+                             metrics=metrics)
+
+    @classmethod
+    def load(cls, path: str | Path, model=None, device: str | torch.device = "cpu") -> KVRouter:
+        """Load a router folder. ``model`` (a ``KVModel`` or a fingerprint): refuse a router trained on another
+        model (:class:`~kvagents.signals.artifact.ArtifactMismatchError`, naming both)."""
+        from .artifact import as_fingerprint, load_artifact
+
+        meta, t = load_artifact(path, cls.kind, model=as_fingerprint(model))
+        c = meta["config"]
+        gain = KVClassifier.from_tensors(KVClassifierConfig(**c["gain"]), t, "gain.")
+        step = None if c.get("step") is None else KVClassifier.from_tensors(KVClassifierConfig(**c["step"]), t,
+                                                                             "step.")
+        router = cls(gain, step, KVRouterConfig(**c["router"])).to(device)
+        router.metadata = meta
+        return router
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path, model=None, device: str | torch.device = "cpu") -> KVRouter:
+        """A shipped router by name (:func:`~kvagents.signals.artifact.shipped` lists them) or a router folder."""
+        from .artifact import find_trained
+
+        return cls.load(find_trained(name, cls.kind), model=model, device=device)
 
 
 class StubClassifier:
