@@ -110,6 +110,7 @@ class KVModel:
         self.progress = progress
         self._engine: DecodeEngine | None = None
         self._fast_engine = None
+        self._scheduler = None
         self._lock = threading.RLock()
         self.load_s: float | None = None
 
@@ -335,6 +336,42 @@ class KVModel:
         return GenerationStream(
             self, engine.run(ids, params, components, stream=True, logits_processors=logits_processors)
         )
+
+    # -- continuous batching ------------------------------------------------------------------------------------
+    def scheduler(self, **config):
+        """The model's continuous-batching :class:`~kvagents.engine.scheduler.Scheduler` (eager engine), started on
+        first call with ``config`` (:class:`~kvagents.engine.scheduler.SchedulerConfig` fields: ``max_rows``,
+        ``max_queue``, ``prefill_chunk``); later calls return it (a different ``config`` is refused while it runs).
+        A shut-down scheduler is replaced by a new one. ``generate`` / ``stream`` are unchanged: they run between
+        the scheduler's steps (one model lock).
+
+        Example:
+            >>> # sched = llm.scheduler(max_rows=8)
+            >>> # h = sched.submit("What is 2+3?", SamplingParams(max_new_tokens=16, temperature=0))
+            >>> # h.result(timeout=60).samples[0][0].text
+        """
+        from .engine.scheduler import Scheduler, SchedulerConfig
+
+        with self._lock:
+            cfg = SchedulerConfig(**config)
+            if self._scheduler is not None and not self._scheduler.closed:
+                if config and cfg != self._scheduler.config:
+                    raise ValueError(f"this model's scheduler runs with {self._scheduler.config!r}; shut it down "
+                                     f"(llm.scheduler().shutdown()) before starting one with {cfg!r}")
+                return self._scheduler
+            self._scheduler = Scheduler(self.engine, lock=self._lock, config=cfg,
+                                        encode=lambda p: self.encode_prompt(p))
+            return self._scheduler
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, components: Sequence[Component] = (),
+               logits_processors: Sequence[LogitsProcessor] = (), stream: bool = False,
+               on_text: Callable[[StreamEvent], None] | None = None, **param_overrides):
+        """Queue one prompt on :meth:`scheduler` (continuous batching); returns a
+        :class:`~kvagents.engine.scheduler.RequestHandle` (``.result(timeout)``, iterate with ``stream=True``,
+        ``.cancel()``). Its result equals ``generate(prompt, params)``'s for the same prompt and parameters."""
+        params = _params(params, param_overrides)
+        return self.scheduler().submit(prompt, params, components=components, logits_processors=logits_processors,
+                                       stream=stream, on_text=on_text)
 
     # -- embeddings ---------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -12,6 +12,12 @@ Lifecycle, per ``generate`` call (batch-level, like vLLM's logits processors):
 
 Reading a view never synchronises with the host. A component that needs host values (to decide on an action)
 should batch them, e.g. look every k steps.
+
+Look-ahead forks (eager engine): ``on_step`` may also return :class:`LookAhead` requests. After the step's token is
+fed, the engine forks each named sequence from the running cache (the prefix is shared, never re-processed),
+feeds the forced ids, decodes ``max_tokens`` greedily as a small separate batch, drops the fork and hands the
+component a list of :class:`LookAheadResult` through its optional hook ``on_lookahead(results)``, which may
+return :class:`StopSequence` / :class:`ForceTokens` actions (applied from the next step on, like ``on_step``'s).
 """
 
 from __future__ import annotations
@@ -82,6 +88,96 @@ class ForceTokens:
         object.__setattr__(self, "token_ids", ids)
 
 
+@dataclass(frozen=True)
+class LookAhead:
+    """Request a look-ahead on sequence ``index`` (eager engine, returned from ``on_step``): after this step's token
+    is fed, fork the sequence from the running cache, feed ``token_ids`` (forced, e.g. an end-of-thinking marker
+    and an answer cue), decode ``max_tokens`` tokens greedily from the model's raw logits, then drop the fork. The
+    main sequence is untouched. The result comes back through the component's ``on_lookahead(results)`` hook.
+
+    ``kv_layers`` (absolute layer indices, optional): also return the fork's K/V rows of those layers for the
+    fed look-ahead tokens (``kv_part`` ``"k"`` / ``"v"`` / ``"kv"``). ``tag``: any value, returned in the result.
+
+    Example:
+        >>> LookAhead(0, [40, 41], max_tokens=4).max_tokens
+        4
+        >>> LookAhead(0, [], max_tokens=4)
+        Traceback (most recent call last):
+        ...
+        kvagents.engine.components.InvalidActionError: LookAhead token_ids must hold at least one token id to force, got []
+    """
+
+    index: int
+    token_ids: list[int]
+    max_tokens: int
+    kv_layers: tuple[int, ...] | None = None
+    kv_part: str = "kv"
+    tag: Any = None
+
+    def __post_init__(self) -> None:
+        index = _as_int(self.index, "LookAhead index")
+        if index < 0:
+            raise InvalidActionError(f"LookAhead index must be >= 0 (a sequence number), got {index}")
+        ids = self.token_ids
+        if isinstance(ids, torch.Tensor):
+            ids = ids.flatten().tolist()
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise InvalidActionError(f"LookAhead token_ids must be a list of token ids, got {ids!r}")
+        ids = [_as_int(x, "LookAhead token id") for x in ids]
+        if not ids:
+            raise InvalidActionError("LookAhead token_ids must hold at least one token id to force, got []")
+        neg = [x for x in ids if x < 0]
+        if neg:
+            raise InvalidActionError(f"LookAhead token ids must be >= 0, got {neg[:5]}")
+        m = _as_int(self.max_tokens, "LookAhead max_tokens")
+        if m < 1:
+            raise InvalidActionError(f"LookAhead max_tokens must be >= 1, got {m}")
+        layers = self.kv_layers
+        if layers is not None:
+            layers = tuple(_as_int(x, "LookAhead kv_layers entry") for x in layers)
+            if not layers:
+                raise InvalidActionError("LookAhead kv_layers must name at least one layer (or be None), got []")
+        if self.kv_part not in ("k", "v", "kv"):
+            raise InvalidActionError(f"LookAhead kv_part must be 'k', 'v' or 'kv', got {self.kv_part!r}")
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "token_ids", ids)
+        object.__setattr__(self, "max_tokens", m)
+        object.__setattr__(self, "kv_layers", layers)
+
+
+@dataclass
+class LookAheadResult:
+    """What one :class:`LookAhead` produced (host values, except ``kv``).
+
+    * ``step``: the main step whose token was the fork's last shared token (the fork continues
+      prompt + generated tokens ``0 .. step``);
+    * ``forced_ids``: the forced ids; ``token_ids``: the ``max_tokens`` greedy tokens decoded after them;
+    * ``probs`` / ``logprobs``: each decoded token's probability / log-probability under the model's raw
+      distribution (the greedy token's, i.e. the max);
+    * ``kv``: with ``kv_layers``, the fork's rows ``[nL, parts, H, S, d]`` of the ``S = len(forced_ids) +
+      max_tokens - 1`` fed look-ahead tokens (the last decoded token is not fed), on the engine's device;
+    * ``tokens``: look-ahead tokens of this request (forced + decoded), what the sample's count grows by.
+    """
+
+    index: int
+    step: int
+    forced_ids: list[int]
+    token_ids: list[int]
+    probs: list[float]
+    logprobs: list[float]
+    kv: torch.Tensor | None = None
+    tag: Any = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.forced_ids) + len(self.token_ids)
+
+    @property
+    def confidence(self) -> float:
+        """Mean probability of the decoded tokens."""
+        return sum(self.probs) / len(self.probs)
+
+
 class InvalidComponentError(TypeError, ValueError):
     """Something passed as a component that is not one (a string, a class instead of an instance...)."""
 
@@ -113,14 +209,14 @@ def check_action(component, action, sequences: int, vocab_size: int | None) -> N
     if not 0 <= action.index < sequences:
         raise InvalidActionError(f"component {name!r} returned {type(action).__name__} for sequence {action.index}; "
                                  f"valid: 0..{sequences - 1}")
-    if isinstance(action, ForceTokens) and vocab_size is not None:
+    if isinstance(action, (ForceTokens, LookAhead)) and vocab_size is not None:
         bad = [x for x in action.token_ids if x >= vocab_size]
         if bad:
             raise InvalidActionError(f"component {name!r} forced token ids outside the vocabulary [0, {vocab_size}): "
                                      f"{bad[:5]}")
 
 
-Action = StopSequence | ForceTokens
+Action = StopSequence | ForceTokens | LookAhead
 
 
 @dataclass

@@ -8,7 +8,9 @@ every step when stop strings or streaming need it.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import math
 import operator
 import time
 from collections import deque
@@ -16,18 +18,22 @@ from collections.abc import Callable, Generator, Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .components import (
     Component,
     FinishView,
     ForceTokens,
+    InvalidActionError,
     LayerInfo,
+    LookAhead,
+    LookAheadResult,
     PrefillView,
     StepView,
     StopSequence,
     check_action,
 )
-from .devices import TensorParallel, shared_seed
+from .devices import TensorParallel, gather_layer_rows, shared_seed
 from .params import SamplingParams
 from .results import GenerationResult, GenerationStats, SampleResult, StreamEvent
 from .sampling import sample_checked
@@ -82,6 +88,67 @@ def layer_info(cache, model=None) -> LayerInfo:
         return LayerInfo(len(cache.layers), [], 0, 0, tp)
     k = cache.layers[attn[0]].keys
     return LayerInfo(len(cache.layers), attn, k.shape[1] * tp.size, k.shape[3], tp)
+
+
+def fork_rows(cache, rows: Sequence[int]):
+    """A new cache holding rows ``rows`` of ``cache`` (transformers 5.x ``DynamicCache``): each layer's ``keys`` /
+    ``values`` ``[B, H, S, d]`` are row-selected (a view for consecutive rows, else a copy), layers without keys
+    are copied as they are. The source is never written: feeding the fork grows its own tensors
+    (``DynamicLayer.update`` concatenates), so dropping it leaves the running cache exactly as it was. Nothing is
+    re-computed: the fork shares the prefix's K/V.
+
+    Example:
+        >>> from transformers import DynamicCache
+        >>> c = DynamicCache()
+        >>> _ = c.update(torch.zeros(3, 2, 5, 4), torch.ones(3, 2, 5, 4), 0)
+        >>> fork_rows(c, [2]).layers[0].keys.shape
+        torch.Size([1, 2, 5, 4])
+    """
+    rows = [int(r) for r in rows]
+    run = rows == list(range(rows[0], rows[0] + len(rows)))
+    if getattr(cache, "offloading", False):
+        raise NotImplementedError("look-ahead forks need a cache that is not offloaded (DynamicCache(offloading=False))")
+    fork = copy.copy(cache)
+    fork.layers = []
+    for j, layer in enumerate(cache.layers):
+        if hasattr(layer, "update_recurrent_state") or hasattr(layer, "update_conv_state"):
+            raise NotImplementedError(f"cache layer {j} ({type(layer).__name__}) keeps a recurrent state: look-ahead "
+                                      "forks support attention K/V layers only")
+        new = copy.copy(layer)
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.numel() > 0:
+            if run and type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):  # update() never writes in place
+                new.keys, new.values = keys[rows[0] : rows[-1] + 1], layer.values[rows[0] : rows[-1] + 1]
+            else:
+                idx = torch.as_tensor(rows, device=keys.device)
+                new.keys, new.values = keys.index_select(0, idx), layer.values.index_select(0, idx)
+        fork.layers.append(new)
+    return fork
+
+
+def check_lookahead(component, action: LookAhead, info: LayerInfo) -> None:
+    """Refuse a :class:`LookAhead` from a component without an ``on_lookahead`` hook, or asking for the K/V rows
+    of a layer that holds none (:class:`InvalidActionError`, naming the component and the value)."""
+    name = getattr(component, "name", type(component).__name__)
+    if not callable(getattr(component, "on_lookahead", None)):
+        raise TypeError(f"component {name!r} returned a LookAhead but has no on_lookahead(results) hook to receive it")
+    if action.kv_layers is not None:
+        bad = [x for x in action.kv_layers if x not in info.attention_layers]
+        if bad:
+            raise InvalidActionError(f"component {name!r} asked for the look-ahead K/V of layers {bad}, which hold no "
+                                     f"keys; attention layers: {info.attention_layers}")
+
+
+def deliver_lookaheads(done, results, components, counts: list[int], apply) -> None:
+    """Add each result's tokens to its sequence's ``counts``, hand every component in ``components`` its own results
+    (``done`` holds the ``(component, request)`` pairs, in ``results``' order) through ``on_lookahead``, and
+    ``apply(component, actions)`` what it returns."""
+    for r in results:
+        counts[r.index] += r.tokens
+    for c in components:
+        mine = [r for (owner, _), r in zip(done, results) if owner is c]
+        if mine:
+            apply(c, c.on_lookahead(mine))
 
 
 class TooManySequencesError(ValueError):
@@ -224,6 +291,56 @@ class DecodeEngine:
         )
         return out.logits[:, -1].float().to(token_ids.device)
 
+    def lookahead(self, cache, attention_mask, positions, requests: Sequence[LookAhead], step: int,
+                  layers: LayerInfo, prefix_tokens: torch.Tensor | None = None) -> tuple[list[LookAheadResult], int]:
+        """Run ``requests`` on forks of the running ``cache`` and drop the forks; return the results (request order)
+        and the forward calls used. ``attention_mask`` ``[B, S]`` is the running mask (every fed token),
+        ``positions`` ``[B]`` the next position of each row. ``prefix_tokens`` ``[B]`` (optional): each row's
+        chosen token not yet in ``cache`` (the fast path's), fed on the fork before the forced ids. Requests of the
+        same shape share one small batch: one forward over the forced ids, then one per greedy token (the last
+        decoded token is not fed). One host read per batch."""
+        dev = attention_mask.device
+        S = attention_mask.shape[1]
+        groups: dict[tuple, list[int]] = {}
+        for j, r in enumerate(requests):
+            groups.setdefault((len(r.token_ids), r.max_tokens, r.kv_layers, r.kv_part), []).append(j)
+        results: list[LookAheadResult | None] = [None] * len(requests)
+        calls = 0
+        for (f, m, kv_layers, kv_part), js in groups.items():
+            host_rows = [requests[j].index for j in js]
+            rows = torch.as_tensor(host_rows, device=dev)
+            fork = fork_rows(cache, host_rows)
+            pos = positions.index_select(0, rows)
+            forced = torch.as_tensor([requests[j].token_ids for j in js], dtype=torch.long, device=dev)
+            if prefix_tokens is not None:
+                forced = torch.cat([prefix_tokens.index_select(0, rows)[:, None], forced], dim=1)
+            F = forced.shape[1]
+            mask = torch.cat([attention_mask.index_select(0, rows),
+                              attention_mask.new_ones((len(js), F + m - 1))], dim=1)
+            logits = self.prefill(forced, mask[:, : S + F], pos[:, None] + torch.arange(F, device=dev), fork)
+            calls += 1
+            toks, lps = [], []
+            for s_ in range(m):
+                best, tok = torch.log_softmax(logits, dim=-1).max(dim=-1)
+                toks.append(tok)
+                lps.append(best)
+                if s_ < m - 1:
+                    logits = self.decode_one_token(tok, mask[:, : S + F + s_ + 1], pos + F + s_, fork)
+                    calls += 1
+            kv = None
+            if kv_layers is not None:
+                kv = gather_layer_rows(fork, list(kv_layers), kv_part, rows=slice(-(f + m - 1), None), device=dev,
+                                       tp=layers.tp)
+            del fork
+            host_toks, host_lps = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()
+            for a, j in enumerate(js):
+                r = requests[j]
+                results[j] = LookAheadResult(
+                    index=r.index, step=step, forced_ids=list(r.token_ids), token_ids=host_toks[a],
+                    probs=[math.exp(x) for x in host_lps[a]], logprobs=host_lps[a],
+                    kv=None if kv is None else kv[a], tag=r.tag)
+        return results, calls
+
     # -- public ------------------------------------------------------------------------------------------------
     def generate(
         self,
@@ -316,6 +433,30 @@ class DecodeEngine:
         host_reason = [RUNNING] * B
         fed_ids = fed_valid = fed_pos = None
         steps = 0
+        la_comps = [c for c in components if callable(getattr(c, "on_lookahead", None))]
+        clash = [c.name for c in la_comps if c.name in ("lookahead_tokens", "total_tokens")]
+        if clash:
+            raise ValueError(f"component name {clash[0]!r} is reserved for the look-ahead token counts; rename it")
+        la_tokens = [0] * B  # look-ahead tokens (forced + decoded) run on forks of each sequence
+        lookaheads: list[tuple[Component, LookAhead]] = []
+
+        def apply_actions(c, actions, from_lookahead: bool = False) -> None:
+            for action in actions or ():
+                if isinstance(action, (StopSequence, ForceTokens, LookAhead)):
+                    check_action(c, action, B, logits.shape[-1])
+                if isinstance(action, StopSequence):
+                    reason[action.index] = torch.where(reason[action.index] == RUNNING, COMPONENT, reason[action.index])
+                    custom_reason.setdefault(action.index, action.reason)
+                elif isinstance(action, ForceTokens):
+                    force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
+                elif isinstance(action, LookAhead):
+                    if from_lookahead:
+                        raise TypeError(f"component {c.name!r} returned a LookAhead from on_lookahead; ask for "
+                                        "look-aheads from on_step")
+                    check_lookahead(c, action, info)
+                    lookaheads.append((c, action))
+                else:
+                    raise TypeError(f"component {c.name!r} returned an unknown action {action!r}")
 
         for t in range(max_new):
             # 1. choose token t for every sequence (logits processors, e.g. a grammar mask, shape the choice)
@@ -350,16 +491,7 @@ class DecodeEngine:
             # 3. components (one line per step)
             view = StepView(t, tok, None, logits, forced, alive, reason != RUNNING, fed_ids, fed_valid, fed_pos, cache, info)
             for c in components:
-                for action in c.on_step(view) or ():
-                    if isinstance(action, (StopSequence, ForceTokens)):
-                        check_action(c, action, B, logits.shape[-1])
-                    if isinstance(action, StopSequence):
-                        reason[action.index] = torch.where(reason[action.index] == RUNNING, COMPONENT, reason[action.index])
-                        custom_reason.setdefault(action.index, action.reason)
-                    elif isinstance(action, ForceTokens):
-                        force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
-                    else:
-                        raise TypeError(f"component {c.name!r} returned an unknown action {action!r}")
+                apply_actions(c, c.on_step(view))
             steps = t + 1
             # 4. host work, batched
             if host_every_step or steps % self.sync_every == 0 or t == max_new - 1:
@@ -392,6 +524,13 @@ class DecodeEngine:
             fed_ids, fed_valid, fed_pos = tok, reason == RUNNING, next_pos + t
             logits = self.decode_one_token(tok, attn[:, : T + t + 1], fed_pos, cache)
             calls += 1
+            # 6. look-ahead forks asked for at this step: they share the prefix (token t included), then are dropped
+            if lookaheads:
+                done, lookaheads = lookaheads, []
+                results, la_calls = self.lookahead(cache, attn[:, : T + t + 1], fed_pos + 1, [a for _, a in done], t,
+                                                   info)
+                calls += la_calls
+                deliver_lookaheads(done, results, la_comps, la_tokens, lambda c, a: apply_actions(c, a, True))
 
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -407,6 +546,9 @@ class DecodeEngine:
         names = [self._reason_name(r, custom_reason.get(i)) for i, r in enumerate(reasons)]
         fview = FinishView(token_ids=token_lists, finish_reasons=names, prompt_index=[i // n for i in range(B)])
         outputs = {c.name: c.on_finish(fview) for c in components}
+        if la_comps:  # look-ahead tokens are tokens this sample cost: per sample, and with the generated ones
+            outputs["lookahead_tokens"] = la_tokens
+            outputs["total_tokens"] = [counts[i] + la_tokens[i] for i in range(B)]
         samples: list[list[SampleResult]] = [[] for _ in range(P)]
         for i in range(B):
             if trackers is not None:

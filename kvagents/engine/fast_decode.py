@@ -36,6 +36,12 @@ whenever the former says so, and applies its actions as the eager engine does; t
 Any other component keeps the plain API: its ``on_step`` runs after each replayed step, outside the graph, with a
 view of the static buffers (actions work as in the eager engine; it costs host time per step).
 
+A :class:`~kvagents.engine.components.LookAhead` (from ``on_step`` or ``on_host_check``) runs between two steps,
+outside the graphs: the rows are copied out of the static buffers into a small ``DynamicCache`` fork (the prefix is
+not re-processed), the step's token (not yet in the buffers: the next step feeds it) is fed on the fork with the
+forced ids, and the eager model decodes the greedy tokens (:meth:`DecodeEngine.lookahead
+<kvagents.engine.decode.DecodeEngine.lookahead>`); the static buffers are never written.
+
 Logits processors
 -----------------
 ``logits_processors`` (e.g. a :class:`~kvagents.grammar.GrammarMask`) are host callables, as in the eager engine:
@@ -70,7 +76,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .components import Component, FinishView, ForceTokens, PrefillView, StopSequence, check_action
+from .components import Component, FinishView, ForceTokens, LookAhead, PrefillView, StopSequence, check_action
 from .decode import (
     COMPONENT,
     EOS,
@@ -80,7 +86,9 @@ from .decode import (
     DecodeEngine,
     NonFiniteLogitsError,
     _TextTracker,
+    check_lookahead,
     check_prompts,
+    deliver_lookaheads,
     layer_info,
     left_pad,
 )
@@ -92,7 +100,7 @@ from .static_cache import StaticBatch as _Static
 from .static_cache import StaticLM, UnsupportedModelError
 from .static_view import StaticStepView, _get_attr, _graph_key, _set_attr, _StaticCacheView, graph_step_for
 
-__all__ = ["FastDecodeEngine", "StaticStepView", "UnsupportedModelError", "graph_step_for", "hash_exponential", "top_p_keep"]
+__all__ = ["FastDecodeEngine", "StaticStepView", "UnsupportedComponentError", "UnsupportedModelError", "graph_step_for", "hash_exponential", "top_p_keep"]
 
 # top-p's cumsum over the vocabulary hit an Inductor codegen error (torch 2.11, split scan): keep it eager
 _process_logits_eager = torch.compiler.disable(process_logits)
@@ -108,6 +116,11 @@ def _warm_compile_pool() -> None:
     except ImportError:  # another torch: Inductor warms its pool itself
         return
     maybe_warm_pool()
+
+
+class UnsupportedComponentError(TypeError, ValueError):
+    """A component the fast path cannot run (look-ahead forks on a sliding-window model); the eager engine runs
+    it."""
 
 
 @dataclass(frozen=True)
@@ -344,6 +357,15 @@ class FastDecodeEngine:
              logits_processors) -> Generator[StreamEvent, None, GenerationResult]:
         model, dev = self.model, self.model.device
         procs = list(logits_processors)
+        la_comps = [c for c in components if callable(getattr(c, "on_lookahead", None))]
+        if la_comps and getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window",
+                                                                                  True):
+            raise UnsupportedComponentError(
+                f"component {la_comps[0].name!r} asks for look-ahead forks, which the fast path does not run on a "
+                "sliding-window model; use the eager engine: generate(..., fast=False) / DecodeEngine")
+        clash = [c.name for c in la_comps if c.name in ("lookahead_tokens", "total_tokens")]
+        if clash:
+            raise ValueError(f"component name {clash[0]!r} is reserved for the look-ahead token counts; rename it")
         n, P = params.n, len(prompt_ids)
         lengths, max_new = check_prompts(prompt_ids, model.config, params.max_new_tokens, params.n)
         B, T = P * n, max(lengths)
@@ -536,6 +558,9 @@ class FastDecodeEngine:
                 step_fn_for(Lb1)()
             self._precompile_pass(st, first_step, comp_tensors)
 
+        la_tokens = [0] * B  # look-ahead tokens (forced + decoded) run on forks of each sequence
+        lookaheads: list[tuple[Component, LookAhead]] = []
+
         t = 0
         while t < max_new:
             if trackers is not None and host_stops and snap is None and t == last_check:
@@ -543,10 +568,13 @@ class FastDecodeEngine:
                 snap_host = (copy.deepcopy(trackers), copy.deepcopy(force_queues), dict(custom_reason))
             one_step(t)
             if plain:
-                self._plain_step(st, t, plain, force_queues, custom_reason)
+                self._plain_step(st, t, plain, force_queues, custom_reason, lookaheads)
             for c in hosted:
                 if c.host_check_at(t):
-                    self._host_check(st, t, c, force_queues, custom_reason)
+                    self._host_check(st, t, c, force_queues, custom_reason, lookaheads)
+            if lookaheads:  # forks of the rows (token t fed on them), dropped after; the buffers are not written
+                done, lookaheads = lookaheads, []
+                calls += self._lookaheads(st, t, T, done, la_comps, la_tokens, force_queues, custom_reason)
             for i, k in applied_stop.items():  # replaying a window: stops found at its check, at their step
                 if k == t:
                     apply_stop(i)
@@ -623,6 +651,9 @@ class FastDecodeEngine:
         names = [DecodeEngine._reason_name(r, custom_reason.get(i)) for i, r in enumerate(reasons)]
         fview = FinishView(token_ids=token_lists, finish_reasons=names, prompt_index=[i // n for i in range(B)])
         outputs = {c.name: c.on_finish(fview) for c in components}
+        if la_comps:  # as the eager engine: look-ahead tokens per sample, and with the generated ones
+            outputs["lookahead_tokens"] = la_tokens
+            outputs["total_tokens"] = [counts[i] + la_tokens[i] for i in range(B)]
         samples: list[list[SampleResult]] = [[] for _ in range(P)]
         for i in range(B):
             if trackers is not None:
@@ -669,7 +700,7 @@ class FastDecodeEngine:
         stats.update(pass_s=round(time.perf_counter() - t0, 2), error=error)
         self.precompile_stats.append(stats)
 
-    def _plain_step(self, st: _Static, t: int, plain, force_queues, custom_reason) -> None:
+    def _plain_step(self, st: _Static, t: int, plain, force_queues, custom_reason, lookaheads=None) -> None:
         """Components without a graph-safe step: their ``on_step`` after the step, outside the graph."""
         has_kv = t > 0
         view = StaticStepView(t, st.tok.clone(), None, st.logits.clone(), st.forced.clone(), st.alive.clone(),
@@ -678,18 +709,46 @@ class FastDecodeEngine:
                               _StaticCacheView(st.K, st.V, int(st.T0) + t) if has_kv else None, st.info,
                               K=st.K, V=st.V, col=st.col.clone())
         for c in plain:
-            self._apply(st, c, c.on_step(view), force_queues, custom_reason)
+            self._apply(st, c, c.on_step(view), force_queues, custom_reason, lookaheads)
 
-    def _host_check(self, st: _Static, t: int, c, force_queues, custom_reason) -> None:
+    def _host_check(self, st: _Static, t: int, c, force_queues, custom_reason, lookaheads=None) -> None:
         """A graph component's host work at step ``t`` (``on_host_check``), after the replayed step: a view of the
         live buffers (valid during the call only), its actions applied as a plain component's."""
-        self._apply(st, c, c.on_host_check(self._view(st, t, t > 0)), force_queues, custom_reason)
+        self._apply(st, c, c.on_host_check(self._view(st, t, t > 0)), force_queues, custom_reason, lookaheads)
+
+    def _lookaheads(self, st: _Static, t: int, T: int, done, la_comps, la_tokens, force_queues,
+                    custom_reason) -> int:
+        """Run the look-aheads asked for at step ``t`` on forks of the static rows; hand the results to their
+        components (their actions apply from step ``t + 1``); return the forward calls used."""
+        S = T + t  # columns holding the prompt and tokens 0 .. t-1; token t is fed on the fork
+        src = DynamicCache(config=self.model.config)
+        if len(src.layers) != self.lm.num_layers or any(layer.is_sliding for layer in src.layers):
+            raise UnsupportedComponentError("look-ahead forks on the fast path need one full-attention cache layer per "
+                                            "decoder layer; use the eager engine: generate(..., fast=False)")
+        for i, layer in enumerate(src.layers):
+            k, v = st.K[i, :, :, :S], st.V[i, :, :, :S]
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+        mask = (torch.arange(S, device=st.start.device)[None, :] >= st.start[:, None]).long()
+        results, calls = self.base.lookahead(src, mask, st.lengths + t, [a for _, a in done], t, st.info,
+                                             prefix_tokens=st.tok)
+        self.forward_calls += calls
+        deliver_lookaheads(done, results, la_comps, la_tokens,
+                           lambda c, actions: self._apply(st, c, actions, force_queues, custom_reason))
+        return calls
 
     @staticmethod
-    def _apply(st: _Static, c, actions, force_queues, custom_reason) -> None:
+    def _apply(st: _Static, c, actions, force_queues, custom_reason, lookaheads=None) -> None:
         for action in actions or ():
-            if isinstance(action, (StopSequence, ForceTokens)):
+            if isinstance(action, (StopSequence, ForceTokens, LookAhead)):
                 check_action(c, action, st.B, st.logits.shape[-1])
+            if isinstance(action, LookAhead):
+                if lookaheads is None:
+                    raise TypeError(f"component {c.name!r} returned a LookAhead from on_lookahead; ask for look-aheads "
+                                    "from on_step / on_host_check")
+                check_lookahead(c, action, st.info)
+                lookaheads.append((c, action))
+                continue
             if isinstance(action, StopSequence):
                 r = st.reason[action.index]
                 st.reason[action.index] = torch.where(r == RUNNING, COMPONENT, r)
