@@ -460,10 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
         if field.is_required():
             kw["required"] = True
         else:
-            kw["default"] = field.default
-            kw["help"] += f" (default {field.default})"
+            kw["default"] = field.get_default(call_default_factory=True)
+            kw["help"] += f" (default {kw['default']})"
         if field.annotation in (int, float):
             kw["type"] = field.annotation
+        elif field.annotation is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif getattr(field.annotation, "__origin__", None) is list:
+            kw["nargs"], kw["type"] = "+", field.annotation.__args__[0]
         tp.add_argument(flag, **kw)
     tp.set_defaults(func=cmd_train_probe)
     trr = trs.add_parser("router", help="a fast/slow thinking router: run fast and slow modes on each question, "

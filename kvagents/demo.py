@@ -8,9 +8,13 @@ components read every step's KV rows and logits:
 * :class:`~kvagents.control.early_stop.EarlyStopWeak` (DeepConf-style) stops samples whose token confidence falls
   behind their siblings', and counts the tokens that saved; it also gives the probability scores.
 
-Then three votes over the parsed answers: plain majority, a vote weighted by mean log max-probability (the logprob
-baseline a serving stack can do) and a vote weighted by KV agreement. The last screen names each pick, whether it is
-right, and the tokens saved. Progress is shown live (tokens and tokens/s).
+* when the model has a trained correctness probe (one ships for qwen2.5-coder-0.5b; ``kvagents train probe`` makes
+  one for any model), :class:`~kvagents.signals.probe.KVProbeScore` scores each sample from its pooled KV.
+
+Then the votes over the parsed answers: plain majority, a vote weighted by mean log max-probability (the logprob
+baseline a serving stack can do), a vote weighted by KV agreement and, with a probe, the vote weighted by the probe's
+probability that the sample is right (the learned KV signal). The last screen names each pick, whether it is right,
+and the tokens saved. Progress is shown live (tokens and tokens/s).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ LEGEND = [
     ("answer", "the number after 'Answer:' (or the last number)"),
     ("KV agree", "mean cosine of the sample's pooled generated KV to its finished siblings', centred on their mean"),
     ("logprob", "mean log max-probability of its tokens (higher = more confident)"),
+    ("KV probe", "the trained probe's probability that this sample is the right one, read from its KV"),
 ]
 
 
@@ -69,6 +74,26 @@ class _Progress(Component):
     def on_finish(self, view) -> None:
         sys.stderr.write("\n")
         return None
+
+
+def _shipped_probe(model: str, llm):
+    """The trained probe shipped for ``model`` (checked against the loaded model), or None."""
+    from .signals.artifact import ArtifactError
+    from .signals.probe import KVProbe
+
+    try:
+        return KVProbe.from_pretrained(model, llm)
+    except ArtifactError:
+        return None
+
+
+def _probe_claim(probe) -> str:
+    m = probe.metadata.get("metrics", {})
+    acc = m.get("accuracy", {})
+    if "probe vote" not in acc:
+        return "not recorded"
+    return (f"{100 * acc['probe vote']:.1f} % vs majority {100 * acc['majority vote']:.1f} % on {m.get('rows')} "
+            "questions it was not trained on")
 
 
 def _clip(text: str, width: int) -> str:
@@ -105,7 +130,18 @@ def run_demo(model: str = "qwen2.5-coder-0.5b", n: int = 6, max_new_tokens: int 
     emb = KVEmbedding(KVPooling(segment="generated"), name="kv_generated")
     stopper = EarlyStopWeak(window=16, warmup=32, check_every=8, percentile=10, references="running", min_keep=3)
     progress = _Progress(len(prompts) * n, max_new_tokens)
-    res = llm.generate(prompts, params, components=[emb, stopper, progress])
+    comps = [emb, stopper, progress]
+    probe = _shipped_probe(model, llm)
+    if probe is not None:
+        from .signals.probe import KVProbeScore
+
+        comps.append(KVProbeScore(probe))
+        print(f"  scoring with the trained KV probe {probe.metadata.get('name', model)} "
+              f"(held-out probe vote {_probe_claim(probe)})", flush=True)
+    else:
+        print(f"  no trained KV probe ships for {model}: `kvagents train probe --model {model} ...` makes one",
+              flush=True)
+    res = llm.generate(prompts, params, components=comps)
     st = res.stats
     print(f"  {st.generated_tokens} tokens in {st.decode_s:.1f} s ({st.tokens_per_s:.1f} tokens/s; one prefill per "
           f"problem shared by its {n} samples)")
@@ -128,28 +164,38 @@ def run_demo(model: str = "qwen2.5-coder-0.5b", n: int = 6, max_new_tokens: int 
         majority = select(cands, "majority")
         logprob = select(cands, "weighted", score="mean_log_max_prob")
         kv = select(cands, "weighted", score="kv_agree")
+        row = {"truth": truth, "majority": majority.answer, "logprob": logprob.answer, "kv": kv.answer}
+        if probe is not None:
+            for c, s in zip(cands, group):
+                c.scores["kv_probe"] = s.outputs["kv_probe"]["kv_probe"]
+            row["probe"] = select(cands, "weighted", score="kv_probe", weighting="score").answer
         print(f"\nQ{p + 1}: {question}   (correct: {truth})")
-        print(f"  {'#':>2} {'tokens':>6} {'stop':>5} {'answer':>7} {'KV agree':>8} {'logprob':>8}  end of text")
+        print(f"  {'#':>2} {'tokens':>6} {'stop':>5} {'answer':>7} {'KV agree':>8} {'logprob':>8}"
+              + (f" {'KV probe':>8}" if probe is not None else "") + "  end of text")
         for j, (s, c) in enumerate(zip(group, cands)):
             stop = "weak" if c.stopped_early else s.finish_reason
+            pr = f" {c.scores['kv_probe']:>8.3f}" if probe is not None else ""
             print(f"  {j:>2} {s.generated_tokens:>6} {stop:>5} {str(c.answer):>7} {c.scores['kv_agree']:>8.3f} "
-                  f"{c.scores.get('mean_log_max_prob', float('nan')):>8.3f}  {_clip(s.text[-50:], 44)}")
-        summary["problems"].append({"truth": truth, "majority": majority.answer, "logprob": logprob.answer,
-                                    "kv": kv.answer})
+                  f"{c.scores.get('mean_log_max_prob', float('nan')):>8.3f}{pr}  {_clip(s.text[-50:], 44)}")
+        summary["problems"].append(row)
 
     saved = early_stop_summary(res)
     print("\nColumns:")
     for col, what in LEGEND:
-        print(f"  {col:<9} {what}")
+        if col != "KV probe" or probe is not None:
+            print(f"  {col:<9} {what}")
     print("\nWhat the KV cache bought here:")
-    print(f"  {'problem':<8} {'correct':>7} {'majority':>9} {'logprob vote':>12} {'KV vote':>8}")
+    keys = ("majority", "logprob", "kv") + (("probe",) if probe is not None else ())
+    print(f"  {'problem':<8} {'correct':>7} {'majority':>9} {'logprob vote':>12} {'KV vote':>8}"
+          + (f" {'KV-probe vote':>13}" if probe is not None else ""))
     for p, row in enumerate(summary["problems"]):
-        m = {k: f"{row[k]}{' ✓' if row[k] == row['truth'] else ' ✗'}" for k in ("majority", "logprob", "kv")}
-        print(f"  Q{p + 1:<7} {row['truth']:>7} {m['majority']:>9} {m['logprob']:>12} {m['kv']:>8}")
+        m = {k: f"{row[k]}{' ✓' if row[k] == row['truth'] else ' ✗'}" for k in keys}
+        print(f"  Q{p + 1:<7} {row['truth']:>7} {m['majority']:>9} {m['logprob']:>12} {m['kv']:>8}"
+              + (f" {m['probe']:>13}" if probe is not None else ""))
     print(f"  early stop: {saved['stopped']} of {saved['samples']} samples stopped as weak, about "
           f"{saved['tokens_saved_est']:.0f} tokens saved ({100 * saved['saved_fraction']:.0f} % of the decode) "
           "without a second pass")
-    print("  Two problems prove nothing: `kvagents eval selection` measures the votes on hundreds "
-          "(docs/results.md).")
+    print("  Two problems prove nothing: docs/results.md measures these votes on 1,000 GSM8K problems "
+          "(`kvagents train probe --crossfit` reproduces it).")
     summary["early_stop"] = saved
     return summary

@@ -24,8 +24,27 @@ def test_fingerprint_tells_models_apart_and_is_stable():
     a, a_again, b = tiny_model("qwen2", seed=0), tiny_model("qwen2", seed=0), tiny_model("qwen2", seed=1)
     assert fingerprint(a, tok) == fingerprint(a_again, tok)
     assert fingerprint(a, tok) != fingerprint(b, tok)
-    assert fingerprint(a, tok).differences(fingerprint(b, tok)) == ["weights_sha256"]
+    assert fingerprint(a, tok).differences(fingerprint(b, tok)) == ["weights_sample"]
     assert fingerprint(tiny_model("llama"), tok).architecture != fingerprint(a, tok).architecture
+
+
+def test_fingerprint_matches_the_same_checkpoint_in_another_dtype_only():
+    import torch
+
+    tok = ByteTokenizer()
+    a = tiny_model("qwen2", seed=0)
+    f32 = fingerprint(a, tok)
+    bf16 = fingerprint(tiny_model("qwen2", seed=0).to(torch.bfloat16), tok)
+    f16 = fingerprint(tiny_model("qwen2", seed=0).to(torch.float16), tok)
+    assert f32.matches(bf16) and f32.matches(f16) and bf16.matches(f32)
+    nudged = tiny_model("qwen2", seed=0)
+    with torch.no_grad():
+        next(nudged.parameters()).mul_(1.05)  # a fine-tuned copy: same shapes, other weights
+    assert f32.differences(fingerprint(nudged, tok)) == ["weights_sample"]
+    old = f32.model_copy(update={"weights_sample": []})  # a fingerprint of the first format: hash only
+    assert old.matches(f32.model_copy(update={"weights_sample": []}))
+    assert "weights_sha256" in old.differences(fingerprint(tiny_model("qwen2", seed=1), tok).model_copy(
+        update={"weights_sample": []}))
 
 
 def test_probe_round_trip_is_exact_and_refused_on_another_model(tmp_path):

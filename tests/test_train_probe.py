@@ -30,7 +30,9 @@ def test_train_probe_end_to_end_and_resume_without_loss_or_duplicates(tmp_path):
     cfg = _cfg(tmp_path)
     report = train_probe(cfg, llm=llm)
     assert report["rows"] == 3 and report["train"]["rows"] == 7 and report["samples"] == 12
-    assert set(report["accuracy"]) >= {"majority vote", "probe vote", "logprob vote"}
+    assert set(report["accuracy"]) >= {"majority vote", "probe vote", "vote by mean_log_max_prob",
+                                       "DeepConf top-50% vote"}
+    assert report["train"]["l2"] in cfg.l2 and set(report["train"]["cv_vote_accuracy"]) == {str(x) for x in cfg.l2}
     probe = KVProbe.load(cfg.out, llm)  # tied to this model
     assert probe.metadata["metrics"]["auroc"] == report["auroc"]
     with pytest.raises(ArtifactMismatchError):
@@ -77,3 +79,57 @@ def test_train_probe_refuses_bad_input_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train_probe(_cfg(tmp_path, data=str(tmp_path / "missing.jsonl")), llm=llm)
     assert np.isfinite(0)
+
+
+def test_crossfit_scores_every_row_with_a_probe_that_never_saw_it(tmp_path):
+    llm = KVModel(tiny_model("qwen2"), ByteTokenizer())
+    report = train_probe(_cfg(tmp_path, crossfit=True, folds=2, l2=[0.1, 10.0]), llm=llm)
+    assert report["crossfit"]["rows"] == 10 and report["crossfit"]["samples"] == 40
+    assert report["rows"] == 3
+
+
+def _rec(row, answers, correct, lp, lgc):
+    return {"row": row, "samples": [{"answer": a, "correct": c, "scores": {"mean_log_max_prob": x, "mean_logprob": x,
+                                      "mean_max_prob": x, "mean_entropy": -x, "lowest_group_confidence": g}}
+                                     for a, c, x, g in zip(answers, correct, lp, lgc)]}
+
+
+def test_rules_pick_what_a_hand_count_picks():
+    from kvagents.evals.train_probe import bootstrap_se, rule_hits, weighted_vote
+
+    assert weighted_vote(["a", "b", "b", None], [3, 1, 1, 9]) == "a"
+    assert weighted_vote(["a", "b"], [1, 1]) == "a" and weighted_vote([None], [1]) is None
+    # question 0: majority 'x' (wrong), the confident sample says 'y' (right); question 1: all agree on 'z' (right)
+    recs = [_rec(0, ["x", "x", "y", "w"], [False, False, True, False], [-2.0, -2.0, -0.1, -3.0], [0.1, 0.2, 0.9, 0.8]),
+            _rec(1, ["z"] * 4, [True] * 4, [-1.0] * 4, [0.5] * 4)]
+    hits = rule_hits(recs, probs={0: [0.1, 0.1, 0.9, 0.2], 1: [0.5] * 4})
+    assert hits["majority vote"].tolist() == [0.0, 1.0]
+    assert hits["random sample"].tolist() == [0.25, 1.0]
+    # min-max weights of question 0: x: 2 * (1.0 / 2.9) + 2e-3 = 0.692, y: 1.001 -> y wins
+    assert hits["vote by mean_log_max_prob"].tolist() == [1.0, 1.0]
+    assert hits["probe vote"].tolist() == [1.0, 1.0] and hits["probe argmax"].tolist() == [1.0, 1.0]
+    # DeepConf keeps the half with lowest_group_confidence >= the median (0.5): 'y' and 'w' -> a tie, 'y' seen first
+    assert hits["DeepConf top-50% vote"].tolist() == [1.0, 1.0]
+    assert bootstrap_se([1.0, 1.0, 1.0]) == 0.0 and bootstrap_se([0, 1] * 50) > 0
+
+
+def test_centred_probe_ranks_within_a_prompt_and_ignores_the_prompts_offset():
+    from kvagents.signals.probe import center_by_group, probe_pooling
+
+    x = np.array([[1.0, 5.0], [3.0, 5.0], [np.nan, 0.0], [10.0, 0.0], [14.0, 2.0]])
+    c = center_by_group(x, np.array([0, 0, 1, 1, 1]))
+    np.testing.assert_allclose(c[[0, 1, 3, 4]], [[-1, 0], [1, 0], [-2, -1], [2, 1]])
+    assert np.isnan(c[2, 0])  # a row with no features stays as it is and is left out of its group's mean
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(60), 4)
+    offset = rng.normal(scale=50, size=(60, 1))[groups]  # each prompt shifts its samples: only within-prompt order counts
+    signal = rng.normal(size=(240, 1))
+    y = (signal[:, 0] > np.median(signal)).astype(float)
+    feats = np.concatenate([signal + offset, rng.normal(size=(240, 2))], 1)
+    centred = KVProbe.fit(feats, y, probe_pooling(1), l2=0.1, groups=groups)
+    flat = KVProbe.fit(feats, y, probe_pooling(1), l2=0.1)
+    def within(p):
+        return np.mean([np.argmax(p.predict(feats[groups == g], groups=np.zeros(4)) if p.config.center else
+                                  p.predict(feats[groups == g])) == np.argmax(signal[groups == g, 0]) for g in range(60)])
+    assert centred.config.center and not flat.config.center
+    assert within(centred) > 0.9 and within(centred) > within(flat) + 0.2

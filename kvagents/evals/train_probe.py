@@ -27,9 +27,15 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+L2_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 class TrainProbeConfig(BaseModel):
@@ -53,6 +59,15 @@ class TrainProbeConfig(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1)
     batch_prompts: int = Field(16, ge=1)
     seed: int = Field(0, ge=0, lt=2**32)
+    center: bool = Field(True, description="rank each question's samples against each other (features minus the "
+                         "question's mean), which is what picking among samples needs; --no-center: an absolute "
+                         "correctness probe")
+    l2: list[float] = Field(default_factory=lambda: list(L2_GRID), min_length=1,
+                            description="L2 penalties tried; the one whose probe vote is best across folds of the "
+                            "training rows is kept")
+    folds: int = Field(5, ge=2, le=20, description="folds for the L2 choice (and --crossfit)")
+    crossfit: bool = Field(False, description="also score every row with a probe trained on the other folds and "
+                           "report all rows (each row evaluated by a probe that never saw it)")
     dtype: str = "auto"
     device: str = "auto"
     instruction: str = Field("Solve the problem step by step, then give the final answer after 'Answer:'.",
@@ -187,45 +202,133 @@ def _collect(llm, cfg: TrainProbeConfig, rows: list[dict], work: Path, grade, pa
     return [{"row": row, "samples": done[row]} for row in sorted(done)], layers
 
 
-def _report(records: list[dict], probs: dict[int, list[float]]) -> dict[str, Any]:
-    """Held-out metrics of the probe against the plain baselines."""
+def weighted_vote(answers: list, weights) -> Any:
+    """The answer with the largest summed weight (``None`` answers do not vote; first seen wins ties); ``None`` when
+    no sample has an answer."""
+    tally: dict[Any, float] = {}
+    for a, w in zip(answers, weights):
+        if a is not None:
+            tally[a] = tally.get(a, 0.0) + float(w)
+    return max(tally, key=tally.get) if tally else None
+
+
+def minmax_weights(values) -> np.ndarray:
+    """Scores mapped to ``[1e-3, 1 + 1e-3]`` within one question (NaN gets the lowest); all equal -> all 1."""
     import numpy as np
+
+    v = np.asarray(values, float)
+    v = np.nan_to_num(v, nan=np.nanmin(v) if np.isfinite(v).any() else 0.0)
+    span = v.max() - v.min()
+    return (v - v.min()) / span + 1e-3 if span > 0 else np.ones_like(v)
+
+
+PROB_SCORES = ("mean_log_max_prob", "mean_logprob", "mean_max_prob", "mean_entropy", "lowest_group_confidence")
+
+
+def rule_hits(records: list[dict], probs: dict[int, list[float]] | None = None) -> dict[str, np.ndarray]:
+    """Per question, 1 when a rule picks a right answer: a random sample (its expected value), majority vote,
+    a vote weighted by each probability score (min-max within the question), DeepConf-style filtering (majority
+    among the most confident half by lowest group confidence), and with ``probs`` the probe's vote (weights = the
+    probe's probabilities) and argmax."""
+    import numpy as np
+
+    from ..signals.scoring import SCORE_DIRECTIONS
+
+    out: dict[str, list[float]] = {"random sample": [], "majority vote": []}
+
+    def hit(rec, answer):
+        return float(answer is not None and any(s["correct"] for s in rec["samples"] if s["answer"] == answer))
+
+    for rec in records:
+        ss = rec["samples"]
+        answers = [s["answer"] for s in ss]
+        out["random sample"].append(float(np.mean([s["correct"] for s in ss])))
+        out["majority vote"].append(hit(rec, weighted_vote(answers, [1.0] * len(ss))))
+        for k in PROB_SCORES:
+            v = [SCORE_DIRECTIONS.get(k, 1) * float(s["scores"].get(k, np.nan)) for s in ss]
+            out.setdefault(f"vote by {k}", []).append(hit(rec, weighted_vote(answers, minmax_weights(v))))
+        conf = np.nan_to_num(np.array([float(s["scores"].get("lowest_group_confidence", np.nan)) for s in ss]),
+                             nan=-np.inf)
+        top = conf >= np.quantile(conf, 0.5)
+        out.setdefault("DeepConf top-50% vote", []).append(hit(rec, weighted_vote(answers, top.astype(float))))
+        if probs is not None:
+            p = np.asarray(probs[rec["row"]], float)
+            out.setdefault("probe vote", []).append(hit(rec, weighted_vote(answers, np.nan_to_num(p))))
+            out.setdefault("probe argmax", []).append(float(ss[int(np.nanargmax(p))]["correct"]) if
+                                                      np.isfinite(p).any() else 0.0)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def bootstrap_se(values, base=None, resamples: int = 2000, seed: int = 0) -> float:
+    """Standard error of the mean of ``values`` (of ``values - base`` when given) by resampling questions."""
+    import numpy as np
+
+    v = np.asarray(values, float) - (0.0 if base is None else np.asarray(base, float))
+    idx = np.random.default_rng(seed).integers(0, len(v), (resamples, len(v)))
+    return float(v[idx].mean(1).std())
+
+
+def _report(records: list[dict], probs: dict[int, list[float]]) -> dict[str, Any]:
+    """Held-out metrics of the probe against the plain baselines, with bootstrap standard errors."""
 
     from .metrics import auroc
 
-    def vote(rec, weights):
-        tally: dict[str, float] = {}
-        for s, w in zip(rec["samples"], weights):
-            if s["answer"] is not None:
-                tally[s["answer"]] = tally.get(s["answer"], 0.0) + w
-        if not tally:
-            return False
-        best = max(tally, key=tally.get)
-        return any(s["correct"] for s in rec["samples"] if s["answer"] == best)
-
-    def minmax(v):
-        v = np.nan_to_num(np.asarray(v, float), nan=np.nanmin(v) if np.isfinite(v).any() else 0.0)
-        span = v.max() - v.min()
-        return (v - v.min()) / span + 1e-3 if span > 0 else np.ones_like(v)
-
-    labels, p_all, lp_all = [], [], []
-    rows = {"random sample": [], "majority vote": [], "logprob vote": [], "probe vote": [], "logprob argmax": [],
-            "probe argmax": []}
-    for rec in records:
-        correct = [s["correct"] for s in rec["samples"]]
-        lp = [s["scores"]["mean_log_max_prob"] for s in rec["samples"]]
-        p = probs[rec["row"]]
-        labels += correct
-        p_all += p
-        lp_all += lp
-        rows["random sample"].append(float(np.mean(correct)))
-        rows["majority vote"].append(vote(rec, [1.0] * len(correct)))
-        rows["logprob vote"].append(vote(rec, minmax(lp)))
-        rows["probe vote"].append(vote(rec, minmax(p)))
-        rows["logprob argmax"].append(correct[int(np.nanargmax(lp))])
-        rows["probe argmax"].append(correct[int(np.nanargmax(p))])
-    return {"rows": len(records), "samples": len(labels), "accuracy": {k: float(np.mean(v)) for k, v in rows.items()},
+    hits = rule_hits(records, probs)
+    labels = [s["correct"] for r in records for s in r["samples"]]
+    p_all = [v for r in records for v in probs[r["row"]]]
+    lp_all = [s["scores"]["mean_log_max_prob"] for r in records for s in r["samples"]]
+    lp_rules = [k for k in hits if k.startswith("vote by ")]
+    best_lp = max(lp_rules, key=lambda k: hits[k].mean())
+    maj, pv = hits["majority vote"], hits["probe vote"]
+    return {"rows": len(records), "samples": len(labels),
+            "accuracy": {k: float(v.mean()) for k, v in hits.items()},
+            "se": {k: bootstrap_se(v) for k, v in hits.items()},
+            "best_logprob_vote": best_lp,
+            "probe_vote_minus_majority": {"mean": float((pv - maj).mean()), "se": bootstrap_se(pv, maj)},
+            "probe_vote_minus_best_logprob_vote": {"mean": float((pv - hits[best_lp]).mean()),
+                                                   "se": bootstrap_se(pv, hits[best_lp])},
             "auroc": {"probe": auroc(p_all, labels), "mean_log_max_prob": auroc(lp_all, labels)}}
+
+
+def _fit(feats: dict, by_row: dict, rows: list[int], layers: int, l2: float, center: bool):
+    import numpy as np
+
+    from ..signals.probe import KVProbe, probe_pooling
+
+    x = np.nan_to_num(np.concatenate([feats[r] for r in rows]))
+    y = np.array([s["correct"] for r in rows for s in by_row[r]["samples"]], dtype=float)
+    groups = np.concatenate([np.full(len(feats[r]), r) for r in rows]) if center else None
+    return KVProbe.fit(x, y, probe_pooling(layers), l2=l2, groups=groups)
+
+
+def _predict(probe, feats: dict, rows: list[int]) -> dict[int, list[float]]:
+    import numpy as np
+
+    return {r: [float(v) for v in probe.predict(np.nan_to_num(feats[r]))] for r in rows}
+
+
+def _folds(rows: list[int], k: int, seed: int) -> list[list[int]]:
+    order = list(rows)
+    random.Random(seed + 1).shuffle(order)
+    return [sorted(order[i::k]) for i in range(k)]
+
+
+def choose_l2(feats: dict, by_row: dict, rows: list[int], layers: int, cfg: TrainProbeConfig) -> dict[str, Any]:
+    """The L2 penalty of ``cfg.l2`` whose probe vote, cross-fitted over ``cfg.folds`` folds of ``rows``, is best
+    (the larger penalty on a tie); every candidate's cross-validated vote accuracy is returned."""
+
+    if len(cfg.l2) == 1:
+        return {"l2": cfg.l2[0], "cv_vote_accuracy": {}}
+    folds = _folds(rows, cfg.folds, cfg.seed)
+    acc = {}
+    for l2 in cfg.l2:
+        probs: dict[int, list[float]] = {}
+        for i, test in enumerate(folds):
+            fit_rows = [r for j, f in enumerate(folds) if j != i for r in f]
+            probs.update(_predict(_fit(feats, by_row, fit_rows, layers, l2, cfg.center), feats, test))
+        acc[l2] = float(rule_hits([by_row[r] for r in rows], probs)["probe vote"].mean())
+    best = max(sorted(acc, reverse=True), key=lambda k: acc[k])
+    return {"l2": best, "cv_vote_accuracy": {str(k): v for k, v in acc.items()}, "folds": cfg.folds}
 
 
 def train_probe(cfg: TrainProbeConfig, llm=None) -> dict[str, Any]:
@@ -235,7 +338,6 @@ def train_probe(cfg: TrainProbeConfig, llm=None) -> dict[str, Any]:
 
     from ..model import KVModel
     from ..signals.artifact import fingerprint
-    from ..signals.probe import KVProbe, probe_pooling
 
     grade, parse = load_grader(cfg.grader)
     rows = _rows(cfg)
@@ -247,31 +349,47 @@ def train_probe(cfg: TrainProbeConfig, llm=None) -> dict[str, Any]:
     records, layers = _collect(llm, cfg, rows, work, grade, parse)
     by_row = {r["row"]: r for r in records}
     feats = {row: np.load(work / "features" / f"{row}.npy") for row in by_row}
-
-    def stack(which):
-        x = np.concatenate([feats[r] for r in which])
-        y = np.array([s["correct"] for r in which for s in by_row[r]["samples"]], dtype=float)
-        return x, y
-
-    x, y = stack(train_rows)
+    y = np.array([s["correct"] for r in train_rows for s in by_row[r]["samples"]], dtype=float)
     if not 0 < y.mean() < 1:
         raise ValueError(f"the {len(y)} training samples are all {'right' if y.mean() else 'wrong'}: a probe needs "
                          "both; use harder or easier questions, more rows, or check the grader")
-    probe = KVProbe.fit(x, y, probe_pooling(layers))
-    probs = {r: [float(v) for v in probe.predict(np.nan_to_num(feats[r]))] for r in held_rows}
-    report = _report([by_row[r] for r in held_rows], probs)
-    report["train"] = {"rows": len(train_rows), "samples": int(len(y)), "positive_rate": float(y.mean())}
+    chosen = choose_l2(feats, by_row, train_rows, layers, cfg)
+    probe = _fit(feats, by_row, train_rows, layers, chosen["l2"], cfg.center)
+    report = _report([by_row[r] for r in held_rows], _predict(probe, feats, held_rows))
+    report["train"] = {"rows": len(train_rows), "samples": int(len(y)), "positive_rate": float(y.mean()),
+                       "l2": chosen["l2"], "cv_vote_accuracy": chosen["cv_vote_accuracy"], "center": cfg.center}
+    if cfg.crossfit:
+        all_rows = sorted(by_row)
+        probs: dict[int, list[float]] = {}
+        for test in _folds(all_rows, cfg.folds, cfg.seed):
+            fit_rows = sorted(set(all_rows) - set(test))
+            l2 = choose_l2(feats, by_row, fit_rows, layers, cfg)["l2"]  # nested: chosen without the test fold
+            probs.update(_predict(_fit(feats, by_row, fit_rows, layers, l2, cfg.center), feats, test))
+        report["crossfit"] = _report([by_row[r] for r in all_rows], probs)
     training = {"data": cfg.data, "question_field": cfg.question_field, "answer_field": cfg.answer_field,
                 "grader": cfg.grader, "n": cfg.n, "train_rows": train_rows, "holdout_rows": held_rows,
-                "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
+                "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "instruction": cfg.instruction}
     probe.save(out, fingerprint(llm, None), training=training, metrics=report)
     return report
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"held-out: {report['rows']} questions, {report['samples']} samples (trained on "
-             f"{report['train']['rows']} questions, {report['train']['positive_rate']:.0%} of samples correct)",
-             f"  AUROC: probe {report['auroc']['probe']:.3f}, mean_log_max_prob {report['auroc']['mean_log_max_prob']:.3f}",
-             "  accuracy of the picked answer:"]
-    lines += [f"    {k:<15} {v:6.1%}" for k, v in report["accuracy"].items()]
+    def table(rep, title):
+        au = rep["auroc"]
+        lines = [f"{title}: {rep['rows']} questions, {rep['samples']} samples",
+                 f"  AUROC: probe {au['probe']:.3f}, mean_log_max_prob {au['mean_log_max_prob']:.3f}",
+                 "  accuracy of the picked answer (bootstrap SE over questions):"]
+        lines += [f"    {k:<34} {v:6.1%}  +- {rep['se'][k]:.1%}" for k, v in rep["accuracy"].items()]
+        d1, d2 = rep["probe_vote_minus_majority"], rep["probe_vote_minus_best_logprob_vote"]
+        lines.append(f"  probe vote - majority vote: {d1['mean']:+.1%} +- {d1['se']:.1%}; - best probability vote "
+                     f"({rep['best_logprob_vote']}): {d2['mean']:+.1%} +- {d2['se']:.1%}")
+        return lines
+
+    t = report["train"]
+    lines = [f"trained on {t['rows']} questions ({t['positive_rate']:.0%} of samples correct), "
+             f"{'centred' if t.get('center') else 'absolute'} probe, l2 {t['l2']:g}"]
+    lines += table(report, "held-out")
+    if "crossfit" in report:
+        lines += table(report["crossfit"], "every row, cross-fitted")
     return "\n".join(lines)

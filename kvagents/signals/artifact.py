@@ -63,13 +63,28 @@ class ModelFingerprint(BaseModel):
     vocab_size: int
     tokenizer_sha256: str
     weights_sha256: str
+    weights_sample: list[float] = []  # a few weights, compared with a tolerance (any dtype of the same checkpoint)
 
     def describe(self) -> str:
         return (f"{self.architecture} ({self.num_layers} layers, {self.kv_heads} KV heads x {self.head_dim}, hidden "
                 f"{self.hidden_size}, vocab {self.vocab_size}, weights {self.weights_sha256[:12]})")
 
     def differences(self, other: ModelFingerprint) -> list[str]:
-        return [k for k in type(self).model_fields if getattr(self, k) != getattr(other, k)]
+        """Fields that tell the two models apart. The weights are compared by their samples within bfloat16
+        precision when both have them (the same checkpoint loaded as float32, bfloat16 or float16 matches), else by
+        the hash."""
+        out = [k for k in type(self).model_fields if k not in ("weights_sha256", "weights_sample")
+               and getattr(self, k) != getattr(other, k)]
+        if self.weights_sample and other.weights_sample:
+            a, b = torch.tensor(self.weights_sample), torch.tensor(other.weights_sample)
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-2, atol=1e-4):
+                out.append("weights_sample")
+        elif self.weights_sha256 != other.weights_sha256:
+            out.append("weights_sha256")
+        return out
+
+    def matches(self, other: ModelFingerprint) -> bool:
+        return not self.differences(other)
 
 
 def fingerprint(model, tokenizer) -> ModelFingerprint:
@@ -92,12 +107,15 @@ def fingerprint(model, tokenizer) -> ModelFingerprint:
     tok_hash = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
     params = [p for p in model.parameters()]
     w = hashlib.sha256()
+    sample: list[float] = []
     for p in (params[0], params[-1]):
-        w.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+        head = p.detach().flatten()[:4096]
+        w.update(head.to(torch.bfloat16).float().cpu().numpy().tobytes())  # the same for float32 / bfloat16 loads
+        sample += head[:: max(1, head.numel() // 32)][:32].float().cpu().tolist()
     return ModelFingerprint(architecture=(cfg.architectures or [type(model).__name__])[0], num_layers=layers,
                             attention_layers=attention, kv_heads=heads, head_dim=head_dim,
                             hidden_size=int(text_cfg.hidden_size), vocab_size=len(vocab), tokenizer_sha256=tok_hash,
-                            weights_sha256=w.hexdigest())
+                            weights_sha256=w.hexdigest(), weights_sample=sample)
 
 
 def _version() -> str:
@@ -144,8 +162,10 @@ def find_trained(name: str | Path, kind: str) -> Path:
     p = Path(name)
     if (p / META).is_file():
         return p
-    if p.name == str(name) and (TRAINED_DIR / p.name / META).is_file():
-        return TRAINED_DIR / p.name
+    if p.name == str(name):  # a shipped one: its own name, or the model's name + the kind ("<model>-probe")
+        for cand in (p.name, f"{p.name}-{kind.removeprefix('kv_')}"):
+            if (TRAINED_DIR / cand / META).is_file():
+                return TRAINED_DIR / cand
     have = shipped(kind)
     raise ArtifactError(f"no trained signal {str(name)!r}: not a folder holding {META}, nor a shipped {kind} "
                         f"({', '.join(have) if have else 'none ship with this kvagents'}); pass the folder "
@@ -206,7 +226,7 @@ def load_artifact(folder: str | Path, kind: str, *, model: ModelFingerprint | No
         raise ArtifactError(f"{folder / WEIGHTS} is missing or corrupt ({e}); retrain or restore it") from None
     if model is not None and meta.get("model") is not None:
         trained = ModelFingerprint(**meta["model"])
-        if trained != model:
+        if not trained.matches(model):
             raise ArtifactMismatchError(
                 f"{folder} was trained on {trained.describe()}, not on the model in use, {model.describe()} "
                 f"(they differ in {', '.join(trained.differences(model))}); train it on this model with "

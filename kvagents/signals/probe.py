@@ -34,6 +34,20 @@ def probe_pooling(num_attention_layers: int) -> KVPooling:
                      normalize=False, segment="generated")
 
 
+def center_by_group(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``x`` minus the mean of its group's finite rows (rows with a non-finite value stay as they are)."""
+    x = np.array(x, dtype=np.float64 if np.asarray(x).dtype == np.float64 else np.float32)
+    groups = np.asarray(groups)
+    if groups.shape != (len(x),):
+        raise ValueError(f"groups must give one prompt per row ({len(x)}), got shape {groups.shape}")
+    ok = np.isfinite(x).all(1)
+    for g in np.unique(groups):
+        m = groups == g
+        if (m & ok).any():
+            x[m & ok] -= x[m & ok].mean(0)
+    return x
+
+
 class KVProbeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -41,6 +55,9 @@ class KVProbeConfig(BaseModel):
     l2: float = Field(1e-2, description="L2 penalty on the weights (features are standardised).")
     max_iter: int = Field(200, description="L-BFGS iterations.")
     dim: int = 0
+    center: bool = Field(False, description="Rank the samples of one prompt: each sample's features minus the mean "
+                         "of its prompt's samples (what best-of-n selection needs; trained on prompts whose samples "
+                         "are partly right).")
 
 
 class KVProbe:
@@ -55,11 +72,35 @@ class KVProbe:
         self.metadata: dict = {}  # artifact.json of a loaded probe (training data, metrics, model)
 
     @classmethod
-    def fit(cls, features, labels, pooling: KVPooling, *, l2: float = 1e-2, max_iter: int = 200) -> KVProbe:
+    def fit(cls, features, labels, pooling: KVPooling, *, l2: float = 1e-2, max_iter: int = 200,
+            groups=None) -> KVProbe:
+        """Fit on ``features [N, D]`` and 0/1 ``labels [N]``. ``groups [N]`` (the prompt of each sample) makes a
+        centred probe (``config.center``): features are taken relative to their prompt's mean, and prompts whose
+        samples are all right or all wrong are left out (they say nothing about which sample to pick).
+
+        Example:
+            >>> import numpy as np
+            >>> rng = np.random.default_rng(0); x = rng.normal(size=(40, 3)); y = (x[:, 0] > 0).astype(float)
+            >>> pool = probe_pooling(1)
+            >>> p = KVProbe.fit(x, y, pool, groups=np.repeat(np.arange(10), 4))
+            >>> p.config.center, p.predict(x[:4], groups=[0, 0, 0, 0]).shape
+            (True, (4,))
+        """
         x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
         y = torch.as_tensor(np.asarray(labels), dtype=torch.float64).flatten()
         if x.ndim != 2 or x.shape[0] != y.shape[0]:
             raise ValueError(f"features must be [N, D] with N = len(labels); got {tuple(x.shape)} and {len(y)} labels")
+        if groups is not None:
+            g = np.asarray(groups)
+            if g.shape != (x.shape[0],):
+                raise ValueError(f"groups must give one prompt per sample ({x.shape[0]}), got shape {g.shape}")
+            x = torch.as_tensor(center_by_group(x.numpy(), g), dtype=torch.float64)
+            yn = y.numpy()
+            mixed = {k for k in np.unique(g) if 0 < yn[g == k].mean() < 1}
+            keep_g = torch.as_tensor(np.isin(g, list(mixed)))
+            if not keep_g.any():
+                raise ValueError("a centred probe needs prompts with both right and wrong samples; none has both")
+            x, y = x[keep_g], y[keep_g]
         if not (0 < y.mean() < 1):
             raise ValueError(f"labels need both classes to fit a probe; got mean {float(y.mean()):.3f}")
         keep = torch.isfinite(x).all(1)
@@ -77,13 +118,18 @@ class KVProbe:
             return loss
 
         opt.step(closure)
-        cfg = KVProbeConfig(pooling=pooling, l2=l2, max_iter=max_iter, dim=z.shape[1])
+        cfg = KVProbeConfig(pooling=pooling, l2=l2, max_iter=max_iter, dim=z.shape[1], center=groups is not None)
         return cls(cfg, w.detach().float(), b.detach().float(), mean.float(), std.float())
 
-    def predict(self, features) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    def predict(self, features, groups=None) -> np.ndarray:
+        """P(correct) per row of ``features [N, D]``. A centred probe compares samples of one prompt: ``groups``
+        gives each row's prompt (default: all rows are samples of one prompt)."""
+        x = np.asarray(features)
         if x.shape[-1] != self.config.dim:
             raise ValueError(f"probe expects {self.config.dim} features, got {x.shape[-1]}")
+        if self.config.center:
+            x = center_by_group(x, np.zeros(len(x), int) if groups is None else np.asarray(groups))
+        x = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
         z = (x - self.mean) / self.std
         return torch.sigmoid(z @ self.weight + self.bias).numpy()
 
@@ -95,6 +141,21 @@ class KVProbe:
         tensors = {"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std}
         return save_artifact(path, "kv_probe", tensors, self.config.model_dump(), as_fingerprint(model),
                              training=training, metrics=metrics)
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path, model=None) -> KVProbe:
+        """A shipped probe by name (the model's registry name, e.g. ``"qwen2.5-coder-0.5b"``;
+        :func:`~kvagents.signals.artifact.shipped` lists them) or a probe folder; ``model`` refuses a probe trained on
+        another model.
+
+        Example:
+            >>> from kvagents.signals.artifact import shipped
+            >>> "qwen2.5-coder-0.5b-probe" in shipped("kv_probe")
+            True
+        """
+        from .artifact import find_trained
+
+        return cls.load(find_trained(name, "kv_probe"), model)
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> KVProbe:
@@ -140,7 +201,11 @@ class KVProbeScore(Component):
 
     def on_finish(self, view: FinishView) -> list[dict]:
         feats = self._emb.on_finish(view)
-        out = []
-        for f in feats:
-            out.append({"kv_probe": float("nan") if f is None else float(self.probe.predict(f[None])[0])})
+        out: list[dict] = [{"kv_probe": float("nan")} for _ in feats]
+        ok = [i for i, f in enumerate(feats) if f is not None]
+        if ok:  # one call: a centred probe compares the samples of each prompt
+            p = self.probe.predict(np.stack([np.asarray(feats[i]) for i in ok]),
+                                   groups=[view.prompt_index[i] for i in ok])
+            for i, v in zip(ok, p):
+                out[i]["kv_probe"] = float(v)
         return out
