@@ -270,7 +270,8 @@ def cmd_eval_reasoning(args) -> int:
             eval_per_dataset=args.eval_per_dataset, format=args.format, dtype=args.dtype, device=args.device,
             fast_tokens=args.fast_tokens, slow_tokens=args.slow_tokens, answer_tokens=args.answer_tokens,
             every=args.every, window=args.window, layers=args.layers, budgets=args.budgets,
-            batch_prompts=args.batch_prompts, tolerance=args.tolerance, folds=args.folds, seed=args.seed)
+            batch_prompts=args.batch_prompts, tolerance=args.tolerance, folds=args.folds, seed=args.seed,
+            patience=args.patience, lookahead_tokens=args.lookahead_tokens)
         work = Path(args.work)
         stage = args.stage
         if stage == "all":
@@ -408,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--tolerance", type=float, default=0.5, help="calibration: accuracy points below slow allowed")
     er.add_argument("--parts", nargs="+", default=["fast", "slow", "budgets"], help="eval-base: which runs")
     er.add_argument("--folds", type=int, default=5, help="cross-fitting folds for threshold calibration")
-    er.add_argument("--controllers", nargs="+", default=["online_paper", "online_ours"], help="eval-online: which")
+    er.add_argument("--controllers", nargs="+", default=["online_paper", "online_ours"],
+                    help="eval-online: which (online_paper, online_ours, online_convergence, online_ours_convergence)")
+    er.add_argument("--patience", type=int, default=2, help="answer-convergence exit: equal trial answers needed")
+    er.add_argument("--lookahead-tokens", type=int, default=8, help="answer-convergence exit: tokens per look-ahead")
     er.add_argument("--seed", type=int, default=0)
     er.add_argument("--dtype", default="auto")
     er.add_argument("--device", default="auto")

@@ -98,6 +98,17 @@ def test_every_stage_end_to_end_on_a_tiny_model(tmp_path):
             assert r["thinking"] <= b and r["answer_tokens"] <= cfg.answer_tokens
     for r in er._read_jsonl(work / "eval_online_ours.jsonl") + er._read_jsonl(work / "eval_online_paper.jsonl"):
         assert r["thinking"] + r["answer_tokens"] + r["forced"] == r["tokens"]
+    # the answer-convergence exit in the loop (alone, and on top of our router): look-ahead tokens are counted
+    er.eval_online(cfg.model_copy(update={"patience": 2, "lookahead_tokens": 3}), work, er.Runner(cfg, llm=llm),
+                   names=("online_convergence", "online_ours_convergence"))
+    for name in ("online_convergence", "online_ours_convergence"):
+        recs = er._read_jsonl(work / f"eval_{name}.jsonl")
+        assert len(recs) == 9
+        for r in recs:
+            assert r["thinking"] + r["answer_tokens"] + r["forced"] + r["lookahead_tokens"] == r["tokens"]
+            if r["start"] == "slow" and r["thinking"] >= cfg.every:
+                assert r["lookahead_tokens"] > 0  # at least one look-ahead after `every` thinking tokens
+    assert "online convergence" in er.report(cfg, work, tmp_path / "out3")["strategies"]
     post = er._read_jsonl(work / "eval_posthoc.jsonl")
     assert all(p["tokens_all"] >= p["tokens"] for p in post)
     assert all(p["tokens_all"] == s["tokens"] for p, s in zip(post, slow) if p["posthoc"] == "slow")

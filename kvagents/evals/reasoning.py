@@ -113,6 +113,8 @@ class ReasoningEvalConfig(BaseModel):
     window: int = Field(64, description="Classifier window (positions); lowered to the shortest prompt if needed.")
     layers: int = Field(4, description="Last n attention layers read by the classifiers.")
     budgets: list[int] = Field(default_factory=lambda: [64, 128, 256])
+    patience: int = Field(2, description="Answer-convergence exit: stop after this many equal trial answers.")
+    lookahead_tokens: int = Field(8, description="Answer-convergence exit: greedy tokens of each look-ahead.")
     batch_prompts: int = 256
     tolerance: float = Field(0.5, description="Calibration: accuracy points below always-slow allowed (train rows).")
     folds: int = 5
@@ -127,7 +129,7 @@ class ReasoningEvalConfig(BaseModel):
         return v
 
     @field_validator("train_per_dataset", "eval_per_dataset", "fast_tokens", "slow_tokens", "answer_tokens", "every",
-                     "window", "layers", "batch_prompts", "folds")
+                     "window", "layers", "batch_prompts", "folds", "patience", "lookahead_tokens")
     @classmethod
     def _positive(cls, v, info):
         if v < 1:
@@ -201,9 +203,25 @@ class Runner:
     def end_ids(self, r: dict) -> list[int]:
         return self.fmt.token_ids(self.tok, self.tasks[r["dataset"]].answer_cue)["end_thinking"]
 
-    def generate(self, rows: list[dict], desc: str, max_new: int, progress: bool = True, **controller) -> list[dict]:
+    def generate(self, rows: list[dict], desc: str, max_new: int, progress: bool = True, convergence=None,
+                 **controller) -> list[dict]:
         """Greedy decoding of ``rows`` (batched, longest prompts first); one record per row, in input order.
-        ``progress=False``: no bar and no summary line (a caller with its own bar)."""
+        ``progress=False``: no bar and no summary line (a caller with its own bar). ``convergence``: a
+        :class:`~kvagents.control.convergence.ConvergenceConfig`: the answer-convergence exit (look-ahead forks)
+        on top of the controller, run per dataset (each with its own answer parser)."""
+        if convergence is not None:
+            out: list[dict | None] = [None] * len(rows)
+            for name in dict.fromkeys(r["dataset"] for r in rows):
+                idx = [i for i, r in enumerate(rows) if r["dataset"] == name]
+                recs = self._generate([rows[i] for i in idx], f"{desc} [{name}]", max_new, progress,
+                                      convergence=convergence, **controller)
+                for i, rec in zip(idx, recs):
+                    out[i] = rec
+            return out
+        return self._generate(rows, desc, max_new, progress, **controller)
+
+    def _generate(self, rows: list[dict], desc: str, max_new: int, progress: bool = True, convergence=None,
+                  **controller) -> list[dict]:
         order = sorted(range(len(rows)), key=lambda i: -len(self.prompt_ids(rows[i])))
         out: list[dict | None] = [None] * len(rows)
         bs = self.cfg.batch_prompts
@@ -212,8 +230,14 @@ class Runner:
         for s in tqdm(range(0, len(rows), bs), desc=desc, disable=not progress):
             idx = order[s : s + bs]
             batch = [rows[i] for i in idx]
-            ctl = ReasoningController(self.fmt, self.tok,
-                                      answer_cues=[self.tasks[r["dataset"]].answer_cue for r in batch], **controller)
+            cues = [self.tasks[r["dataset"]].answer_cue for r in batch]
+            if convergence is not None:
+                from ..control.convergence import ConvergenceController
+
+                ctl = ConvergenceController(self.fmt, self.tok, convergence, answer_cues=cues,
+                                            parser=self.tasks[batch[0]["dataset"]].parser, **controller)
+            else:
+                ctl = ReasoningController(self.fmt, self.tok, answer_cues=cues, **controller)
             res = self.llm.generate([self.prompt_ids(r) for r in batch], params, components=[ctl])
             for i, r, g in zip(idx, batch, res.samples):
                 out[i] = record(r, g[0], self.tasks[r["dataset"]])
@@ -248,7 +272,8 @@ def record(r: dict, s, task=None) -> dict:
     o = s.outputs.get("reasoning", {})
     ans, ok = (task or TASKS[r["dataset"]]).judge(s.text, r)
     rec = {"dataset": r["dataset"], "row": r["row"], "gold": r["gold"], "answer": ans,
-           "correct": ok, "tokens": s.generated_tokens, "finish": s.finish_reason,
+           "correct": ok, "tokens": int(s.outputs.get("total_tokens", s.generated_tokens)), "finish": s.finish_reason,
+           "lookahead_tokens": int(s.outputs.get("lookahead_tokens", 0)), "converged": o.get("converged"),
            "thinking": o.get("thinking_tokens"), "answer_tokens": o.get("answer_tokens"),
            "forced": o.get("forced_tokens"), "start": o.get("start"), "start_score": o.get("start_score"),
            "switches": o.get("switches", []), "budget_hit": o.get("budget_hit"), "text": s.text}
@@ -572,19 +597,35 @@ def eval_base(cfg: ReasoningEvalConfig, work: str | Path, runner: Runner | None 
             _write_jsonl(work / f"eval_budget_{b}.jsonl", recs)
 
 
-def _controllers(cfg: ReasoningEvalConfig, work: Path) -> dict[str, dict]:
-    paper = KVClassifier.load(work / "clf_paper")
-    gain = KVClassifier.load(work / "clf_gain")
-    step = KVClassifier.load(work / "clf_step") if (work / "clf_step").exists() else False
-    budget = json.loads((work / "train_report.json").read_text())["calibration"].get("thinking_budget")
-    return {
-        "online_paper": dict(classifier=paper, step_classifier=paper, start="auto", threshold=50.0, delta=20.0,
-                             every=cfg.every, max_switches=1, max_answer_tokens=cfg.answer_tokens,
-                             stop_thinking_at=cfg.slow_tokens),
-        "online_ours": dict(classifier=gain, step_classifier=step, start="auto", delta=0.0, every=cfg.every,
-                            max_switches=1, max_answer_tokens=cfg.answer_tokens, switch_to_slow=False,
-                            max_thinking_tokens=budget, stop_thinking_at=cfg.slow_tokens),
-    }
+CONTROLLERS = ("online_paper", "online_ours", "online_convergence", "online_ours_convergence")
+
+
+def _controllers(cfg: ReasoningEvalConfig, work: Path, names=CONTROLLERS) -> dict[str, dict]:
+    """Controller settings by name (only the classifiers the named ones need are loaded): the paper's, ours
+    (gain head at prefill, step head while thinking), the answer-convergence exit alone (always slow, look-ahead
+    trial answers every ``every`` tokens) and ours with the convergence exit on top."""
+    from ..control.convergence import ConvergenceConfig
+
+    conv = ConvergenceConfig(every=cfg.every, patience=cfg.patience, answer_tokens=cfg.lookahead_tokens)
+    out: dict[str, dict] = {}
+    if "online_convergence" in names:
+        out["online_convergence"] = dict(start="slow", every=cfg.every, max_answer_tokens=cfg.answer_tokens,
+                                         stop_thinking_at=cfg.slow_tokens, convergence=conv)
+    if "online_paper" in names:
+        paper = KVClassifier.load(work / "clf_paper")
+        out["online_paper"] = dict(classifier=paper, step_classifier=paper, start="auto", threshold=50.0,
+                                   delta=20.0, every=cfg.every, max_switches=1, max_answer_tokens=cfg.answer_tokens,
+                                   stop_thinking_at=cfg.slow_tokens)
+    if {"online_ours", "online_ours_convergence"} & set(names):
+        gain = KVClassifier.load(work / "clf_gain")
+        step = KVClassifier.load(work / "clf_step") if (work / "clf_step").exists() else False
+        budget = json.loads((work / "train_report.json").read_text())["calibration"].get("thinking_budget")
+        ours = dict(classifier=gain, step_classifier=step, start="auto", delta=0.0, every=cfg.every,
+                    max_switches=1, max_answer_tokens=cfg.answer_tokens, switch_to_slow=False,
+                    max_thinking_tokens=budget, stop_thinking_at=cfg.slow_tokens)
+        out["online_ours"] = ours
+        out["online_ours_convergence"] = dict(ours, convergence=conv)
+    return out
 
 
 def eval_online(cfg: ReasoningEvalConfig, work: str | Path, runner: Runner | None = None,
@@ -594,10 +635,10 @@ def eval_online(cfg: ReasoningEvalConfig, work: str | Path, runner: Runner | Non
     work = Path(work)
     runner = runner or Runner(cfg)
     rows = load_rows(cfg, "eval")
-    ctls = _controllers(cfg, work)
-    bad = [n for n in names if n not in ctls]
+    bad = [n for n in names if n not in CONTROLLERS]
     if bad:
-        raise ValueError(f"unknown controllers {bad}; use some of {', '.join(ctls)}")
+        raise ValueError(f"unknown controllers {bad}; use some of {', '.join(CONTROLLERS)}")
+    ctls = _controllers(cfg, work, names)
     for name in names:
         kw = ctls[name]
         recs = runner.generate(rows, f"eval {name}", cfg.slow_tokens + cfg.answer_tokens + 64, **kw)
@@ -613,6 +654,7 @@ def eval_posthoc(cfg: ReasoningEvalConfig, work: str | Path, runner: Runner | No
     rows = load_rows(cfg, "eval")
     fast, slow = _read_jsonl(work / "eval_fast.jsonl"), _read_jsonl(work / "eval_slow.jsonl")
     feats, token_ids = _load_features(work / "eval_features.npz")
+
     paper = KVClassifier.load(work / "clf_paper")
     p0 = paper.predict(feats["prompt"])
     pw = paper.predict(feats["windows"]) if len(feats["windows"]) else np.zeros(0)
@@ -683,7 +725,7 @@ def report(cfg: ReasoningEvalConfig, work: str | Path, out: str | Path | None = 
             strategies[f"budget {b}"] = _summ(_read_jsonl(p))
     oracle = _route(fast, slow, [s["correct"] and not f["correct"] for f, s in zip(fast, slow)])
     fast_rates = {}
-    for name in ("online_paper", "online_ours"):
+    for name in CONTROLLERS:
         p = work / f"eval_{name}.jsonl"
         if p.exists():
             recs = _read_jsonl(p)
