@@ -83,9 +83,11 @@ def test_train_probe_refuses_bad_input_clearly(tmp_path):
 
 def test_crossfit_scores_every_row_with_a_probe_that_never_saw_it(tmp_path):
     llm = KVModel(tiny_model("qwen2"), ByteTokenizer())
-    report = train_probe(_cfg(tmp_path, crossfit=True, folds=2, l2=[0.1, 10.0]), llm=llm)
+    cfg = _cfg(tmp_path, crossfit=True, folds=2, l2=[0.1, 10.0], center=True)
+    report = train_probe(cfg, llm=llm)
     assert report["crossfit"]["rows"] == 10 and report["crossfit"]["samples"] == 40
-    assert report["rows"] == 3
+    assert report["rows"] == 3 and report["train"]["center"] is True
+    assert KVProbe.load(cfg.out, llm).config.center
 
 
 def _rec(row, answers, correct, lp, lgc):

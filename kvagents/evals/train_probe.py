@@ -59,9 +59,9 @@ class TrainProbeConfig(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1)
     batch_prompts: int = Field(16, ge=1)
     seed: int = Field(0, ge=0, lt=2**32)
-    center: bool = Field(True, description="rank each question's samples against each other (features minus the "
-                         "question's mean), which is what picking among samples needs; --no-center: an absolute "
-                         "correctness probe")
+    center: bool = Field(False, description="--center: a ranking probe that compares each question's samples with "
+                         "each other (features minus the question's mean; as good for voting, but its probabilities "
+                         "say nothing about how hard the question is); default: an absolute correctness probe")
     l2: list[float] = Field(default_factory=lambda: list(L2_GRID), min_length=1,
                             description="L2 penalties tried; the one whose probe vote is best across folds of the "
                             "training rows is kept")
