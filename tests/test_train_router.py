@@ -280,3 +280,43 @@ def test_train_router_refuses_bad_input_clearly(tmp_path, llm):
         TrainRouterConfig(out="r", data="d.jsonl", seeds=[1, 1])
     with pytest.raises(ValueError, match="tau_gain"):
         KVRouterConfig()
+
+
+def test_from_work_reports_convergence_budgets_acceptance_and_a_learning_curve(tmp_path, llm):
+    work = _synthetic_work(tmp_path / "w")
+    cfg = TrainRouterConfig(from_work=str(work), out=str(tmp_path / "r"), seeds=[0, 1], folds=2, device="cpu",
+                            convergence_patience=[1, 2], convergence_every=[8, 16], budgets=[16],
+                            train_fractions=[0.5], auto_tolerance=1.0, tolerances=[-1.0, 0.0, 1.0])
+    report = train_router(cfg, llm=llm)
+    h = report["held_out"]
+    want = {"router", "router, fold ensemble", "router + convergence", "router + convergence, fold ensemble",
+            "convergence, patience 1, every 8", "convergence, patience 2, every 16", "budget 16"}
+    assert want <= set(h)
+    slow = h["always-slow"]
+    for name, v in h.items():
+        if name != "rows":
+            assert v["x_fewer"] == pytest.approx(slow["tokens"] / v["tokens"])
+            assert v["points"] == pytest.approx(100 * (v["accuracy"] - slow["accuracy"]))
+    # every synthetic trial answer is "1" (checkpoints at steps 7, 15, 23 of 30, 50, 70 tokens: look-aheads of
+    # 30 - 8, 50 - 16, 70 - 24 tokens): patience 1 stops at the first checkpoint (30 tokens, no look-ahead before
+    # it), patience 2 at the second (50 + the first look-ahead's 22; + its own 34 as the controller counts)
+    assert h["convergence, patience 1, every 8"]["tokens"] == 30
+    assert h["convergence, patience 2, every 8"]["tokens"] == 50 + 22
+    assert h["convergence, patience 2, every 8"]["tokens_controller"] == 50 + 22 + 34
+    # a look-ahead every 16 tokens: at the second checkpoint only, patience 1 stops there (50, nothing before)
+    assert h["convergence, patience 1, every 16"]["tokens"] == 50
+    assert report["calibration"]["tolerance"] in (-1.0, 0.0, 1.0)
+    assert [x["tolerance"] for x in report["calibration"]["tolerance_cross_fit"]["table"]] == [-1.0, 0.0, 1.0]
+    acc = report["acceptance"]["strategies"]
+    assert "always-slow" not in acc and len(acc["router"]["x_fewer"]) == 2
+    assert acc["always-fast"]["holds"] == all(x >= 3 and p >= -1 for x, p in zip(acc["always-fast"]["x_fewer"],
+                                                                                acc["always-fast"]["points"]))
+    curve = report["learning_curve"]
+    assert [c["fraction"] for c in curve] == [0.5, 1.0]
+    assert curve[0]["train_rows"]["mean"] == 24 and curve[1]["train_rows"]["mean"] == 48
+    assert set(report["across_seeds_by_dataset"]) == {"gsm8k", "math500"}
+    text = format_report(report)
+    assert "learning curve: 50% of the training rows" in text and "acceptance (" in text
+    assert "x fewer than slow" in text and "math500 (6 held-out questions per split)" in text
+    with pytest.raises(ValueError, match="not multiples"):
+        train_router(cfg.model_copy(update={"convergence_every": [12]}), llm=llm)
