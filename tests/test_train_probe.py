@@ -91,7 +91,7 @@ def test_crossfit_scores_every_row_with_a_probe_that_never_saw_it(tmp_path):
 
 
 def _rec(row, answers, correct, lp, lgc):
-    return {"row": row, "samples": [{"answer": a, "correct": c, "scores": {"mean_log_max_prob": x, "mean_logprob": x,
+    return {"row": row, "samples": [{"answer": a, "correct": c, "tokens": 10, "scores": {"mean_log_max_prob": x, "mean_logprob": x,
                                       "mean_max_prob": x, "mean_entropy": -x, "lowest_group_confidence": g}}
                                      for a, c, x, g in zip(answers, correct, lp, lgc)]}
 
@@ -135,3 +135,18 @@ def test_centred_probe_ranks_within_a_prompt_and_ignores_the_prompts_offset():
                                   p.predict(feats[groups == g])) == np.argmax(signal[groups == g, 0]) for g in range(60)])
     assert centred.config.center and not flat.config.center
     assert within(centred) > 0.9 and within(centred) > within(flat) + 0.2
+
+
+def test_adaptive_replay_stops_where_a_hand_count_does():
+    from kvagents.evals.train_probe import adaptive_report
+
+    recs = [_rec(1, ["z"] * 4, [True] * 4, [-1.0] * 4, [0.5] * 4),
+            _rec(2, ["a", "b", "a", "a"], [False, True, False, False], [-1.0] * 4, [0.5] * 4)]
+    rep = adaptive_report(recs, wave=2)
+    assert rep["majority vote, fixed n"] == {"accuracy": 0.5, "tokens": 40.0}
+    # decided: after 2 of 4 'z' vs nothing, 2 > 0 + 2 remaining is false -> all 4; row 2 never decided -> 4
+    assert rep["majority vote, decided 0.95"]["tokens"] == 40.0
+    # beta 0.8: row 1 after 2 samples: P(Beta(3, 1) > 1/2) = 1 - 0.5 ** 3 = 0.875 >= 0.8 -> stops at 2 (20 tokens);
+    # row 2 after 2: a tie (1 vs 1) never stops; after 4: the end
+    assert rep["majority vote, beta 0.8"] == {"accuracy": 0.5, "tokens": 30.0}
+    assert "probe vote, fixed n" not in rep

@@ -268,6 +268,37 @@ def bootstrap_se(values, base=None, resamples: int = 2000, seed: int = 0) -> flo
     return float(v[idx].mean(1).std())
 
 
+ADAPTIVE_RULES = (("decided", 0.95), ("beta", 0.9), ("beta", 0.8))
+
+
+def adaptive_report(records: list[dict], probs: dict[int, list[float]] | None = None, wave: int = 2
+                    ) -> dict[str, dict[str, float]]:
+    """Adaptive best-of-n replayed on the recorded samples (in sampling order, waves of ``wave``, at most all of
+    them): per stop rule, for the majority vote and (with ``probs``) the probe vote, the accuracy and the mean
+    generated tokens per question beside the fixed-n vote's."""
+    import numpy as np
+
+    from ..control.adaptive import adaptive_stop
+
+    out: dict[str, dict[str, float]] = {}
+    votes = {"majority": None} | ({"probe": probs} if probs is not None else {})
+    for vote_name, pr in votes.items():
+        for rule, conf in (("fixed", 0.0),) + ADAPTIVE_RULES:
+            acc, tok = [], []
+            for rec in records:
+                ss = rec["samples"]
+                answers = [s["answer"] for s in ss]
+                w = [1.0] * len(ss) if pr is None else [float(np.nan_to_num(x)) for x in pr[rec["row"]]]
+                m = len(ss) if rule == "fixed" else adaptive_stop(answers, w, wave=min(wave, len(ss)),
+                                                                  max_n=len(ss), rule=rule, confidence=conf)
+                best = weighted_vote(answers[:m], w[:m])
+                acc.append(float(best is not None and any(s["correct"] for s in ss if s["answer"] == best)))
+                tok.append(sum(s["tokens"] for s in ss[:m]))
+            key = f"{vote_name} vote, {'fixed n' if rule == 'fixed' else f'{rule} {conf:g}'}"
+            out[key] = {"accuracy": float(np.mean(acc)), "tokens": float(np.mean(tok))}
+    return out
+
+
 def _report(records: list[dict], probs: dict[int, list[float]]) -> dict[str, Any]:
     """Held-out metrics of the probe against the plain baselines, with bootstrap standard errors."""
 
@@ -281,6 +312,7 @@ def _report(records: list[dict], probs: dict[int, list[float]]) -> dict[str, Any
     best_lp = max(lp_rules, key=lambda k: hits[k].mean())
     maj, pv = hits["majority vote"], hits["probe vote"]
     return {"rows": len(records), "samples": len(labels),
+            "adaptive": adaptive_report(records, probs),
             "accuracy": {k: float(v.mean()) for k, v in hits.items()},
             "se": {k: bootstrap_se(v) for k, v in hits.items()},
             "best_logprob_vote": best_lp,
@@ -384,6 +416,10 @@ def format_report(report: dict[str, Any]) -> str:
         d1, d2 = rep["probe_vote_minus_majority"], rep["probe_vote_minus_best_logprob_vote"]
         lines.append(f"  probe vote - majority vote: {d1['mean']:+.1%} +- {d1['se']:.1%}; - best probability vote "
                      f"({rep['best_logprob_vote']}): {d2['mean']:+.1%} +- {d2['se']:.1%}")
+        if rep.get("adaptive"):
+            lines.append("  adaptive best-of-n (waves of 2, replayed on the recorded samples): accuracy, generated "
+                         "tokens per question")
+            lines += [f"    {k:<34} {v['accuracy']:6.1%}  {v['tokens']:7.0f}" for k, v in rep["adaptive"].items()]
         return lines
 
     t = report["train"]
