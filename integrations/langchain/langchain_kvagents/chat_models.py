@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
 from pathlib import Path
@@ -62,6 +63,11 @@ __all__ = ["ChatKV", "UnsupportedArgumentError"]
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 _PREFETCHED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kvagents_prefetched", default=None)
+
+
+#: ``select_by`` values that read a trained KV probe
+PROBE_RULES = ("kv_probe", "kv_probe_vote")
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KVModel -> {probe name: KVProbe}
 
 
 @dataclasses.dataclass
@@ -261,8 +267,15 @@ class ChatKV(BaseChatModel):
     """Add per-sample probability scores (``ProbabilityScores``) to ``response_metadata["scores"]``."""
     select_by: str | None = None
     """With ``n`` > 1: order each prompt's samples by this score (argmax first, so ``invoke`` returns the best):
-    a ``ProbabilityScores`` key (``lowest_group_confidence``, ``mean_logprob`` ...) or a KV chain-of-embedding
-    key (``kv_coe_layer_r`` ...); every sample's scores land in ``response_metadata["scores"]``."""
+    a ``ProbabilityScores`` key (``lowest_group_confidence``, ``mean_logprob`` ...), a KV chain-of-embedding
+    key (``kv_coe_layer_r`` ...), ``kv_probe`` (a trained KV probe's probability that the sample is right, see
+    ``probe``) or ``kv_probe_vote`` (a vote over the answers, ``vote_parser``'s or the stripped text, weighted by
+    that probability); every sample's scores land in ``response_metadata["scores"]``."""
+    probe: str | None = None
+    """The trained KV probe for ``select_by="kv_probe"`` (argmax of its probability that a sample is right) or
+    ``"kv_probe_vote"`` (a vote over the answers weighted by it: the best-measured selection rule): a folder
+    written by ``kvagents train probe`` or a shipped probe's name; default: the probe shipped for ``model``
+    (``qwen2.5-coder-0.5b`` has one). It is refused on a model it was not trained on."""
     adaptive: AdaptiveConfig | None = None
     """Adaptive best-of-N (``kvagents.control.adaptive``): sample ``wave`` answers at a time, at most ``n`` (or
     ``adaptive.max_n``), and stop a prompt once its majority vote over the answers (``vote_parser``) is decided
@@ -602,6 +615,10 @@ class ChatKV(BaseChatModel):
             from kvagents.signals.scoring import LayerCoE, ProbabilityScores, TokenCoE
 
             comps.append(ProbabilityScores())
+            if self.select_by in PROBE_RULES:
+                from kvagents.signals.probe import KVProbeScore
+
+                comps.append(KVProbeScore(self._kv_probe(llm)))
             if self.select_by and self.select_by.startswith("kv_coe_layer"):
                 comps.append(LayerCoE())
             elif self.select_by and self.select_by.startswith("kv_coe_token"):
@@ -738,7 +755,7 @@ class ChatKV(BaseChatModel):
         cands = candidates_from_samples(group)
         for c, a in zip(cands, answers):
             c.answer = a
-        sel = select(cands, "majority", score=self.select_by)
+        sel = select(cands, "majority", score="kv_probe" if self.select_by in PROBE_RULES else self.select_by)
         for c, g in zip(cands, gens):
             md = g.message.response_metadata
             md.update(sample_index=c.index, chosen=c.index == sel.chosen.index, answer=c.answer)
@@ -767,6 +784,8 @@ class ChatKV(BaseChatModel):
             usage = getattr(gen, "usage", None)
             if usage is not None:
                 gens = self._voted(group, gens, [self._vote_answer(split) for _s, split, _d in row], usage[p])
+            elif self.select_by == "kv_probe_vote" and len(group) > 1:
+                gens = self._probe_voted(group, gens, [self._vote_answer(split) for _s, split, _d in row])
             elif self.select_by and len(group) > 1:
                 gens = self._ordered(group, gens)
             out.append(ChatResult(generations=gens, llm_output={"model_name": req.model_name}))
@@ -799,6 +818,45 @@ class ChatKV(BaseChatModel):
     @staticmethod
     def _needs_answer(split: OutputSplitter, dropped: list[dict]) -> bool:
         return bool(dropped) and not split.tool_calls and not split.invalid_tool_calls and not split.text.strip()
+
+    def _kv_probe(self, llm: KVModel):
+        """The probe of ``probe`` (or the one shipped for ``model``), loaded once per model and checked against it."""
+        from kvagents.signals.artifact import ArtifactError
+        from kvagents.signals.probe import KVProbe
+
+        name = self.probe or self.model
+        cache = _PROBES.setdefault(llm, {})
+        if name not in cache:
+            try:
+                cache[name] = KVProbe.from_pretrained(name, llm)
+            except ArtifactError as e:
+                if self.probe is None:
+                    raise ValueError(f"select_by={self.select_by!r} needs a trained KV probe and none ships for "
+                                     f"{self.model!r}: train one with `kvagents train probe --model {self.model} ...` "
+                                     "and pass probe=<its folder>") from e
+                raise
+        return cache[name]
+
+    def _probe_voted(self, group, gens: list[ChatGeneration], answers: list) -> list[ChatGeneration]:
+        """Samples ordered by the KV-probe-weighted vote: the winning answer's most probable sample first, then the
+        others by the probe's probability."""
+        from kvagents.control.selection import candidates_from_samples, select
+
+        cands = candidates_from_samples(group)
+        for c, a in zip(cands, answers):
+            c.answer = a
+        sel = select(cands, "weighted", score="kv_probe", weighting="score")
+        for c, g in zip(cands, gens):
+            md = g.message.response_metadata
+            md.update(scores=dict(c.scores), sample_index=c.index, chosen=c.index == sel.chosen.index, answer=c.answer)
+        md = gens[sel.chosen.index].message.response_metadata
+        md.update(selection_note=sel.note, votes=sel.votes)
+
+        def key(c):
+            v = c.scores.get("kv_probe", float("nan"))
+            return (c.index != sel.chosen.index, -v if v == v else float("inf"))
+
+        return [gens[c.index] for c in sorted(cands, key=key)]
 
     def _ordered(self, group, gens: list[ChatGeneration]) -> list[ChatGeneration]:
         """Samples ordered by ``select_by`` (kvagents' argmax rule: direction from ``SCORE_DIRECTIONS``, NaN
