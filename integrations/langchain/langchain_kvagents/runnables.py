@@ -44,6 +44,11 @@ class KVBestOfN(RunnableSerializable[Any, AIMessage]):
             chain-of-embedding scores come from ``scorers=[LayerCoE()]`` etc.).
         parser: ``"gsm8k"``, ``"math"``, ``"choice"`` or a callable (required by the vote rules).
         scorers: kvagents components whose dict outputs are scores (default ``ProbabilityScores``).
+        probe: with ``score="kv_probe"``: the trained KV probe (folder or shipped name; default the probe shipped
+            for the model) whose probability that a sample is right scores it; ``rule="weighted"`` then weighs the
+            vote by that probability (the best-measured rule; ``weighting`` is ``"score"`` for it).
+        adaptive: an :class:`~kvagents.control.adaptive.AdaptiveConfig`: sample in waves and stop once the vote
+            is decided (``rule`` ``"majority"`` or ``"weighted"``).
 
     The result's ``response_metadata``: ``candidates`` (``text``, ``answer``, ``scores``, ``index``),
     ``chosen_index``, ``rule``, ``score``, ``note`` (why this one) and ``fallback_used``.
@@ -65,11 +70,26 @@ class KVBestOfN(RunnableSerializable[Any, AIMessage]):
     score: str | None = "lowest_group_confidence"
     parser: Any = None
     scorers: list[Any] | None = None
+    probe: str | None = None
+    adaptive: Any = None
+
+    def _scorers(self, llm) -> list[Any] | None:
+        if self.score != "kv_probe":
+            return self.scorers
+        from kvagents.signals.probe import KVProbeScore
+        from kvagents.signals.scoring import ProbabilityScores
+
+        if any(isinstance(c, KVProbeScore) for c in self.scorers or []):
+            return self.scorers
+        probe = self.llm.model_copy(update={"probe": self.probe, "select_by": "kv_probe"})._kv_probe(llm)
+        return [*(self.scorers or [ProbabilityScores()]), KVProbeScore(probe)]
 
     def _select(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any):
         messages = self.llm._convert_input(input).to_messages()
         req = self.llm._prepare([messages], kwargs.pop("stop", None), kwargs)
-        bon = BestOfN(req.llm, n=self.n, scorers=self.scorers, rule=self.rule, score=self.score, parser=self.parser)
+        extra = {"weighting": "score"} if self.score == "kv_probe" and self.rule == "weighted" else {}
+        bon = BestOfN(req.llm, n=self.n, scorers=self._scorers(req.llm), rule=self.rule, score=self.score,
+                      parser=self.parser, adaptive=self.adaptive, **extra)
         params = req.params.model_copy(update={"n": 1})
         with self.llm._lock(req.llm):
             return bon(list(req.prompt_ids[0]), params), req

@@ -65,3 +65,20 @@ def test_probe_argmax_and_refusals(tiny_dir, tmp_path):
     with pytest.raises(ArtifactError, match="not on the model in use"):
         ChatKV(model=tiny_dir, dtype="float32", device="cpu", n=2, max_tokens=2, select_by="kv_probe",
                probe=str(wrong)).invoke("Hi")
+
+
+def test_kv_best_of_n_weighs_the_vote_by_the_probe(tiny_dir, tmp_path):
+    from langchain_kvagents import KVBestOfN
+
+    folder = _probe_folder(tiny_dir, tmp_path / "probe")
+    llm = ChatKV(model=tiny_dir, dtype="float32", device="cpu", temperature=1.5, seed=2, max_tokens=2)
+    bon = KVBestOfN(llm=llm, n=6, rule="weighted", score="kv_probe", probe=str(folder),
+                    parser=lambda t: t[:1] or None)
+    md = bon.invoke("Hello").response_metadata
+    tally: dict = {}
+    for c in md["candidates"]:
+        assert 0 < c["scores"]["kv_probe"] < 1
+        if c["answer"] is not None:
+            tally[c["answer"]] = tally.get(c["answer"], 0.0) + c["scores"]["kv_probe"]
+    chosen = md["candidates"][md["chosen_index"]]
+    assert chosen["answer"] == max(tally, key=tally.get)
