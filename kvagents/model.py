@@ -149,6 +149,8 @@ class KVModel:
         return self._model is not None
 
     def load(self) -> KVModel:
+        if self._model is not None:  # loaded: no lock (a caller must not wait for a running decode loop's steps)
+            return self
         with self._lock:
             if self._model is not None:
                 return self
@@ -352,8 +354,11 @@ class KVModel:
         """
         from .engine.scheduler import Scheduler, SchedulerConfig
 
+        cfg = SchedulerConfig(**config)
+        running = self._scheduler
+        if running is not None and not running.closed and (not config or cfg == running.config):
+            return running  # no lock: the decode loop holds it between steps, and submitters must not queue on it
         with self._lock:
-            cfg = SchedulerConfig(**config)
             if self._scheduler is not None and not self._scheduler.closed:
                 if config and cfg != self._scheduler.config:
                     raise ValueError(f"this model's scheduler runs with {self._scheduler.config!r}; shut it down "

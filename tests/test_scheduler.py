@@ -411,3 +411,29 @@ def test_200_random_submissions_from_8_threads_none_lost_or_duplicated(llm):
             assert_same(res, want[k])
     assert sched.pending() == 0
     assert sched.shutdown(timeout=60)
+
+
+def test_submit_does_not_wait_for_the_running_batch():
+    """A caller submitting while a long request decodes gets its handle at once: it must not queue on the model
+    lock that the decode loop takes around every step (counted in steps, not timed)."""
+    from tiny import ByteTokenizer, tiny_model
+
+    from kvagents import KVModel, SamplingParams
+
+    llm = KVModel(tiny_model("qwen3"), ByteTokenizer())
+    sched = llm.scheduler(max_rows=8)
+    try:
+        busy = sched.submit([5, 6, 7], SamplingParams(max_new_tokens=400, temperature=0, ignore_eos=True))
+        while sched.steps < 3:
+            pass
+        for submit in (lambda: llm.submit([8, 9, 10], SamplingParams(max_new_tokens=2, temperature=0)),
+                       lambda: sched.submit([8, 9, 10], SamplingParams(max_new_tokens=2, temperature=0)),
+                       lambda: llm.encode_prompt([8, 9])):
+            s0 = sched.steps
+            out = submit()
+            assert not busy.done() and sched.steps - s0 < 100, "the submitter waited for the running batch"
+            if hasattr(out, "result"):
+                assert out.result(timeout=60).samples[0][0].generated_tokens == 2
+        busy.result(timeout=120)
+    finally:
+        sched.shutdown(cancel=True)
