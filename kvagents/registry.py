@@ -209,6 +209,12 @@ def _is_complete(folder: Path) -> bool:
     return (folder / MARKER_NAME).is_file()
 
 
+def is_fetched(name: str) -> bool:
+    """Whether the registry model ``name`` is fetched, checked and converted in the cache (a half-written folder
+    of a killed fetch does not count)."""
+    return _is_complete(cache_dir() / "models" / name)
+
+
 def _sweep_stale_temps(parent: Path) -> None:
     """Remove leftovers of killed runs (temp dirs older than a day); best effort."""
     if not parent.is_dir():

@@ -222,3 +222,16 @@ def test_convert_gguf_cached_by_path(tmp_path: Path, cache: Path, monkeypatch: p
     assert resolve_model_source(str(gguf), progress=False) == first
     assert calls == [gguf.resolve()]
     assert gguf.exists()  # the user's file is never deleted
+
+
+def test_is_fetched_needs_the_completion_marker(tmp_path, monkeypatch):
+    from kvagents.registry import MARKER_NAME, is_fetched
+
+    monkeypatch.setenv("KVAGENTS_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / "smollm2-135m"
+    assert not is_fetched("smollm2-135m")
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"half written")  # a killed fetch: files but no marker
+    assert not is_fetched("smollm2-135m")
+    (folder / MARKER_NAME).write_text("ok")
+    assert is_fetched("smollm2-135m")
