@@ -21,8 +21,12 @@ __version__ = "0.1.0"
 # Public names and the module each lives in. They are imported on first access (PEP 562), so that
 # `import kvagents.cli` and `kvagents --help` answer at once without loading torch and transformers.
 _EXPORTS = {
+    "AdaptiveConfig": ".control.adaptive",
+    "BestOfN": ".control.selection",
     "Component": ".engine.components",
     "ControllerConfig": ".control.thinking",
+    "ConvergenceConfig": ".control.convergence",
+    "ConvergenceController": ".control.convergence",
     "DecodeEngine": ".engine.decode",
     "Effort": ".control.thinking",
     "Encoder": ".retrieval.encoder",
@@ -48,16 +52,25 @@ _EXPORTS = {
     "KVIndexError": ".retrieval.errors",
     "KVModel": ".model",
     "KVPooling": ".signals.pooling",
+    "KVProbe": ".signals.probe",
+    "KVProbeScore": ".signals.probe",
+    "KVRouter": ".signals.kv_classifier",
     "LayerInfo": ".engine.components",
+    "LookAhead": ".engine.components",
+    "LookAheadResult": ".engine.components",
     "NonFiniteLogitsError": ".engine.decode",
     "PLAIN_FORMAT": ".control.thinking",
     "PrefillView": ".engine.components",
     "PromptError": ".engine.decode",
     "QWEN3_FORMAT": ".control.thinking",
+    "QueueFullError": ".engine.scheduler",
     "ReasoningController": ".control.thinking",
+    "RequestHandle": ".engine.scheduler",
     "RunningPool": ".signals.pooling",
     "SampleResult": ".engine.results",
     "SamplingParams": ".engine.params",
+    "Scheduler": ".engine.scheduler",
+    "SchedulerConfig": ".engine.scheduler",
     "SearchHit": ".retrieval.index",
     "SentenceTransformerEncoder": ".retrieval.encoder",
     "StepView": ".engine.components",
@@ -65,6 +78,7 @@ _EXPORTS = {
     "StreamEvent": ".engine.results",
     "ThinkingFormat": ".control.thinking",
     "TooManySequencesError": ".engine.decode",
+    "adaptive_stop": ".control.adaptive",
     "as_encoder": ".retrieval.encoder",
     "budget_for": ".control.thinking",
     "maximal_marginal_relevance": ".retrieval.index",
@@ -86,6 +100,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names as if imported eagerly
+    from .control.adaptive import AdaptiveConfig, adaptive_stop
+    from .control.convergence import ConvergenceConfig, ConvergenceController
+    from .control.selection import BestOfN
     from .control.thinking import (
         PLAIN_FORMAT,
         QWEN3_FORMAT,
@@ -103,6 +120,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names as if imported eage
         InvalidActionError,
         InvalidComponentError,
         LayerInfo,
+        LookAhead,
+        LookAheadResult,
         PrefillView,
         StepView,
         StopSequence,
@@ -110,6 +129,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names as if imported eage
     from .engine.decode import DecodeEngine, NonFiniteLogitsError, PromptError, TooManySequencesError
     from .engine.params import SamplingParams
     from .engine.results import GenerationResult, GenerationStats, SampleResult, StreamEvent
+    from .engine.scheduler import QueueFullError, RequestHandle, Scheduler, SchedulerConfig
     from .model import GenerationStream, KVModel
     from .retrieval.encoder import Encoder, KVEncoder, SentenceTransformerEncoder, as_encoder
     from .retrieval.errors import (
@@ -121,12 +141,17 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names as if imported eage
     )
     from .retrieval.index import IndexRecord, KVIndex, SearchHit, maximal_marginal_relevance
     from .signals.embedding import KVEmbedding
-    from .signals.kv_classifier import KVClassifier, KVClassifierConfig
+    from .signals.kv_classifier import KVClassifier, KVClassifierConfig, KVRouter
     from .signals.pooling import KVPooling, RunningPool, pool_cache_rows
+    from .signals.probe import KVProbe, KVProbeScore
 
 __all__ = [
+    "AdaptiveConfig",
+    "BestOfN",
     "Component",
     "ControllerConfig",
+    "ConvergenceConfig",
+    "ConvergenceController",
     "DecodeEngine",
     "Effort",
     "Encoder",
@@ -152,16 +177,25 @@ __all__ = [
     "KVIndexError",
     "KVModel",
     "KVPooling",
+    "KVProbe",
+    "KVProbeScore",
+    "KVRouter",
     "LayerInfo",
+    "LookAhead",
+    "LookAheadResult",
     "NonFiniteLogitsError",
     "PLAIN_FORMAT",
     "PrefillView",
     "PromptError",
     "QWEN3_FORMAT",
+    "QueueFullError",
     "ReasoningController",
+    "RequestHandle",
     "RunningPool",
     "SampleResult",
     "SamplingParams",
+    "Scheduler",
+    "SchedulerConfig",
     "SearchHit",
     "SentenceTransformerEncoder",
     "StepView",
@@ -169,6 +203,7 @@ __all__ = [
     "StreamEvent",
     "ThinkingFormat",
     "TooManySequencesError",
+    "adaptive_stop",
     "as_encoder",
     "budget_for",
     "maximal_marginal_relevance",
