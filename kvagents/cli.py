@@ -1,4 +1,4 @@
-"""``kvagents`` command line: ``demo``, ``embed``, ``index``, ``eval``, ``models``."""
+"""``kvagents`` command line: ``demo``, ``embed``, ``index``, ``eval``, ``train``, ``serve``, ``models``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,24 @@ def cmd_demo(args) -> int:
 
     run_demo(model=args.model, n=args.n, max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
              seed=args.seed, temperature=args.temperature)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .serving.app import serve
+    except ImportError as e:
+        raise SystemExit(f"error: `kvagents serve` needs the serve extra ({e.name} is missing): "
+                         "pip install 'kvagents[serve]'") from None
+    from .model import KVModel
+
+    llm = KVModel.from_pretrained(args.model, dtype=args.dtype, device=args.device).load()
+    name = args.served_model_name or args.model
+    print(f"kvagents: serving {name!r} on http://{args.host}:{args.port}/v1 (max_rows={args.max_rows}, "
+          f"max_queue={args.max_queue})", file=sys.stderr)
+    serve(llm, host=args.host, port=args.port, log_level=args.log_level, served_model_name=name,
+          max_rows=args.max_rows, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+          default_max_tokens=args.default_max_tokens, scores=not args.no_scores)
     return 0
 
 
@@ -481,6 +499,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_config_args(trr, TrainRouterConfig)
     trr.set_defaults(func=cmd_train_router)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, embeddings) on "
+                        "continuous batching")
+    sv.add_argument("--model", default=DEFAULT_MODEL, help=f"{COMMON_HELP['model']} (default {DEFAULT_MODEL})")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    sv.add_argument("--max-rows", type=int, default=16, help="sequences decoded together in the shared batch "
+                    "(default 16)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait for rows; more answer HTTP "
+                    "429 (default 64)")
+    sv.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled between two decode "
+                    "steps (default 256)")
+    sv.add_argument("--default-max-tokens", type=int, default=1024, help="token limit of a request that sets none "
+                    "(default 1024)")
+    sv.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    sv.add_argument("--no-scores", action="store_true", help="leave kvagents' probability scores out of each choice")
+    sv.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    sv.add_argument("--dtype", default="auto", help=COMMON_HELP["dtype"] + " (default auto)")
+    sv.add_argument("--device", default="auto", help=COMMON_HELP["device"] + " (default auto)")
+    sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list or fetch the embedded models")
     m.add_argument("action", choices=["list", "fetch"])

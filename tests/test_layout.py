@@ -15,7 +15,7 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "kvagents"
 
 FLOOR = {"kernels": 0, "engine": 1, "signals": 2, "control": 3, "registry": 4, "grammar": 4, "model": 5,
-         "retrieval": 6, "evals": 7, "demo": 7, "cli": 8, "__init__": 9}
+         "retrieval": 6, "evals": 7, "demo": 7, "serving": 7, "cli": 8, "__init__": 9}
 
 
 def _module_name(path: Path) -> str:
