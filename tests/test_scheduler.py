@@ -437,3 +437,32 @@ def test_submit_does_not_wait_for_the_running_batch():
         busy.result(timeout=120)
     finally:
         sched.shutdown(cancel=True)
+
+
+def test_handles_wake_callbacks_and_event_loops():
+    import asyncio
+
+    llm = KVModel(tiny_model("qwen3"), ByteTokenizer())
+    sched = llm.scheduler(max_rows=4)
+    try:
+        params = SamplingParams(max_new_tokens=5, temperature=0)
+        seen = []
+        h = llm.submit([5, 6, 7], params)
+        h.add_done_callback(lambda hh: seen.append(hh.result().samples[0][0].token_ids))
+        alone = llm.generate([[5, 6, 7]], params).samples[0][0].token_ids
+        assert h.result(timeout=60).samples[0][0].token_ids == alone
+
+        async def wait():
+            return (await llm.submit([5, 6, 7], params).as_asyncio()).samples[0][0].token_ids
+
+        assert asyncio.run(asyncio.wait_for(wait(), 60)) == alone
+        for _ in range(1000):  # the callback runs on the scheduler's thread just after the result is set
+            if seen:
+                break
+            threading.Event().wait(0.01)
+        assert seen == [alone]
+        late = []
+        h.add_done_callback(lambda hh: late.append(True))  # already done: called at once
+        assert late == [True]
+    finally:
+        sched.shutdown(cancel=True)

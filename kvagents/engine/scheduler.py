@@ -170,6 +170,21 @@ class RequestHandle:
     def done(self) -> bool:
         return self._future.done()
 
+    def add_done_callback(self, fn) -> None:
+        """Call ``fn(handle)`` once the request finishes, fails or is cancelled (at once if it already has), from
+        the scheduler's thread: e.g. ``loop.call_soon_threadsafe`` to wake an event loop.
+
+        Example:
+            >>> # h.add_done_callback(lambda h: print(h.result().samples[0][0].text))
+        """
+        self._future.add_done_callback(lambda _f: fn(self))
+
+    def as_asyncio(self):
+        """An :class:`asyncio.Future` of :meth:`result` in the running event loop (no thread waits for it)."""
+        import asyncio
+
+        return asyncio.wrap_future(self._future)
+
     def cancel(self) -> bool:
         """Ask for cancellation; False when the request already finished (nothing to cancel)."""
         if self._future.done():

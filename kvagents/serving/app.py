@@ -399,10 +399,7 @@ class KVServer:
     @staticmethod
     def future(h: RequestHandle) -> asyncio.Future:
         """An asyncio future of a handle's result (no thread blocks per waiting request)."""
-        fut = getattr(h, "_future", None)
-        if fut is not None:
-            return asyncio.wrap_future(fut)
-        return asyncio.ensure_future(asyncio.to_thread(h.result))
+        return h.as_asyncio()
 
     async def results(self, handles: list[RequestHandle], request: Request):
         """Every handle's result; a client that disconnects meanwhile cancels them."""
