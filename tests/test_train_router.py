@@ -166,6 +166,79 @@ def test_router_as_the_controllers_classifier_decides_as_it_routes(tmp_path, llm
     np.testing.assert_allclose(captured, feats, rtol=1e-4, atol=1e-4)  # the features it was trained on
     assert np.array_equal(got, router.route(captured))
 
+    # the router given by its folder, settings left out: its calibrated rule is applied, the starts are its routes
+    from kvagents.control.thinking import ControllerConfig
+
+    folder = router.save(tmp_path / "mid", llm)
+    for clf in (str(folder), KVRouter.load(folder)):
+        ctl = ReasoningController(runner.fmt, runner.tok, classifier=clf, capture=True)
+        assert isinstance(ctl.classifier, KVRouter)
+        assert ctl.config == ControllerConfig(**router.controller_settings(), capture=True)
+        res = llm.generate([runner.prompt_ids(r) for r in rows], SamplingParams(max_new_tokens=40, temperature=0),
+                           components=[ctl])
+        outs = [g[0].outputs["reasoning"] for g in res.samples]
+        captured = np.stack([o["features"]["prompt"].numpy() for o in outs])
+        assert np.array_equal(np.array([o["start"] == "slow" for o in outs]), router.route(captured))
+    # what is given explicitly wins over the router's rule
+    ctl = ReasoningController(runner.fmt, runner.tok, ControllerConfig(start="slow", every=4), classifier=router,
+                              effort="low")
+    assert (ctl.config.start, ctl.config.every, ctl.config.thinking_budget) == ("slow", 4, 128)
+    assert ctl.config.max_switches == 1 and ctl.config.switch_to_slow is False  # the rest from the router
+
+
+def _heads(n, d, k, seed, hidden=16):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(80, d)).astype(np.float32)
+    kc = KVClassifierConfig(layers=2, window=8, hidden=hidden)
+    return [KVClassifier.fit(x, 100.0 * (x[:, i % d] > 0), kc, seed=i, max_epochs=3)[0] for i in range(k)]
+
+
+def test_router_ensemble_scores_are_the_heads_mean_and_survive_a_round_trip(tmp_path, llm):
+    from kvagents.signals.artifact import save_artifact
+    from kvagents.signals.kv_classifier import KVHeadEnsemble
+
+    d = 256  # the tiny model's features: 2 layers averaged, 2 KV heads x 64 x K;V
+    gains, steps = _heads(80, d, 3, 0), _heads(80, d, 2, 1)
+    settings = KVRouterConfig(tau_gain=50.0, tau_step=30.0, every=8)
+    router = KVRouter(gains, steps, settings)
+    assert len(router.gain_heads) == 3 and len(router.step_heads) == 2
+    x = np.random.default_rng(2).normal(size=(9, d)).astype(np.float32)
+    want = np.mean([h.predict(x) for h in gains], axis=0)
+    np.testing.assert_allclose(router.predict(x), want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(router.predict_step(x), np.mean([h.predict(x) for h in steps], axis=0), atol=1e-4)
+    assert not np.allclose(router.predict(x), gains[0].predict(x))  # the mean, not one head
+    router.step = 3
+    shift = settings.tau_gain - settings.tau_step
+    np.testing.assert_allclose(router.scores(torch.as_tensor(x)).numpy(), router.predict_step(x) + shift, atol=1e-4)
+
+    loaded = KVRouter.load(router.save(tmp_path / "ens", llm), llm)
+    assert loaded.metadata["config"]["gain_heads"] == 3 and loaded.metadata["config"]["step_heads"] == 2
+    assert len(loaded.gain_heads) == 3 and len(loaded.step_heads) == 2
+    assert np.array_equal(loaded.predict(x), router.predict(x)) and np.array_equal(loaded.route(x), router.route(x))
+    assert np.array_equal(loaded.predict_step(x), router.predict_step(x))
+    with pytest.raises(ArtifactMismatchError):
+        KVRouter.load(tmp_path / "ens", KVModel(tiny_model("qwen2", seed=5), ByteTokenizer()))
+    # a lost head is an error, not a smaller ensemble
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(tmp_path / "ens" / "weights.safetensors"))
+    save_file({k: v for k, v in t.items() if not k.startswith("gain.2.")}, str(tmp_path / "ens" / "weights.safetensors"))
+    with pytest.raises(ArtifactError, match="weights lack gain.2."):
+        KVRouter.load(tmp_path / "ens")
+
+    # one head each (and none for the step): the single-head layout, which routers written before ensembles have
+    single = KVRouter(gains[0], None, settings)
+    meta_cfg = {"router": settings.model_dump(), "gain": gains[0].config.model_dump(), "step": None,
+                "calibration": {}}
+    old = save_artifact(tmp_path / "old", "kv_router", gains[0].tensors("gain."), meta_cfg, fingerprint(llm, None))
+    for folder in (old, single.save(tmp_path / "single", llm)):
+        r = KVRouter.load(folder, llm)
+        assert len(r.gain_heads) == 1 and r.step_head is None
+        assert np.array_equal(r.predict(x), gains[0].predict(x))
+    assert set(load_file(str(tmp_path / "single" / "weights.safetensors"))) == set(gains[0].tensors("gain."))
+    with pytest.raises(ValueError, match="differ in hidden"):
+        KVHeadEnsemble([gains[0], _heads(80, d, 1, 3, hidden=8)[0]])
+
 
 def _synthetic_work(folder, n=60, d=64, seed=0):
     """A collect work folder with learnable outcomes: fast is right on the rows whose first 16 features are shifted
@@ -231,6 +304,50 @@ def test_from_work_trains_by_row_and_reports_several_splits(tmp_path, llm):
         assert mix == pytest.approx(report["held_out"][name]["accuracy"])
     assert not set(tr["train_rows"]) & set(tr["holdout_rows"])
     assert router.settings.every == 8 and router.config.window == 8
+
+
+def test_the_saved_router_is_the_fold_ensemble_and_its_row_is_its_own_predictions(tmp_path, llm, monkeypatch):
+    from kvagents.evals.train_router import Rule, Trials, held_out_table
+
+    real = er.fit_router_heads
+
+    def refit_always_slow(*a, **k):  # the refitted gain head scores every question 1000: it never answers fast
+        heads = real(*a, **k)
+        with torch.no_grad():
+            heads["gain"][0].mlp.fc2.weight.zero_()
+            heads["gain"][0].mlp.fc2.bias.fill_(10.0)
+        return heads
+
+    monkeypatch.setattr(er, "fit_router_heads", refit_always_slow)
+    work = _synthetic_work(tmp_path / "w")
+    data, _ = read_work(work)
+    cfg = TrainRouterConfig(from_work=str(work), out=str(tmp_path / "r"), seeds=[0], folds=3, device="cpu")
+    report = train_router(cfg, llm=llm)
+    assert report["held_out"]["router, refit"]["fast_rate"] == 0 < report["held_out"]["router"]["fast_rate"]
+    router = KVRouter.load(tmp_path / "r", llm)
+    assert len(router.gain_heads) == 3 and len(router.step_heads) == 3  # the fold heads
+    assert router.metadata["training"]["heads"] == {"gain": 3, "step": 3, "kind": "fold ensemble"}
+    # the held-out "router" row, recomputed from the loaded router's own predictions on its held-out rows
+    held = [data.names.index(x) for x in router.metadata["training"]["holdout_rows"]]
+    hd = data.subset(held)
+    ps = router.predict_step(hd.windows)
+    tr = Trials(hd.fast, hd.slow, [ps[hd.win_row == i] for i in range(len(held))])
+    c = report["calibration"]
+    rule = Rule(c["tau_gain"], c["tau_step"], c["checkpoint_cap"], None)
+    mine = held_out_table(tr, router.predict(hd.prompt), {"router": rule}, [], [], 8)["router"]
+    for k in ("accuracy", "tokens", "fast_rate", "stopped_early_rate"):
+        assert mine[k] == pytest.approx(report["held_out"]["router"][k])
+    assert {"router, fold ensemble", "router, refit"} <= set(report["held_out"])
+
+    # --no-ensemble: one gain and one step head refitted on all training rows, the fold ensemble still reported
+    refit = train_router(cfg.model_copy(update={"ensemble": False, "out": str(tmp_path / "r1")}), llm=llm)
+    one = KVRouter.load(tmp_path / "r1", llm)
+    assert len(one.gain_heads) == 1 and len(one.step_heads) == 1
+    assert one.metadata["training"]["heads"]["kind"] == "refit"
+    assert refit["held_out"]["router"] == refit["held_out"]["router, refit"]
+    assert refit["held_out"]["router"]["fast_rate"] == 0 and one.route(hd.prompt).all()
+    assert refit["held_out"]["router, fold ensemble"]["tokens"] == pytest.approx(
+        report["held_out"]["router"]["tokens"])
 
 
 def test_from_work_through_the_cli(tmp_path, llm, monkeypatch, capsys):
@@ -320,3 +437,29 @@ def test_from_work_reports_convergence_budgets_acceptance_and_a_learning_curve(t
     assert "x fewer than slow" in text and "math500 (6 held-out questions per split)" in text
     with pytest.raises(ValueError, match="not multiples"):
         train_router(cfg.model_copy(update={"convergence_every": [12]}), llm=llm)
+
+
+def test_the_shipped_router_loads_by_the_models_name_and_is_its_seed_0_fold_ensemble(llm):
+    from kvagents.control.thinking import ReasoningController
+    from kvagents.signals.artifact import TRAINED_DIR, shipped
+
+    assert "qwen2.5-coder-0.5b-router" in shipped("kv_router")
+    router = KVRouter.from_pretrained("qwen2.5-coder-0.5b")
+    assert router is not None and (TRAINED_DIR / "qwen2.5-coder-0.5b-router" / "weights.safetensors").is_file()
+    assert len(router.gain_heads) == 5 and len(router.step_heads) == 5  # the fold heads, calibrated on
+    meta = router.metadata
+    tr = meta["training"]
+    assert tr["seed"] == 0 and tr["ensemble"] is True and len(tr["holdout_rows"]) == 460
+    assert not set(tr["train_rows"]) & set(tr["holdout_rows"])
+    assert {x.split(":")[0] for x in tr["holdout_rows"]} == {"gsm8k", "commonsenseqa", "math500"}
+    assert router.dim == 256 and router.config.window == 46  # Qwen2.5 0.5B: 2 KV heads x 64, K;V
+    assert router.settings.tau_gain == meta["metrics"]["calibration"]["tau_gain"]
+    assert router.settings.thinking_budget == meta["metrics"]["calibration"]["thinking_budget"]
+    held = meta["metrics"]["held_out"]
+    assert held["router"]["fast_rate"] == pytest.approx(held["router, fold ensemble"]["fast_rate"])
+    # a model's name where a classifier is taken: the shipped router with its rule
+    ctl = ReasoningController("plain", ByteTokenizer(), classifier="qwen2.5-coder-0.5b")
+    assert isinstance(ctl.classifier, KVRouter) and ctl.config.start == "auto"
+    assert ctl.config.max_thinking_tokens == router.settings.thinking_budget and ctl.threshold == router.settings.tau_gain
+    with pytest.raises(ArtifactMismatchError):  # tied to Qwen2.5-Coder 0.5B, not the tiny model
+        KVRouter.from_pretrained("qwen2.5-coder-0.5b", model=llm)

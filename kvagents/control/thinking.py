@@ -264,6 +264,21 @@ class ControllerConfig(BaseModel):
         return None
 
 
+def _resolve_classifier(classifier):
+    """A classifier given by folder or shipped router name, loaded (anything else is returned as it is)."""
+    import os
+    from pathlib import Path
+
+    if not isinstance(classifier, (str, os.PathLike)):
+        return classifier
+    from ..signals.kv_classifier import KVClassifier, KVRouter
+
+    p = Path(classifier)
+    if (p / "classifier.json").is_file() or (p / "artifact.json").is_file():
+        return KVClassifier.load(p)
+    return KVRouter.from_pretrained(classifier)
+
+
 class ReasoningController(Component):
     """Fast/slow thinking with a hard budget and an online KV classifier (see the module docstring).
 
@@ -272,6 +287,11 @@ class ReasoningController(Component):
     ``step_classifier=False`` predicts at prefill only. ``answer_cues`` (one per prompt) fill ``{answer_cue}`` per prompt (a batch mixing tasks); ``step_classifier``
     (default: ``classifier``) re-predicts every ``every`` tokens from the last-w rows of the
     sequence (a ring buffer updated O(1) per step). Both must read the same layers, KV part and window.
+    ``classifier`` may be a :class:`~kvagents.signals.kv_classifier.KVRouter`, a classifier or router folder, or the
+    name of a shipped router (a model's name, e.g. ``"qwen2.5-coder-0.5b"``): a router's
+    :meth:`~kvagents.signals.kv_classifier.KVRouter.controller_settings` (the rule it was calibrated for: start
+    decided at prefill, its step threshold, thinking budget, answer and length limits) fill every setting not given
+    in ``config`` or the keyword overrides.
 
     Output per sequence (``SampleResult.outputs["reasoning"]``): ``start`` ("fast"/"slow"), ``start_score``,
     ``switches`` (``{"step", "to", "reason", "score"}``), ``thinking_tokens`` and ``answer_tokens`` (sampled
@@ -293,9 +313,16 @@ class ReasoningController(Component):
                  answer_cues: list[str] | None = None, kv_config: KVClassifierConfig | None = None,
                  name: str | None = None, **overrides) -> None:
         self.fmt = get_format(fmt)
+        classifier = _resolve_classifier(classifier)
         cfg = config or ControllerConfig()
         if overrides:
             cfg = ControllerConfig(**{**cfg.model_dump(), **overrides})
+        if callable(getattr(classifier, "controller_settings", None)):  # a router: its calibrated rule by default
+            given = set(config.model_fields_set if config is not None else ()) | set(overrides)
+            rule = {k: v for k, v in classifier.controller_settings().items() if k not in given}
+            if "effort" in given and cfg.effort is not None:
+                rule.pop("max_thinking_tokens", None)
+            cfg = ControllerConfig(**{**rule, **{k: getattr(cfg, k) for k in given}})
         self.config = cfg
         if name:
             self.name = name

@@ -11,9 +11,12 @@ early answer into a right final one) for the mid-generation head.
 A seeded split by row keeps ``holdout`` of the rows out of training. On the training rows the two
 :class:`~kvagents.signals.kv_classifier.KVClassifier` heads are cross-fitted (folds by row) and their thresholds (and a
 thinking budget at a checkpoint) calibrated on the out-of-fold predictions: the fewest tokens at no more than
-``tolerance`` accuracy points below always-slow. The final heads, fitted on all training rows, are reported on the
-held-out rows against always-fast, always-slow and the oracle router; the router's outcome is simulated from the
-recorded fast and slow runs and checkpoints (as :meth:`~kvagents.evals.reasoning.Outcomes.simulate` does). The router
+``tolerance`` accuracy points below always-slow. The router keeps the fold heads themselves (``ensemble``, the
+default: its scores are the mean of the K fold heads' scores, the heads the thresholds were calibrated on; without
+it, one gain and one step head refitted on all training rows, whose scores run higher than the out-of-fold ones the
+thresholds were chosen on). The saved router's own predictions are reported on the held-out rows (``router``) against
+always-fast, always-slow and the oracle router; the router's outcome is simulated from the recorded fast and slow runs
+and checkpoints (as :meth:`~kvagents.evals.reasoning.Outcomes.simulate` does). The router
 (:class:`~kvagents.signals.kv_classifier.KVRouter`) is saved as one trained-signal folder tied to the model's
 fingerprint, with the report inside. ``seeds``: the held-out report for several random splits (by row, stratified by
 dataset; mean and spread, per dataset too); the router saved is the first seed's.
@@ -24,7 +27,7 @@ consecutive trial answers are equal and parsed; every look-ahead before it -- th
 the trial answer's tokens -- is paid as generated tokens; ``convergence_every``: a look-ahead only every so many
 tokens), the router with that exit calibrated jointly (``router + convergence``), thinking budgets, the router's rule
 read by the mean of the cross-fitted fold heads (``fold ensemble``: the heads whose out-of-fold predictions the
-thresholds were calibrated on), and whether ">= 3x fewer tokens than always-slow at <= 1 point below it" holds on
+thresholds were calibrated on) and by one head pair refitted on all training rows (``refit``), and whether ">= 3x fewer tokens than always-slow at <= 1 point below it" holds on
 every split. ``auto_tolerance``: the calibration tolerance chosen by cross-fitting on the training rows only;
 ``train_fractions``: a learning curve (the same held-out rows, fewer training rows).
 
@@ -93,6 +96,9 @@ class TrainRouterConfig(BaseModel):
     train_fractions: list[float] = Field(default_factory=lambda: [1.0], description="learning curve: also train on "
                                          "these fractions of each split's training rows (e.g. 0.25 0.5 1)")
     folds: int = Field(5, ge=2, description="cross-fitting folds (by row) for the calibration")
+    ensemble: bool = Field(True, description="save the cross-fitted fold heads (their mean score; the heads the "
+                           "thresholds were calibrated on) as the router; --no-ensemble: one gain and one step head "
+                           "refitted on all training rows")
     format: str = Field("plain", description="thinking format: plain (cues for instruct models) or qwen3")
     instruction: str | None = Field(None, description="appended to every question (default: by grader, e.g. "
                                     "'Put the final answer (a number) in \\boxed{}.' for gsm8k)")
@@ -651,12 +657,14 @@ def _mean_pred(models: list, x: np.ndarray) -> np.ndarray:
 
 def fit_split(data: Collected, train_i, held_i, kc, settings, *, folds: int, seed: int, device: str = "cpu",
               progress: bool = True, patiences: list[int] = (), strides: list[int] = (1,), budgets: list[int] = (),
-              auto_tolerance: float | None = None, tolerances: list[float] = ()) -> tuple[Any, dict[str, Any]]:
+              auto_tolerance: float | None = None, tolerances: list[float] = (),
+              ensemble: bool = True) -> tuple[Any, dict[str, Any]]:
     """Cross-fit on rows ``train_i``; calibrate the router (gain and step thresholds, a thinking budget) and the
     router with the convergence exit (also its patience, and a look-ahead at every ``stride``-th checkpoint for one
     of ``strides``) on the out-of-fold predictions, at ``settings.tolerance``
     or, with ``auto_tolerance``, at the one of ``tolerances`` whose cross-fitted loss on the training rows is at most
-    that many points; fit the final heads there; report on rows ``held_i``. Returns the
+    that many points; the router's heads are the fold heads (``ensemble``) or refitted on all rows ``train_i``;
+    report on rows ``held_i`` (``router``: the returned router's own predictions). Returns the
     :class:`~kvagents.signals.kv_classifier.KVRouter` and ``{"calibration", "train", "held_out", ...}``."""
     import numpy as np
 
@@ -693,20 +701,34 @@ def fit_split(data: Collected, train_i, held_i, kc, settings, *, folds: int, see
     if "router + convergence" in cal:
         calibration["with_convergence"] = cal["router + convergence"]
     heads = fit_router_heads(tr.prompt, y_gain, tr.windows, y_step, kc, r.tau_gain, r.tau_step, fit)
-    router = KVRouter(heads["gain"][0], heads["step"][0] if "step" in heads else None,
-                      settings.router(calibration["tau_gain"], calibration["tau_step"],
-                                      calibration["thinking_budget"], cal["router"]["tolerance"]))
+    rule = settings.router(calibration["tau_gain"], calibration["tau_step"], calibration["thinking_budget"],
+                           cal["router"]["tolerance"])
+    refit = KVRouter(heads["gain"][0], heads["step"][0] if "step" in heads else None, rule)
+    router = refit
+    if ensemble and fold_heads["gain"]:  # a fold whose labels miss a class has no head (none at all: the refit)
+        for name, tau in (("gain", r.tau_gain), ("step", r.tau_step)):
+            for m in fold_heads[name]:
+                m.config = m.config.model_copy(update={"labels": name, "threshold": float(tau)})
+        router = KVRouter(fold_heads["gain"], fold_heads["step"] or None, rule)
     train = {"rows": n, "gain_positive": int(y_gain.sum() / 100), "step_samples": int(len(y_step)),
-             "step_positive": int(y_step.sum() / 100), "step_head": "step" in heads,
+             "step_positive": int(y_step.sum() / 100), "step_head": router.step_head is not None,
+             "router_heads": {"gain": len(router.gain_heads), "step": len(router.step_heads),
+                              "kind": "fold ensemble" if router is not refit else "refit"},
              "oof_auroc": {"gain": _auroc(oof["gain"], y_gain >= 50),
                            "step": _auroc(oof["step"], y_step >= 50) if len(y_step) else None}}
-    # held-out predictions: the final heads (the router saved) and the mean of the fold heads (the heads whose
-    # out-of-fold predictions the thresholds were calibrated on)
+    # held-out predictions: the router returned (and saved), read through the object itself (what a user of it
+    # gets), then the mean of the fold heads (the heads whose out-of-fold predictions the thresholds were calibrated
+    # on) and the heads refitted on all training rows
     hd = data.subset(held_i)
-    step_pred = router.predict_step(hd.windows) if (len(hd.windows) and "step" in heads) else \
-        np.zeros(len(hd.windows))
-    preds = {"": (router.predict(hd.prompt), step_pred),
-             ", fold ensemble": (_mean_pred(fold_heads["gain"], hd.prompt), _mean_pred(fold_heads["step"], hd.windows))}
+
+    def predictions(rt) -> tuple[np.ndarray, np.ndarray]:
+        ps = rt.predict_step(hd.windows) if (len(hd.windows) and rt.step_head is not None) else \
+            np.zeros(len(hd.windows))
+        return rt.predict(hd.prompt), ps
+
+    preds = {"": predictions(router),
+             ", fold ensemble": (_mean_pred(fold_heads["gain"], hd.prompt), _mean_pred(fold_heads["step"], hd.windows)),
+             ", refit": predictions(refit)}
 
     def table(rows: list[int]) -> dict[str, dict[str, float]]:
         res = None
@@ -718,7 +740,7 @@ def fit_split(data: Collected, train_i, held_i, kc, settings, *, folds: int, see
                 res = t
             else:  # the rules again, with the other predictions, after the first set
                 keys = list(res)
-                at = max(keys.index(k) for k in rules) + 1
+                at = max(keys.index(k + x) for k in rules for x in preds if k + x in res) + 1
                 extra = {k + suffix: t[k] for k in rules}
                 res = {**{k: res[k] for k in keys[:at]}, **extra, **{k: res[k] for k in keys[at:]}}
         return {**res, "rows": len(rows)}
@@ -888,7 +910,7 @@ def train_router(cfg: TrainRouterConfig, llm=None) -> dict[str, Any]:
 
     kw = dict(folds=cfg.folds, device=dev, progress=len(cfg.seeds) < 2 and len(fractions) < 2,
               patiences=list(cfg.convergence_patience), strides=strides, budgets=list(cfg.budgets),
-              auto_tolerance=cfg.auto_tolerance, tolerances=list(cfg.tolerances))
+              auto_tolerance=cfg.auto_tolerance, tolerances=list(cfg.tolerances), ensemble=cfg.ensemble)
     splits, curve, router = [], {f: [] for f in fractions if f < 1}, None
     jobs = [(s, f) for s in cfg.seeds for f in fractions]
     for seed, frac in tqdm(jobs, desc="train and report per split", unit="fit", disable=len(jobs) < 2):
@@ -916,8 +938,9 @@ def train_router(cfg: TrainRouterConfig, llm=None) -> dict[str, Any]:
     report["acceptance"] = {"target": "on the mixture, >= 3x fewer generated tokens than always-slow at <= 1 "
                             "accuracy point below it, on every split", "strategies": acceptance(splits)}
     if curve:
-        names = [k for k in ("always-slow", "router", "router, fold ensemble", "router + convergence",
-                             "router + convergence, fold ensemble") if k in first["held_out"]]
+        names = [k for k in ("always-slow", "router", "router, fold ensemble", "router, refit", "router + convergence",
+                             "router + convergence, fold ensemble", "router + convergence, refit")
+                 if k in first["held_out"]]
         report["learning_curve"] = [
             {"fraction": f, "train_rows": _stats([r["train"]["rows"] for r in reps]),
              "strategies": _spread_of([{k: r["held_out"][k] for k in names} for r in reps])}
@@ -926,7 +949,7 @@ def train_router(cfg: TrainRouterConfig, llm=None) -> dict[str, Any]:
              "strategies": _spread_of([{k: s["held_out"][k] for k in names} for s in splits])}]
     training = {**source, "seed": cfg.seeds[0], "train_rows": first["train_rows"],
                 "holdout_rows": first["holdout_rows"], "folds": cfg.folds, "tolerance": cfg.tolerance,
-                "auto_tolerance": cfg.auto_tolerance}
+                "auto_tolerance": cfg.auto_tolerance, "ensemble": cfg.ensemble, "heads": first["train"]["router_heads"]}
     router.save(out, fp, training=training, metrics=report, calibration=first["calibration"])
     return report
 
