@@ -248,12 +248,20 @@ def _plausible(cls, field):
     )
 
 
+from kvagents.control.adaptive import AdaptiveConfig  # noqa: E402
+from kvagents.control.convergence import ConvergenceConfig  # noqa: E402
+from kvagents.engine.scheduler import SchedulerConfig  # noqa: E402
+from kvagents.evals.train_router import TrainRouterConfig  # noqa: E402
+from kvagents.signals.kv_classifier import KVRouterConfig  # noqa: E402
+
 CONFIGS = [SamplingParams, KVPooling, ControllerConfig, ThinkingFormat, KVClassifierConfig, KVProbeConfig,
-           TrainProbeConfig, ReasoningEvalConfig, ModelSpec, ModelFingerprint]
+           TrainProbeConfig, ReasoningEvalConfig, ModelSpec, ModelFingerprint, AdaptiveConfig, ConvergenceConfig,
+           SchedulerConfig, TrainRouterConfig, KVRouterConfig]
 # a valid object of each config whose required fields need a precise shape (a pattern, paired lists): the examples
 # also draw it with up to three fields replaced, so valid and invalid neighbours are both reached
 _EXAMPLES = {
     ModelSpec: lambda: REGISTRY["smollm2-135m"],
+    TrainRouterConfig: lambda: TrainRouterConfig(data="d.jsonl", out="routers/r"),  # data xor from_work
     ModelFingerprint: lambda: ModelFingerprint(
         architecture="LlamaForCausalLM", num_layers=4, attention_layers=[0, 1, 2, 3], kv_heads=2, head_dim=16,
         hidden_size=64, vocab_size=256, tokenizer_sha256="0" * 64, weights_sha256="1" * 64),
