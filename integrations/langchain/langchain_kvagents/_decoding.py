@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -168,3 +169,65 @@ def tool_rounds(messages: Sequence[BaseMessage]) -> int:
     """How many assistant turns with tool calls the current turn (since the last user message) has."""
     start = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=-1) + 1
     return sum(1 for m in messages[start:] if isinstance(m, AIMessage) and m.tool_calls)
+
+
+_NUMBER = re.compile(r"-?\d[\d,_]*(?:\.\d+)?")
+_WORD = re.compile(r"[^\W_]{3,}")
+
+
+def _is_error(m: BaseMessage) -> bool:
+    return isinstance(m, ToolMessage) and (getattr(m, "status", "success") == "error"
+                                           or m.text.strip().lower().startswith("error"))
+
+
+def conversation_text(messages: Sequence[BaseMessage]) -> str:
+    """The text a call's arguments may come from: every message's content (the user's words, tool results,
+    system text), not the calls themselves, nor a tool's error message (``get_population("unknown city")``
+    after ``error: unknown city`` is no value from the conversation)."""
+    return "\n".join(m.text for m in messages if isinstance(m.text, str) and not _is_error(m))
+
+
+def _numbers(text: str) -> set[float]:
+    out = set()
+    for m in _NUMBER.finditer(text):
+        try:
+            out.add(float(m.group().replace(",", "").replace("_", "")))
+        except ValueError:
+            pass
+    return out
+
+
+def _leaves(v: Any) -> list:
+    if isinstance(v, dict):
+        return [x for y in v.values() for x in _leaves(y)]
+    if isinstance(v, (list, tuple)):
+        return [x for y in v for x in _leaves(y)]
+    return [v]
+
+
+def is_grounded(call: dict, text: str, every: bool = False) -> bool:
+    """Whether one of ``call``'s argument values occurs in ``text`` (the conversation): a number by value, a
+    string (case-insensitive) whole or by one of its words of three or more letters. A call without argument
+    values counts as grounded. A small model shown tools calls one for a question that needs none, with values
+    it made up (``add(1, 2)`` for a translation, the weather in a city nobody named). ``every``: each value must
+    occur (after a tool result, where a made-up step such as ``multiply(3279, 1)`` reuses the result)."""
+    leaves = [v for v in _leaves(call.get("args") or {}) if v is not None and not isinstance(v, bool)]
+    if not leaves:
+        return True
+    low = text.lower()
+    nums = _numbers(text)
+
+    def occurs(v) -> bool:
+        if isinstance(v, (int, float)):
+            return float(v) in nums
+        s = str(v).strip().lower()
+        if not s:
+            return True
+        if s in low or any(w in low for w in _WORD.findall(s)):
+            return True
+        try:
+            return float(s.replace(",", "")) in nums
+        except ValueError:
+            return False
+
+    return all(map(occurs, leaves)) if every else any(map(occurs, leaves))

@@ -42,9 +42,15 @@ from kvagents.grammar import compile_grammar
 from ._decoding import (
     ANSWER_TEXT_REGEX,
     TokenLogprobs,
+    _leaves,
     answered_calls,
+    conversation_text,
+    is_grounded,
     is_repeat,
     tool_rounds,
+)
+from ._decoding import (
+    _norm as _norm_args,
 )
 from ._messages import OutputSplitter, to_chat_messages, tools_system_prompt
 from ._requests import _Acquired, _Deadline, _key, _Request
@@ -214,16 +220,19 @@ class ChatKV(BaseChatModel):
             llm.with_structured_output(Joke).invoke("Tell me a joke about cats")
 
     Agents (``langchain.agents.create_agent``): after a tool result, a call that repeats one already answered in
-    this turn ends tool use and the model answers (``repeated_tool_calls``, ``answer_cue``); after
+    this turn ends tool use and the model answers (``repeated_tool_calls``, ``answer_cue``), after one more decode
+    in which it may call another tool instead (``retry_other_tools``: a chain's next step); a call with made-up
+    argument values is dropped and the model answers without the tools (``ungrounded_tool_calls``); after
     ``max_tool_rounds`` rounds of calls it answers too. Tools and ``response_format`` together: each turn is either
     tool calls or the schema's JSON object. Tool calls stream as ``tool_call_chunks`` (name first, then the
-    arguments as they are decoded; after a tool result a call is sent once complete, when it is known not to be
-    a repeat).
+    arguments as they are decoded; under ``tool_choice="auto"`` a call is sent once complete, when it is known
+    not to be a repeat or made up).
 
     Response metadata: ``model_name``, ``model_provider`` (``kvagents``), ``finish_reason`` (``stop``,
     ``length``, ``tool_calls``, ``timeout``), per-sample ``scores`` when ``return_scores=True`` or ``select_by`` is
-    set, ``logprobs`` when asked, ``dropped_tool_calls`` (repeats, or call text under ``tool_choice="none"``) and
-    ``answer_turn`` (the answer was decoded in a second engine call); ``usage_metadata`` with input / output tokens
+    set, ``logprobs`` when asked, ``dropped_tool_calls`` (repeats, made-up calls, or call text under
+    ``tool_choice="none"``), ``retry_turn`` (a dropped call was decoded again without its tool) and
+    ``answer_turn`` (the answer was decoded in a further engine call); ``usage_metadata`` with input / output tokens
     (both calls when there were two) and ``output_token_details["reasoning"]`` for ``<think>`` text.
 
     Unknown keyword arguments (``num_predict``, ``min_p`` ...), at construction or per call, raise an error that
@@ -317,6 +326,22 @@ class ChatKV(BaseChatModel):
     once more, and an agent then loops until its recursion limit): that call is dropped and the model answers, on
     the same prompt followed by ``answer_cue``, under a grammar that admits plain text only (or the
     ``response_format`` object). A different call goes through. ``"allow"``: repeated calls go through."""
+    ungrounded_tool_calls: Literal["answer", "allow"] = "answer"
+    """With ``tool_choice="auto"``: ``"answer"`` drops a call none of whose argument values occurs in the
+    conversation (the messages' text: the user's words, tool results; a number by value, a string whole or by one
+    of its words, case-insensitively; after a tool result every value must occur): values the model made up, as
+    a small model shown tools does for a question that needs none (``add(1, 2)`` for a translation). Before any
+    tool result the model then answers on the prompt without the tools (as ``tool_choice="none"``); after one,
+    as after a repeated call (``retry_other_tools``, then the answer turn). Calls without
+    arguments, and calls of a turn with a ``response_format``, always go through. ``"allow"``: such calls go
+    through."""
+    retry_other_tools: bool = True
+    """With ``repeated_tool_calls="answer"``: when the model repeats an answered call (or, after a tool result,
+    makes one up), it decodes again, at most twice, with the tools of the dropped calls taken out of the
+    grammar, free to answer or to call another tool (the next step of a chain: after the capital of a country,
+    the weather there; after two look-ups, the sum). A call there that repeats an answered one, passes an
+    answered call's values to another tool, or has made-up values (see ``ungrounded_tool_calls``) is dropped
+    too; when none goes through, the answer turn follows. ``False``: the answer turn follows at once."""
     max_tool_rounds: int | None = 5
     """With ``tool_choice="auto"``: after this many assistant turns with tool calls since the user's message the
     model answers (the same answer turn as above, tools no longer callable), so an agent ends within a
@@ -557,9 +582,11 @@ class ChatKV(BaseChatModel):
             schema = bound_strings(_response_schema(response_format), params.max_new_tokens,
                                    tokens_per_char=_tokens_per_char(tok, batch[0]) if batch else 1.0)
         prompt_ids, grammars, modes, answered, cues = [], [], [], [], []
+        plain_prompts, contexts, tpcs = [], [], []
         required_calls = False
         for i, messages in enumerate(batch):
             chat = to_chat_messages(messages, native_tools=native_tools)
+            bare_chat = list(chat)  # before the tool instructions: the prompt of an answer without the tools
             eff = choice if tools else "none"
             if tools and eff in (None, "auto") and self.auto_tool_calls == "after_user":
                 eff = "required" if messages and isinstance(messages[-1], HumanMessage) else "auto"
@@ -585,6 +612,13 @@ class ChatKV(BaseChatModel):
             if hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             ids = llm.encode_prompt(list(ids), i)
+            plain = None
+            if mode == "auto" and self.ungrounded_tool_calls == "answer" and response_format is None:
+                plain = tok.apply_chat_template(bare_chat, add_generation_prompt=True, tokenize=True, **template_kw)
+                plain = llm.encode_prompt(list(plain["input_ids"] if hasattr(plain, "keys") else plain), i)
+            plain_prompts.append(plain)
+            contexts.append(conversation_text(messages) if mode == "auto" else "")
+            tpcs.append(_tokens_per_char(tok, messages) if tools else 1.0)
             cue = ""
             if mode == "final":
                 grammar, cue = self._answer_grammar(llm, schema)
@@ -597,7 +631,7 @@ class ChatKV(BaseChatModel):
             elif use_tools:
                 required = mode == "required"
                 required_calls = required_calls or required
-                tag = _tool_tag(use_tools, required, parallel, params.max_new_tokens, _tokens_per_char(tok, messages),
+                tag = _tool_tag(use_tools, required, parallel, params.max_new_tokens, tpcs[-1],
                                 answer_schema=schema if not required else None)
                 grammars.append(compile_grammar(llm, "structural_tag", tag))
             elif schema is not None:
@@ -639,6 +673,8 @@ class ChatKV(BaseChatModel):
         req.modes, req.answered, req.names, req.answer_schema = modes, answered, names, schema
         req.logprobs, req.deadline = (logprobs, int(top or 0)), deadline
         req.cues = cues
+        req.plain_prompts, req.contexts, req.tpc = plain_prompts, contexts, tpcs
+        req.tools, req.parallel = tools, parallel
         req.penalties = {k: v for k, v in (
             ("repetition", kwargs.get("repetition_penalty", self.repetition_penalty)),
             ("presence", kwargs.get("presence_penalty", self.presence_penalty)),
@@ -653,7 +689,8 @@ class ChatKV(BaseChatModel):
             return compile_grammar(llm, "json_schema", schema), ""
         return compile_grammar(llm, "regex", ANSWER_TEXT_REGEX), self.answer_cue or ""
 
-    def _answer_request(self, req: _Request, rows: list[int]) -> tuple[_Request, list[str]]:
+    def _answer_request(self, req: _Request, rows: list[int],
+                        fresh: Sequence[bool] | None = None) -> tuple[_Request, list[str]]:
         """The answer turn for prompts ``rows`` whose model repeated an answered call (or only wrote call text
         under ``tool_choice="none"``): the same prompt, then the answer cue, under a grammar that admits a
         plain-text answer (or the ``response_format`` object) and no call."""
@@ -665,11 +702,13 @@ class ChatKV(BaseChatModel):
             comps.append(TokenLogprobs(tok, req.logprobs[1], skip_ids=llm.engine.eos_token_ids))
         if req.deadline is not None:
             comps.append(req.deadline)
-        sub = _Request(llm, [list(req.prompt_ids[p]) + cue_ids for p in rows],
-                       req.params.model_copy(update={"n": 1}), [grammar] * len(rows), comps, False,
+        fresh = list(fresh or [False] * len(rows))
+        # fresh: the prompt without the tools, and no cue (an answer the model gives as if no tool were bound)
+        prompts = [list(req.plain_prompts[p]) if f else list(req.prompt_ids[p]) + cue_ids for p, f in zip(rows, fresh)]
+        sub = _Request(llm, prompts, req.params.model_copy(update={"n": 1}), [grammar] * len(rows), comps, False,
                        req.json_output, req.model_name)
         sub.penalties, sub.logprobs = req.penalties, req.logprobs
-        return sub, [cue] * len(rows)
+        return sub, ["" if f else cue for f in fresh]
 
     def _controller(self, llm: KVModel, kwargs: dict):
         mode = kwargs.get("thinking", self.thinking)
@@ -767,18 +806,33 @@ class ChatKV(BaseChatModel):
 
     def _results(self, req: _Request, gen) -> list[ChatResult]:
         rows = [[self._split(req, p, s) for s in group] for p, group in enumerate(gen.samples)]
+        retry = [(p, j) for p, row in enumerate(rows) for j, (_s, split, dropped) in enumerate(row)
+                 if self._wants_retry(req, p, split, dropped)]
+        firsts: dict[tuple[int, int], list] = {}
+        for _ in range(self._RETRIES):
+            if not retry:
+                break
+            again = self._run(self._retry_request(req, [p for p, _ in retry], [rows[p][j][2] for p, j in retry]))
+            for k, (p, j) in enumerate(retry):
+                s0, _split0, dropped0 = rows[p][j]
+                s1 = again.samples[k][0]
+                split1, dropped1 = self._split_retry(req, p, s1)
+                rows[p][j] = (s1, split1, dropped0 + dropped1)
+                firsts.setdefault((p, j), []).append(s0)
+            retry = [(p, j) for p, j in retry if self._wants_retry(req, p, rows[p][j][1], rows[p][j][2])]
         need = [(p, j) for p, row in enumerate(rows) for j, (_s, split, dropped) in enumerate(row)
                 if self._needs_answer(split, dropped)]
         answers: dict[tuple[int, int], tuple[Any, str]] = {}
         if need:
-            sub, cues = self._answer_request(req, [p for p, _ in need])
+            sub, cues = self._answer_request(req, [p for p, _ in need],
+                                             [self._fresh_answer(req, p, rows[p][j][1]) for p, j in need])
             again = self._run(sub)
             answers = {pj: (again.samples[k][0], cues[k]) for k, pj in enumerate(need)}
         out = []
         for p, (group, row) in enumerate(zip(gen.samples, rows)):
             gens = []
             for j, (s, split, dropped) in enumerate(row):
-                msg = self._message(req, s, split, dropped, answers.get((p, j)), p)
+                msg = self._message(req, s, split, dropped, answers.get((p, j)), p, firsts.get((p, j)))
                 last = answers[(p, j)][0] if (p, j) in answers else s
                 gens.append(ChatGeneration(message=msg, generation_info={"finish_reason": last.finish_reason}))
             usage = getattr(gen, "usage", None)
@@ -804,16 +858,85 @@ class ChatKV(BaseChatModel):
             dropped = split.tool_calls + split.invalid_tool_calls
             split.tool_calls, split.invalid_tool_calls = [], []
             return dropped
-        if mode == "auto" and req.answered[p] and self.repeated_tool_calls == "answer":
+        split.repeats, split.ungrounded = [], []
+        if mode != "auto":
+            return []
+        dropped: list[dict] = []
+        if req.answered[p] and self.repeated_tool_calls == "answer":
             answered = req.answered[p]
-            new = [c for c in split.tool_calls if not is_repeat(c, answered)]
-            dropped = [c for c in split.tool_calls if is_repeat(c, answered)]
-            if dropped:  # a truncated call after a repeat is noise too
-                dropped += split.invalid_tool_calls
-                split.invalid_tool_calls = []
-            split.tool_calls = new
-            return dropped
-        return []
+            split.repeats = [c for c in split.tool_calls if is_repeat(c, answered)]
+            split.tool_calls = [c for c in split.tool_calls if not is_repeat(c, answered)]
+            dropped += split.repeats
+        if self.ungrounded_tool_calls == "answer" and req.answer_schema is None:
+            every = bool(req.answered[p])  # after a tool result every value must come from the conversation
+            split.ungrounded = [c for c in split.tool_calls if not is_grounded(c, req.contexts[p], every)]
+            split.tool_calls = [c for c in split.tool_calls if is_grounded(c, req.contexts[p], every)]
+            dropped += split.ungrounded
+        if dropped:  # a truncated call after a dropped one is noise too
+            dropped += split.invalid_tool_calls
+            split.invalid_tool_calls = []
+        return dropped
+
+    @staticmethod
+    def _fresh_answer(req: _Request, p: int, split: OutputSplitter) -> bool:
+        """Whether the answer turn of prompt ``p`` runs on the prompt without the tools: its only calls had
+        made-up values and no tool has answered yet in this turn."""
+        return (bool(getattr(split, "ungrounded", None)) and not getattr(split, "repeats", None)
+                and not req.answered[p] and req.plain_prompts[p] is not None)
+
+    #: retries after a repeated call, each without the tools of every call dropped so far
+    _RETRIES = 2
+
+    def _wants_retry(self, req: _Request, p: int, split: OutputSplitter, dropped: list[dict]) -> bool:
+        dropped_any = getattr(split, "repeats", None) or (getattr(split, "ungrounded", None) and req.answered[p])
+        if not (self.retry_other_tools and req.modes[p] == "auto" and dropped_any):
+            return False
+        if not self._needs_answer(split, dropped):
+            return False
+        names = {c.get("name") for c in dropped}
+        return any(t["function"]["name"] not in names for t in req.tools)
+
+    def _retry_request(self, req: _Request, rows: list[int], drops: list[list[dict]]) -> _Request:
+        """One more decode of prompts ``rows`` whose model repeated an answered call: the same prompt, the tools
+        of the calls dropped so far taken out of the grammar (a call of another tool, or an answer)."""
+        llm, tok = req.llm, req.llm.tokenizer
+        grammars = []
+        for p, dropped in zip(rows, drops):
+            names = {c.get("name") for c in dropped}
+            rest = [t for t in req.tools if t["function"]["name"] not in names]
+            tag = _tool_tag(rest, False, req.parallel, req.params.max_new_tokens, req.tpc[p],
+                            answer_schema=req.answer_schema)
+            grammars.append(compile_grammar(llm, "structural_tag", tag))
+        comps = [c() if callable(c) and not isinstance(c, Component) else c for c in self.components]
+        if req.logprobs[0]:
+            comps.append(TokenLogprobs(tok, req.logprobs[1], skip_ids=llm.engine.eos_token_ids))
+        if req.deadline is not None:
+            comps.append(req.deadline)
+        sub = _Request(llm, [list(req.prompt_ids[p]) for p in rows], req.params.model_copy(update={"n": 1}),
+                       grammars, comps, True, req.json_output, req.model_name)
+        sub.penalties, sub.logprobs = req.penalties, req.logprobs
+        return sub
+
+    def _split_retry(self, req: _Request, p: int, s) -> tuple[OutputSplitter, list[dict]]:
+        """The retry's output split, without the calls that repeat an answered call, pass an answered call's
+        arguments to another tool, or have made-up values."""
+        split = self._splitter(req, p)
+        split.feed(s.text, final=True)
+        answered = req.answered[p]
+        same = [sorted(map(repr, _leaves(_norm_args(a)))) for _n, a, *_r in answered]
+
+        def bad(c):  # the answered values again (under any argument names), or made-up values
+            return is_repeat(c, answered) or sorted(map(repr, _leaves(_norm_args(c.get("args") or {})))) in same or (
+                self.ungrounded_tool_calls == "answer" and req.answer_schema is None
+                and not is_grounded(c, req.contexts[p], every=True))
+
+        dropped = [c for c in split.tool_calls if bad(c)]
+        split.tool_calls = [c for c in split.tool_calls if not bad(c)]
+        split.repeats, split.ungrounded = dropped, []
+        if dropped:
+            dropped += split.invalid_tool_calls
+            split.invalid_tool_calls = []
+        return split, dropped
 
     @staticmethod
     def _needs_answer(split: OutputSplitter, dropped: list[dict]) -> bool:
@@ -893,7 +1016,7 @@ class ChatKV(BaseChatModel):
         return OutputSplitter(reasoning=self.reasoning and not req.json_output, tools=tools, names=names)
 
     def _message(self, req: _Request, s, split: OutputSplitter, dropped: Sequence[dict] = (),
-                 answer: tuple[Any, str] | None = None, p: int = 0) -> AIMessage:
+                 answer: tuple[Any, str] | None = None, p: int = 0, first=None) -> AIMessage:
         text = split.text.strip() if split.tool_calls or split.invalid_tool_calls or dropped else split.text
         reasoning = split.reasoning_text
         if req.controller is not None and not req.controller.fmt.native and not text.strip():
@@ -911,11 +1034,15 @@ class ChatKV(BaseChatModel):
             md["dropped_tool_calls"] = [{"name": c.get("name"), "args": c.get("args")} for c in dropped]
         if answer is not None:
             md["answer_turn"] = True
+        if first:
+            md["retry_turn"] = True
         if req.logprobs[0]:
             md["logprobs"] = {"content": list(last.outputs.get("logprobs") or [])}  # the tokens of the content
         usage = self._usage(req, s.prompt_tokens, s.generated_tokens, reasoning, s.outputs)
         if last is not s:
             usage = _add_usage(usage, last.prompt_tokens, last.generated_tokens)
+        for f in first or []:
+            usage = _add_usage(usage, f.prompt_tokens, f.generated_tokens)
         return AIMessage(
             content=text,
             tool_calls=split.tool_calls,
@@ -984,7 +1111,8 @@ class ChatKV(BaseChatModel):
         split = self._splitter(req)
         mode, answered = req.modes[0], req.answered[0]
         # after a tool result the calls are held until decoding ends (a repeat of an answered call is dropped)
-        hold = mode == "auto" and bool(answered) and self.repeated_tool_calls == "answer"
+        hold = mode == "auto" and ((bool(answered) and self.repeated_tool_calls == "answer")
+                                   or (self.ungrounded_tool_calls == "answer" and req.answer_schema is None))
         held: list[dict] = []
         out_index: dict[int, int] = {}
         seen = {"deltas": 0}
@@ -1049,8 +1177,26 @@ class ChatKV(BaseChatModel):
         dropped = self._drop_calls(req, 0, split)
         if hold:
             yield from text_chunks("", "", kept=split.tool_calls)
+        first: list = []
+        for _ in range(self._RETRIES):
+            if not self._wants_retry(req, 0, split, dropped):
+                break
+            again = self._run(self._retry_request(req, [0], [dropped]))
+            first.append(s)
+            s = again.samples[0][0]
+            split, more = self._split_retry(req, 0, s)
+            dropped = dropped + more
+        if first:
+            if split.text and split.tool_calls:
+                yield ChatGenerationChunk(message=AIMessageChunk(content=split.text.strip()))
+            elif split.text:
+                yield ChatGenerationChunk(message=AIMessageChunk(content=split.text))
+            if split.tool_calls:
+                yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[
+                    {"name": c["name"], "args": json.dumps(c["args"], ensure_ascii=False), "id": c["id"],
+                     "index": len(out_index) + k, "type": "tool_call_chunk"} for k, c in enumerate(split.tool_calls)]))
         if self._needs_answer(split, dropped):
-            sub, (cue,) = self._answer_request(req, [0])
+            sub, (cue,) = self._answer_request(req, [0], [self._fresh_answer(req, 0, split)])
             if cue:
                 yield ChatGenerationChunk(message=AIMessageChunk(content=cue))
             again = sub.llm.stream(sub.prompt_ids, sub.params, components=sub.components,
@@ -1070,11 +1216,15 @@ class ChatKV(BaseChatModel):
             md["dropped_tool_calls"] = [{"name": c.get("name"), "args": c.get("args")} for c in dropped]
         if last is not None:
             md["answer_turn"] = True
+        if first:
+            md["retry_turn"] = True
         if req.logprobs[0]:
             md["logprobs"] = {"content": list(end.outputs.get("logprobs") or [])}
         usage = self._usage(req, s.prompt_tokens, s.generated_tokens, split.reasoning_text, s.outputs)
         if last is not None:
             usage = _add_usage(usage, last.prompt_tokens, last.generated_tokens)
+        for f in first:
+            usage = _add_usage(usage, f.prompt_tokens, f.generated_tokens)
         final = AIMessageChunk(
             content="",
             invalid_tool_calls=split.invalid_tool_calls,

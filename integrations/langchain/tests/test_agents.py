@@ -13,7 +13,7 @@ import torch
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_kvagents import ChatKV, UnsupportedArgumentError
-from langchain_kvagents._decoding import Penalties, answered_calls, is_repeat
+from langchain_kvagents._decoding import Penalties, answered_calls, conversation_text, is_grounded, is_repeat
 from langchain_kvagents._messages import OutputSplitter
 from lc_tiny import tiny_dir  # noqa: F401 - fixture
 from pydantic import BaseModel, Field
@@ -118,6 +118,7 @@ def test_streaming_after_a_tool_result_drops_the_repeat_and_streams_the_answer(t
     assert full.response_metadata["answer_turn"] and full.usage_metadata == invoked.usage_metadata
     new = scripted_chat(tiny_dir, '{"name": "add", "arguments": {"a": 5, "b": 1}}').bind_tools([add])
     full = None
+    msgs = [HumanMessage("Add 2 and 3, then add 1."), *msgs[1:]]  # the new operand comes from the user
     for c in new.stream(msgs):
         full = c if full is None else full + c
     assert [c["args"] for c in full.tool_calls] == [{"a": 5, "b": 1}]
@@ -340,3 +341,105 @@ def test_penalties_are_applied(tiny_dir):
     with pytest.raises(ValueError, match="presence_penalty"):
         ChatKV(model=tiny_dir, presence_penalty=3)
 
+
+
+# -- made-up calls, and the next call of a chain ------------------------------------------------------------------
+class Sequenced(Component):
+    """Forces the next of ``scripts`` (then EOS) in each request that builds one: a model that writes one thing,
+    then, asked again, another."""
+
+    name = "sequenced"
+
+    def __init__(self, tokenizer, text: str, eos: int) -> None:
+        self.ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+
+    def on_prefill(self, view):
+        return [ForceTokens(i, self.ids) for i in range(view.input_ids.shape[0] * view.n)]
+
+
+def sequenced_chat(tiny_dir, scripts: list[str], **kw) -> ChatKV:
+    chat = ChatKV(model=tiny_dir, dtype="float32", device="cpu", temperature=0, **{"max_tokens": 40, **kw})
+    tok = chat.llm.tokenizer
+    eos = chat.llm.engine.eos_token_ids[0]
+    left = list(scripts)
+    chat.components = [lambda: Sequenced(tok, left.pop(0) if len(left) > 1 else left[0], eos)]
+    return chat
+
+
+def test_is_grounded():
+    text = "Translate 'thank you' into French.\n1,480,641\nCopenhagen"
+    assert not is_grounded({"name": "add", "args": {"a": 1, "b": 2}}, text)
+    assert not is_grounded({"name": "get_weather", "args": {"city": "London"}}, text)
+    assert is_grounded({"name": "get_weather", "args": {"city": " copenhagen "}}, text)
+    assert is_grounded({"name": "f", "args": {"x": 1480641.0}}, text)  # by value, separators ignored
+    assert is_grounded({"name": "f", "args": {"q": "french words"}}, text)  # one of its words
+    assert is_grounded({"name": "f", "args": {}}, text)  # nothing to make up
+    assert is_grounded({"name": "add", "args": {"a": 1480641, "b": 1}}, text)
+    assert not is_grounded({"name": "add", "args": {"a": 1480641, "b": 1}}, text, every=True)
+    err = [HumanMessage("Weather in the capital of Atlantis?"), ToolMessage("error: unknown country", tool_call_id="x")]
+    assert not is_grounded({"name": "get_capital", "args": {"country": "unknown country"}}, conversation_text(err))
+    assert is_grounded({"name": "get_capital", "args": {"country": "Atlantis"}}, conversation_text(err))
+
+
+def test_made_up_call_is_dropped_and_the_model_answers_without_the_tools(tiny_dir):
+    from langchain.agents import create_agent
+
+    made_up = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+    chat = scripted_chat(tiny_dir, made_up)
+    prompt = "Translate 'thank you' into French."
+    msgs = _agent_messages(create_agent(model=chat, tools=[add, multiply]), prompt)
+    assert not any(isinstance(m, ToolMessage) for m in msgs)
+    final = msgs[-1]
+    assert isinstance(final, AIMessage) and not final.tool_calls and final.content.strip()
+    assert final.response_metadata["dropped_tool_calls"] == [{"name": "add", "args": {"a": 1, "b": 2}}]
+    assert final.response_metadata["answer_turn"] and not final.content.startswith("The answer is")  # no cue
+    # the answer turn's prompt is the conversation without the tools
+    with_tools = chat.get_num_tokens_from_messages([HumanMessage(prompt)], tools=[add, multiply])
+    plain = chat.get_num_tokens_from_messages([HumanMessage(prompt)])
+    assert final.usage_metadata["input_tokens"] == with_tools + plain
+    streamed = None
+    for c in chat.bind_tools([add, multiply]).stream(prompt):
+        streamed = c if streamed is None else streamed + c
+        assert not c.tool_call_chunks
+    assert streamed.content == final.content and not streamed.tool_calls
+    allowed = scripted_chat(tiny_dir, made_up, ungrounded_tool_calls="allow")
+    assert allowed.bind_tools([add, multiply]).invoke(prompt).tool_calls[0]["args"] == {"a": 1, "b": 2}
+    grounded = scripted_chat(tiny_dir, CALL).bind_tools([add, multiply]).invoke("Add 2 and 3.")
+    assert grounded.tool_calls[0]["args"] == {"a": 2, "b": 3}
+
+
+_AFTER_ADD = [HumanMessage("Add 2 and 3, then multiply by 4."),
+              AIMessage("", tool_calls=[{"name": "add", "args": {"a": 2, "b": 3}, "id": "c1", "type": "tool_call"}]),
+              ToolMessage("5", tool_call_id="c1", name="add")]
+
+
+def test_a_repeated_call_gets_one_more_decode_without_that_tool(tiny_dir):
+    nxt = '{"name": "multiply", "arguments": {"a": 5, "b": 4}}'
+    chat = sequenced_chat(tiny_dir, [CALL, nxt])  # repeats add(2, 3), then, asked again, makes the next step
+    out = chat.bind_tools([add, multiply]).invoke(_AFTER_ADD)
+    assert [(c["name"], c["args"]) for c in out.tool_calls] == [("multiply", {"a": 5, "b": 4})]
+    assert out.response_metadata["retry_turn"] and out.response_metadata["dropped_tool_calls"] == [
+        {"name": "add", "args": {"a": 2, "b": 3}}]
+    full = None
+    for c in sequenced_chat(tiny_dir, [CALL, nxt]).bind_tools([add, multiply]).stream(_AFTER_ADD):
+        full = c if full is None else full + c
+    assert [(c["name"], c["args"]) for c in full.tool_calls] == [("multiply", {"a": 5, "b": 4})]
+    assert full.usage_metadata == out.usage_metadata
+    off = sequenced_chat(tiny_dir, [CALL, nxt], retry_other_tools=False).bind_tools([add, multiply])
+    msg = off.invoke(_AFTER_ADD)
+    assert not msg.tool_calls and msg.content.startswith("The answer is")
+
+
+def test_a_made_up_step_after_a_tool_result_ends_in_the_answer(tiny_dir):
+    from langchain.agents import create_agent
+
+    # the result fed into a new call with an invented operand, and the answered arguments passed to another tool
+    for step in ('{"name": "multiply", "arguments": {"a": 5, "b": 1}}',
+                 '{"name": "multiply", "arguments": {"a": 2, "b": 3}}',
+                 '{"name": "multiply", "arguments": {"b": 2, "a": 3}}'):  # the same values under other names
+        chat = sequenced_chat(tiny_dir, [CALL, CALL, step])
+        msgs = _agent_messages(create_agent(model=chat, tools=[add, multiply]), "Add 2 and 3.")
+        assert sum(isinstance(m, ToolMessage) for m in msgs) == 1
+        final = msgs[-1]
+        assert not final.tool_calls and final.content.startswith("The answer is")
+        assert final.response_metadata["retry_turn"] and final.response_metadata["answer_turn"]
