@@ -96,6 +96,8 @@ class TrainRouterConfig(BaseModel):
     train_fractions: list[float] = Field(default_factory=lambda: [1.0], description="learning curve: also train on "
                                          "these fractions of each split's training rows (e.g. 0.25 0.5 1)")
     folds: int = Field(5, ge=2, description="cross-fitting folds (by row) for the calibration")
+    hidden: int = Field(512, ge=1, le=4096, description="hidden units of each head's MLP (the folder holds "
+                        "folds x 2 heads of about (features + 2) x hidden numbers)")
     ensemble: bool = Field(True, description="save the cross-fitted fold heads (their mean score; the heads the "
                            "thresholds were calibrated on) as the router; --no-ensemble: one gain and one step head "
                            "refitted on all training rows")
@@ -871,7 +873,7 @@ def train_router(cfg: TrainRouterConfig, llm=None) -> dict[str, Any]:
         conf = info["config"]
         llm = llm or KVModel.from_pretrained(cfg.model or conf["model"], dtype=cfg.dtype, device=cfg.device)
         window = info["window"]
-        kc = KVClassifierConfig(layers=conf["layers"], window=window)
+        kc = KVClassifierConfig(layers=conf["layers"], window=window, hidden=cfg.hidden)
         settings = _Settings(conf["format"], conf["every"], conf["fast_tokens"], conf["slow_tokens"],
                              conf["answer_tokens"], cfg.tolerance, info["slow_cue_tokens"])
         source = {"from_work": str(cfg.from_work), "datasets": conf.get("datasets"), "model_collected": conf["model"]}
@@ -885,7 +887,7 @@ def train_router(cfg: TrainRouterConfig, llm=None) -> dict[str, Any]:
         llm = runner.llm
         records, window, cue = collect(cfg, rows, runner, out.with_name(out.name + ".work"))
         data = _collected(records, out.with_name(out.name + ".work"))
-        kc = kv_config(cfg, window)
+        kc = kv_config(cfg, window).model_copy(update={"hidden": cfg.hidden})
         settings = _Settings(cfg.format, cfg.every, cfg.fast_tokens, cfg.slow_tokens, cfg.answer_tokens,
                              cfg.tolerance, cue, task.instruction, task.answer_cue)
         source = {"data": cfg.data, "question_field": cfg.question_field, "answer_field": cfg.answer_field,
