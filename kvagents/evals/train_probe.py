@@ -137,6 +137,29 @@ def split_rows(n_rows: int, holdout: float, seed: int) -> tuple[list[int], list[
     return sorted(order[k:]), sorted(order[:k])
 
 
+def read_records(work: Path, feature_suffix: str) -> dict[int, dict]:
+    """The whole records of a resumable work folder (``records.jsonl``) whose row's features file
+    (``features/<row><feature_suffix>``) exists, the first one of each row; the file is rewritten with only those,
+    so that appending starts on a fresh line (a line cut by a kill is dropped and its row done again)."""
+    rec_path = work / "records.jsonl"
+    done: dict[int, dict] = {}
+    if not rec_path.exists():
+        return done
+    kept = []
+    for line in rec_path.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (work / "features" / f"{r['row']}{feature_suffix}").exists() and r["row"] not in done:
+            done[r["row"]] = r
+            kept.append(line)
+    tmp = rec_path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+    tmp.replace(rec_path)
+    return done
+
+
 def _collect(llm, cfg: TrainProbeConfig, rows: list[dict], work: Path, grade, parse) -> list[dict]:
     """Sample, grade and record every row not yet recorded in ``work``; returns all records."""
     import numpy as np
@@ -150,20 +173,7 @@ def _collect(llm, cfg: TrainProbeConfig, rows: list[dict], work: Path, grade, pa
 
     (work / "features").mkdir(parents=True, exist_ok=True)
     rec_path = work / "records.jsonl"
-    done: dict[int, list[dict]] = {}
-    if rec_path.exists():
-        kept = []
-        for line in rec_path.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: that row is sampled again
-                continue
-            if (work / "features" / f"{r['row']}.npy").exists() and r["row"] not in done:
-                done[r["row"]] = r["samples"]
-                kept.append(line)
-        tmp = rec_path.with_suffix(".tmp")  # only whole records stay, so appending starts on a fresh line
-        tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-        tmp.replace(rec_path)
+    done: dict[int, list[dict]] = {row: r["samples"] for row, r in read_records(work, ".npy").items()}
     todo = [r for r in rows if r["row"] not in done]
     params = SamplingParams(n=cfg.n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_p=cfg.top_p, seed=cfg.seed)

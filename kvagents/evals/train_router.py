@@ -208,23 +208,9 @@ def _public(rec: dict) -> dict:
 
 def _read_records(work: Path) -> dict[int, dict]:
     """The whole records of ``work`` whose features exist (the first of a row); rewrites the file with them."""
-    rec_path = work / "records.jsonl"
-    done: dict[int, dict] = {}
-    if not rec_path.exists():
-        return done
-    kept = []
-    for line in rec_path.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill: that row is run again
-            continue
-        if (work / "features" / f"{r['row']}.npz").exists() and r["row"] not in done:
-            done[r["row"]] = r
-            kept.append(line)
-    tmp = rec_path.with_suffix(".tmp")  # only whole records stay, so appending starts on a fresh line
-    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-    tmp.replace(rec_path)
-    return done
+    from .train_probe import read_records
+
+    return read_records(work, ".npz")
 
 
 def _check_work(work: Path, settings: dict[str, Any], has_records: bool) -> dict[str, Any]:
