@@ -19,7 +19,8 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
-TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+from kvagents.serving.tools import TOOL_CLOSE, TOOL_OPEN  # one tool-prompt format for both
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 BARE_OPEN = '{"name": '  # a tool call written as a bare JSON object (no tags)
 BARE_OPEN_PRETTY = '{\n  "name": '  # ... pretty-printed (as in a ```json block)
@@ -59,15 +60,6 @@ def render_tool_call(name: str, args: dict) -> str:
     return f'{TOOL_OPEN}\n{{"name": {json.dumps(name)}, "arguments": {json.dumps(args, ensure_ascii=False)}}}\n{TOOL_CLOSE}'
 
 
-def tools_system_prompt(tools: Sequence[dict]) -> str:
-    """The tool instructions for chat templates without native tool support (Hermes / Qwen format)."""
-    lines = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
-    return (
-        "You are a helpful assistant that can call tools. To call a tool, reply with\n"
-        f'{TOOL_OPEN}\n{{"name": <tool name>, "arguments": <arguments as a JSON object>}}\n{TOOL_CLOSE}\n'
-        "and nothing else. Otherwise reply normally.\n\n"
-        f"Tools:\n<tools>\n{lines}\n</tools>"
-    )
 
 
 def to_chat_messages(messages: Sequence[BaseMessage], *, native_tools: bool) -> list[dict[str, Any]]:

@@ -38,6 +38,7 @@ from kvagents import Component, KVModel, SamplingParams
 from kvagents.control.adaptive import AdaptiveConfig
 from kvagents.engine.params import check_n, check_temperature
 from kvagents.grammar import compile_grammar
+from kvagents.serving.tools import tools_system_prompt
 
 from ._decoding import (
     ANSWER_TEXT_REGEX,
@@ -52,7 +53,7 @@ from ._decoding import (
 from ._decoding import (
     _norm as _norm_args,
 )
-from ._messages import OutputSplitter, to_chat_messages, tools_system_prompt
+from ._messages import OutputSplitter, to_chat_messages
 from ._requests import _Acquired, _Deadline, _key, _Request
 from ._shared import get_model, run_on_worker
 from ._tools import (
