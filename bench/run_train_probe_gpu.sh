@@ -12,6 +12,10 @@
 #   3. bash bench/run_train_probe_gpu.sh train     (under 9 min on an H100; resumable: run it again if cut)
 #      the probe folder, its records and features come back in $OUT (see bench/pack_probe_work.py)
 #   4. bash bench/run_train_probe_gpu.sh fetch-reasoning   (the reasoning work folder: cat rw.tgz.* | tar xz)
+# More training samples (after setup, instead of 3-4): `more` samples GSM8K rows 0-999 again with seed 1 (8 more
+# samples a row for training; the held-out split is the seed-0 one of `train`) and MATH500 rows 0-399 (n = 8,
+# \boxed{} answers) side by side; it returns the GSM8K work folder, `fetch-math` the MATH500 one. bench/
+# merge_probe_work.py joins work folders here. `load` runs bench/serve_load.py on the random Qwen3-8B shape.
 # The data folder must hold gsm8k.jsonl, commonsenseqa.jsonl and math500.jsonl (.carry/data).
 set -euo pipefail
 export PYTHONPATH=/tmp/pylib:/tmp/src
@@ -50,10 +54,42 @@ case "${1:-train}" in
     echo "probe rc=$R1 reasoning rc=$R2"
     tr '\r' '\n' < /tmp/log_probe.txt | grep -v "it/s\]$" | tail -n 25
     tr '\r' '\n' < /tmp/log_reason.txt | grep -v "it/s\]$" | tail -n 12
-    python3 bench/pack_probe_work.py /tmp/probe.work /tmp/probe "$OUT"
+    python3 bench/pack_probe_work.py pack /tmp/probe.work /tmp/probe "$OUT"
     mkdir -p /tmp/rw_out && cp /tmp/log_*.txt /tmp/rw/ 2>/dev/null
     tar czf - -C /tmp/rw . | split -b 15M - /tmp/rw_out/rw.tgz.
     ls -la "$OUT" /tmp/rw_out
+    ;;
+  more)
+    cat /tmp/m/q? > /tmp/m/model.gguf
+    echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  /tmp/m/model.gguf" | sha256sum -c
+    cd /tmp/src
+    export KVAGENTS_CACHE=/tmp/kvcache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+    timeout "${T_PROBE:-420}" python3 -m kvagents.cli train probe --model /tmp/m/model.gguf \
+      --data gsm8k.jsonl --rows 0:1000 --question-field question --answer-field answer --grader gsm8k \
+      --n 8 --seed 1 --holdout 0.5 --max-new-tokens 384 --batch-prompts 128 --dtype bfloat16 --out /tmp/probe_s1 \
+      > /tmp/log_probe_s1.txt 2>&1 &
+    P1=$!
+    timeout "${T_PROBE:-420}" python3 -m kvagents.cli train probe --model /tmp/m/model.gguf \
+      --data data/math500.jsonl --rows 0:400 --question-field problem --answer-field answer --grader math \
+      --instruction 'Solve the problem step by step, then put the final answer in \boxed{}.' \
+      --n 8 --seed 0 --holdout 0.5 --max-new-tokens 384 --batch-prompts 100 --dtype bfloat16 --out /tmp/probe_math \
+      > /tmp/log_probe_math.txt 2>&1 &
+    P2=$!
+    wait $P1; R1=$?; wait $P2; R2=$?
+    echo "gsm8k seed 1 rc=$R1 math rc=$R2"
+    tr '\r' '\n' < /tmp/log_probe_s1.txt | grep -v "it/s\]$" | tail -n 8
+    tr '\r' '\n' < /tmp/log_probe_math.txt | grep -v "it/s\]$" | tail -n 8
+    python3 bench/pack_probe_work.py pack /tmp/probe_s1.work /tmp/probe_s1 "$OUT"
+    ;;
+  fetch-math)
+    cd /tmp/src && python3 bench/pack_probe_work.py pack /tmp/probe_math.work /tmp/probe_math "$OUT"
+    ;;
+  load)  # continuous batching vs serial calls vs one static batch, random Qwen3-8B shape (no model files needed)
+    cd /tmp/src
+    export PYTHONUNBUFFERED=1
+    python3 bench/serve_load.py --model random:qwen3-8b-shape --device cuda --dtype bfloat16 \
+      --clients ${CLIENTS:-1 8 32} --requests ${REQUESTS:-64} --max-new-tokens 128 --data gsm8k.jsonl \
+      ${LOAD_ARGS:-} --json "$OUT/serve_load.json"
     ;;
   fetch-reasoning)  # the next call: the reasoning work folder (tar split in 15 MiB parts)
     cp /tmp/rw_out/* "$OUT/"

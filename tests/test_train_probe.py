@@ -150,3 +150,18 @@ def test_adaptive_replay_stops_where_a_hand_count_does():
     # row 2 after 2: a tie (1 vs 1) never stops; after 4: the end
     assert rep["majority vote, beta 0.8"] == {"accuracy": 0.5, "tokens": 30.0}
     assert "probe vote, fixed n" not in rep
+
+
+@pytest.mark.parametrize("grader, text, ref, want", [
+    ("gsm8k", "so 2 + 2 = 4. Answer: 1,000", "work... #### 1000", True),
+    ("gsm8k", "Answer: 999", "#### 1000", False),
+    ("math", "hence \\boxed{\\frac{14}{3}}.", "\\frac{14}{3}", True),
+    ("math", "hence \\boxed{5}", "6", False),
+    ("choice", "The answer is (B).", "B", True),
+])
+def test_built_in_graders_grade_by_the_parsed_answer(grader, text, ref, want):
+    from kvagents.evals.train_probe import load_grader
+
+    grade, parse = load_grader(grader)
+    assert grade(text, ref) is want
+    assert parse(text) is not None

@@ -92,7 +92,7 @@ def load_grader(name: str) -> tuple[Callable[[str, str], bool], Callable[[str], 
         return (lambda text, ref: norm(text) == norm(ref)), norm
     if name not in ("gsm8k", "math", "choice"):
         raise ValueError(f"unknown grader {name!r}; use gsm8k, math, choice, exact or python:module:function")
-    parse = get_parser({"gsm8k": "gsm8k", "math": "boxed", "choice": "choice"}[name])
+    parse = get_parser(name)
     normalize = {"gsm8k": normalize_number, "math": normalize_math, "choice": lambda s: str(s).strip().upper()}[name]
 
     def grade(text: str, ref: str) -> bool:
