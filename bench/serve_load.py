@@ -15,6 +15,12 @@ Modes:
   character, is timed with the next event).
 - ``scheduler``: every client calls ``llm.submit(prompt, params, stream=True)`` and iterates its ``TokenEvent`` s
   (one per token, timed when the client thread receives it).
+- ``scheduler-fast`` (not run by default): the same through a
+  :class:`~kvagents.engine.fast_scheduler.FastScheduler` over ``llm.fast_engine`` (slots of static KV buffers, one
+  CUDA-graph step for every slot), built once per process with the model's lock and ``encode_prompt`` (as
+  ``llm.scheduler(fast=True)`` builds it) and kept over every load, so its graphs are captured once, in the
+  warm-up (``precapture``). ``max_seq_len``: ``--max-seq-len``, default the longest prompt + its cap rounded up
+  to 128.
 - ``scheduler-direct`` (not run by default): the same, but prompts are encoded to token ids before the load and
   submitted to a :class:`~kvagents.engine.scheduler.Scheduler` built on ``llm.engine`` with the model's lock and no
   ``encode`` hook. ``llm.submit`` takes the model lock (``KVModel.scheduler()``, and ``encode_prompt`` through
@@ -39,6 +45,8 @@ the model counts); ITL = the gaps between a request's consecutive tokens (pooled
         --clients 1 4 --requests 8 --max-new-tokens 16 --modes serial scheduler static
     python bench/serve_load.py --model /tmp/m/model.gguf --device cuda --clients 1 8 32 --data .carry/gsm8k.jsonl \\
         --json $OUT/serve_load.json   # defaults: 64 requests, 128 tokens, 8 s budget + 4 s grace a configuration
+    python bench/serve_load.py --model random:qwen3-8b-shape --device cuda --dtype bfloat16 --clients 1 8 32 \
+        --modes serial scheduler scheduler-fast static --json $OUT/serve_load_fast.json   # the fast scheduler
 
 On CUDA, torch's cuDNN attention is turned off unless ``--cudnn-sdp``: with it on (torch 2.11, H100), every KV length
 the process had not seen yet cost about 40 ms more per decode step (57 vs 15 ms/token, random 0.5B shape), so a
@@ -69,7 +77,7 @@ if str(ROOT) not in sys.path:
 
 DEFAULT_DATA = next((p for p in (ROOT / "shared" / "data" / "gsm8k.jsonl", ROOT.parent / "shared" / "data" / "gsm8k.jsonl")
                      if p.exists()), ROOT.parent / "shared" / "data" / "gsm8k.jsonl")
-MODES = ("serial", "scheduler", "static", "scheduler-direct")
+MODES = ("serial", "scheduler", "static", "scheduler-direct", "scheduler-fast")
 DEFAULT_MODES = ("serial", "scheduler", "static")
 
 RANDOM_SHAPES = {
@@ -373,12 +381,15 @@ def run_load(llm, mode: str, reqs: list[Request], sampling: Sampling, *, clients
             issue_serial(llm, req, sampling, rec, cut)
 
         on_cut = cut.set
-    elif mode in ("scheduler", "scheduler-direct"):
+    elif mode in ("scheduler", "scheduler-direct", "scheduler-fast"):
         handles: list = []
         hlock = threading.Lock()
         if mode == "scheduler":
             llm.scheduler(**(scheduler_config or {}))
             submit, prompts = llm.submit, {r.index: r.prompt for r in reqs}
+        elif mode == "scheduler-fast":
+            submit = fast_scheduler(llm, fast_config(llm, reqs, scheduler_config or {})).submit
+            prompts = {r.index: r.prompt for r in reqs}
         else:  # token ids encoded here, a Scheduler that never takes the model lock in submit (module docstring)
             from kvagents.engine.scheduler import Scheduler, SchedulerConfig
 
@@ -395,7 +406,8 @@ def run_load(llm, mode: str, reqs: list[Request], sampling: Sampling, *, clients
                 for h in handles:
                     h.cancel()
     else:
-        raise ValueError(f"run_load runs serial, scheduler or scheduler-direct, got {mode!r} (static: run_static)")
+        raise ValueError(f"run_load runs serial, scheduler, scheduler-fast or scheduler-direct, got {mode!r} (static: "
+                         "run_static)")
     try:
         return _drive(reqs, issue, clients=clients, rate=rate, duration=duration, budget_s=budget_s,
                       grace_s=grace_s, on_cut=on_cut, seed=seed)
@@ -403,6 +415,37 @@ def run_load(llm, mode: str, reqs: list[Request], sampling: Sampling, *, clients
         if mode == "scheduler-direct":
             run_load.last_direct = direct  # its counters, for the summary
             direct.shutdown(cancel=True, timeout=60)
+
+
+_FAST: dict[int, object] = {}  # id(llm) -> its FastScheduler, kept over loads (graphs captured once)
+
+
+def fast_config(llm, reqs: list[Request], config: dict) -> dict:
+    """``config`` for the fast scheduler: ``max_seq_len`` (unless given) = the longest prompt + its cap, rounded up
+    to 128 and at most the model's context."""
+    if config.get("max_seq_len") is None:
+        longest = max(len(llm.encode_prompt(r.prompt)) + r.max_new for r in reqs)
+        seq = -(-longest // 128) * 128
+        ctx = llm.context_length
+        config = {**config, "max_seq_len": min(seq, ctx) if ctx else seq}
+    return config
+
+
+def fast_scheduler(llm, config: dict):
+    """The process's :class:`~kvagents.engine.fast_scheduler.FastScheduler` for ``llm`` (started on first call; a
+    different ``config`` replaces it)."""
+    from kvagents.engine.fast_scheduler import FastScheduler
+    from kvagents.engine.scheduler import SchedulerConfig
+
+    cfg = SchedulerConfig(**{**config, "fast": True})
+    sched = _FAST.get(id(llm))
+    if sched is not None and (sched.closed or sched.config != cfg):
+        sched.shutdown(cancel=True, timeout=60)
+        sched = None
+    if sched is None:
+        sched = _FAST[id(llm)] = FastScheduler(llm.fast_engine, lock=llm._lock, config=cfg,
+                                               encode=llm.encode_prompt)
+    return sched
 
 
 def run_static(llm, reqs: list[Request], sampling: Sampling) -> tuple[list[Record], float]:
@@ -509,6 +552,11 @@ def warm_up(llm, reqs: list[Request], sampling: Sampling, modes, scheduler_confi
         hs = [llm.submit(r.prompt, params_for(r, sampling)) for r in short]
         for h in hs:
             h.result()
+    if "scheduler-fast" in modes:
+        sched = fast_scheduler(llm, fast_config(llm, reqs, scheduler_config))
+        sched.precapture()  # CUDA: every attention bucket's greedy step (a sampled mode captures when first used)
+        for h in [sched.submit(r.prompt, params_for(r, sampling)) for r in short]:
+            h.result()
 
 
 def main(argv=None) -> int:
@@ -540,6 +588,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-rows", type=int, default=64, help="scheduler rows (%(default)s)")
     ap.add_argument("--max-queue", type=int, default=1024, help="scheduler queue (%(default)s)")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="scheduler prefill chunk (%(default)s)")
+    ap.add_argument("--max-seq-len", type=int, default=None,
+                    help="scheduler-fast: prompt + new tokens per request (default: the longest, rounded up to 128)")
     ap.add_argument("--cudnn-sdp", action="store_true",
                     help="leave torch's cuDNN attention on (default off: on an H100 it built a plan for every new KV "
                          "length, ~40 ms per decode step whose length the process had not seen)")
@@ -562,6 +612,8 @@ def main(argv=None) -> int:
     reqs = load_requests(args.data, args.requests, args.max_new_tokens, lengths=args.lengths,
                          tokenizer=llm.tokenizer, chat=args.chat, seed=args.seed, sampled=args.temperature > 0)
     sched_cfg = dict(max_rows=args.max_rows, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+    if args.max_seq_len is not None:
+        sched_cfg["max_seq_len"] = args.max_seq_len
     dev = llm.device
     device_name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                    else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
@@ -582,6 +634,9 @@ def main(argv=None) -> int:
             if mode == "scheduler":
                 sched = llm.scheduler(**sched_cfg)
                 sched.peak_rows, steps0 = 0, sched.steps
+            elif mode == "scheduler-fast":
+                sched = fast_scheduler(llm, fast_config(llm, reqs, sched_cfg))
+                sched.peak_rows, steps0, captures0 = 0, sched.steps, llm.fast_engine.captures
             if mode == "static":
                 records, t0 = run_static(llm, reqs, sampling)
                 label = f"batch={value}"
@@ -591,8 +646,10 @@ def main(argv=None) -> int:
                                        seed=args.seed, scheduler_config=sched_cfg, **kw)
                 label = f"c={value}" if kind == "clients" else f"r={value:g}/s"
             s = {"mode": mode, "load": label, kind: value, **summarize(records, t0)}
-            if mode == "scheduler":
+            if mode in ("scheduler", "scheduler-fast"):
                 s["scheduler_peak_rows"], s["scheduler_steps"] = sched.peak_rows, sched.steps - steps0
+            if mode == "scheduler-fast":  # graphs captured while this load ran (0: all in the warm-up)
+                s["captures"], s["compactions"] = llm.fast_engine.captures - captures0, sched.compactions
             elif mode == "scheduler-direct":
                 d = run_load.last_direct
                 s["scheduler_peak_rows"], s["scheduler_steps"] = d.peak_rows, d.steps
@@ -602,6 +659,8 @@ def main(argv=None) -> int:
                   f"({time.perf_counter() - t:.1f} s)", flush=True)
     if llm._scheduler is not None:
         llm._scheduler.shutdown(cancel=True, timeout=60)
+    if id(llm) in _FAST:
+        _FAST.pop(id(llm)).shutdown(cancel=True, timeout=60)
     print()
     print(table(rows))
     if args.json:

@@ -341,14 +341,19 @@ class KVModel:
 
     # -- continuous batching ------------------------------------------------------------------------------------
     def scheduler(self, **config):
-        """The model's continuous-batching :class:`~kvagents.engine.scheduler.Scheduler` (eager engine), started on
-        first call with ``config`` (:class:`~kvagents.engine.scheduler.SchedulerConfig` fields: ``max_rows``,
-        ``max_queue``, ``prefill_chunk``); later calls return it (a different ``config`` is refused while it runs).
-        A shut-down scheduler is replaced by a new one. ``generate`` / ``stream`` are unchanged: they run between
-        the scheduler's steps (one model lock).
+        """The model's continuous-batching scheduler, started on first call with ``config``
+        (:class:`~kvagents.engine.scheduler.SchedulerConfig` fields: ``max_rows``, ``max_queue``, ``prefill_chunk``,
+        ``fast``, ``max_seq_len``); later calls return it (a different ``config`` is refused while it runs). A
+        shut-down scheduler is replaced by a new one. ``generate`` / ``stream`` are unchanged: they run between the
+        scheduler's steps (one model lock).
+
+        ``fast=False`` (default): a :class:`~kvagents.engine.scheduler.Scheduler` over the eager engine (any
+        request: components, logits processors). ``fast=True``: a
+        :class:`~kvagents.engine.fast_scheduler.FastScheduler` over :attr:`fast_engine` (slots of static buffers,
+        one CUDA-graph step for all of them; plain requests, results equal ``generate(..., fast=True)``'s).
 
         Example:
-            >>> # sched = llm.scheduler(max_rows=8)
+            >>> # sched = llm.scheduler(max_rows=8)            # or llm.scheduler(fast=True, max_rows=32)
             >>> # h = sched.submit("What is 2+3?", SamplingParams(max_new_tokens=16, temperature=0))
             >>> # h.result(timeout=60).samples[0][0].text
         """
@@ -364,8 +369,14 @@ class KVModel:
                     raise ValueError(f"this model's scheduler runs with {self._scheduler.config!r}; shut it down "
                                      f"(llm.scheduler().shutdown()) before starting one with {cfg!r}")
                 return self._scheduler
-            self._scheduler = Scheduler(self.engine, lock=self._lock, config=cfg,
-                                        encode=lambda p: self.encode_prompt(p))
+            if cfg.fast:
+                from .engine.fast_scheduler import FastScheduler
+
+                self._scheduler = FastScheduler(self.fast_engine, lock=self._lock, config=cfg,
+                                                encode=lambda p: self.encode_prompt(p))
+            else:
+                self._scheduler = Scheduler(self.engine, lock=self._lock, config=cfg,
+                                            encode=lambda p: self.encode_prompt(p))
             return self._scheduler
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, components: Sequence[Component] = (),
@@ -373,7 +384,9 @@ class KVModel:
                on_text: Callable[[StreamEvent], None] | None = None, **param_overrides):
         """Queue one prompt on :meth:`scheduler` (continuous batching); returns a
         :class:`~kvagents.engine.scheduler.RequestHandle` (``.result(timeout)``, iterate with ``stream=True``,
-        ``.cancel()``). Its result equals ``generate(prompt, params)``'s for the same prompt and parameters."""
+        ``.cancel()``). Its result equals ``generate(prompt, params)``'s for the same prompt and parameters, or
+        ``generate(prompt, params, fast=True)``'s when the running scheduler is the fast one (``llm.scheduler(fast=
+        True)`` started first; with no scheduler running an eager one starts)."""
         params = _params(params, param_overrides)
         return self.scheduler().submit(prompt, params, components=components, logits_processors=logits_processors,
                                        stream=stream, on_text=on_text)

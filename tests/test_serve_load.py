@@ -42,6 +42,8 @@ def llm():
     yield m
     if m._scheduler is not None:
         assert m._scheduler.shutdown(cancel=True, timeout=60)
+    if id(m) in sl._FAST:
+        assert sl._FAST.pop(id(m)).shutdown(cancel=True, timeout=60)
 
 
 def tokens(records):
@@ -84,7 +86,22 @@ def test_reference_lengths_and_sampled_seeds(llm, data):
     assert tokens(serial) == tokens(sched)  # each request samples with its own seed
 
 
-@pytest.mark.parametrize("mode", ["serial", "scheduler", "scheduler-direct"])
+def test_scheduler_fast_serves_the_fast_paths_tokens(llm, data):
+    reqs = sl.load_requests(data, 4, 6, seed=3, sampled=True)
+    sampling = sl.Sampling(temperature=0.8, top_p=0.9)
+    records, t0 = sl.run_load(llm, "scheduler-fast", reqs, sampling, clients=3, scheduler_config={"max_rows": 4})
+    sched = sl._FAST[id(llm)]
+    longest = max(len(llm.encode_prompt(r.prompt)) + 6 for r in reqs)
+    assert sched.max_seq_len == -(-longest // 128) * 128 and 1 <= sched.peak_rows <= 3
+    alone = {r.index: llm.generate(r.prompt, sl.params_for(r, sampling), fast=True).samples[0][0].token_ids
+             for r in reqs}
+    assert tokens(records) == alone  # each request samples with its own seed, as alone on the fast path
+    s = sl.summarize(records, t0)
+    assert (s["requests"], s["completed"], s["errors"]) == (4, 4, 0)
+    assert sl.fast_scheduler(llm, sl.fast_config(llm, reqs, {"max_rows": 4})) is sched  # kept over loads
+
+
+@pytest.mark.parametrize("mode", ["serial", "scheduler", "scheduler-direct", "scheduler-fast"])
 def test_budget_cut(llm, data, mode):
     reqs = sl.load_requests(data, 4, 300)
     sampling = sl.Sampling(temperature=0.0, ignore_eos=True)

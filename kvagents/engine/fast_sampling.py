@@ -95,6 +95,28 @@ def top_p_keep(probs: torch.Tensor, top_p: float, ways: int = TOP_P_WAYS, kernel
     return _TOP_P_OP(probs, float(top_p), int(ways), bool(kernel))
 
 
+def top_p_keep_rows(probs: torch.Tensor, top_p: torch.Tensor, ways: int = TOP_P_WAYS) -> torch.Tensor:
+    """:func:`top_p_keep` with one ``top_p`` per row (float32 ``[B]``): the same search passes, each row against
+    its own mass (a row's nucleus equals :func:`top_p_keep` with that row's value as a Python float). Graph-safe;
+    torch passes only (no Triton kernel). A row with ``top_p`` 1 may still drop tokens whose mass above rounds
+    past 1: callers apply it only where ``top_p < 1``, as :func:`process_logits_search` does.
+
+    Example:
+        >>> p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]])
+        >>> top_p_keep_rows(p, torch.tensor([0.7, 0.85])).tolist()
+        [[True, True, False, False], [True, True, True, False]]
+    """
+    from ..kernels.top_p_search import n_passes
+
+    bits = probs.view(torch.int32)
+    lo = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
+    hi = bits.max(dim=-1).values.long()
+    tp = top_p.to(torch.float32)[:, None]
+    for _ in range(n_passes(ways)):
+        lo, hi = top_p_search_pass(bits, probs, lo, hi, tp, ways)
+    return bits >= hi[:, None]
+
+
 def _top_p_keep_impl(probs: torch.Tensor, top_p: float, ways: int, use_kernel: bool = False) -> torch.Tensor:
     from ..kernels.top_p_search import n_passes, top_p_keep_kernel
 

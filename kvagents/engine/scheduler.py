@@ -28,6 +28,9 @@ indices ``0 .. n-1``, as alone); a sample that finished is no longer in the batc
 (``fed_valid`` False, zero logits and KV rows). A request's components stop being called the step after its last
 sample finishes (``DecodeEngine`` may call them up to ``sync_every - 1`` more times with nothing alive).
 
+The fast path's continuous batching has this interface too: :class:`~kvagents.engine.fast_scheduler.FastScheduler`
+(slots of static KV buffers, one CUDA-graph step for all of them; ``KVModel.scheduler(fast=True)``).
+
 Example:
     >>> from kvagents.engine.scheduler import Scheduler, SchedulerConfig
     >>> SchedulerConfig(max_rows=8, max_queue=32).prefill_chunk
@@ -119,12 +122,23 @@ class SchedulerConfig(BaseModel):
     max_rows: int = Field(16, description="Rows (sequences) decoded together; a request with n samples needs n rows.")
     max_queue: int = Field(64, description="Requests that may wait for rows; submit raises QueueFullError beyond it.")
     prefill_chunk: int = Field(256, description="Prompt tokens prefilled between two decode steps while rows run.")
+    fast: bool = Field(False, description="KVModel.scheduler: decode on the fast path (a FastScheduler: static "
+                                          "buffers, CUDA graphs) instead of the eager engine.")
+    max_seq_len: int | None = Field(None, description="Fast path only: prompt + max_new_tokens of one request at "
+                                                      "most (its slots' columns); default min(context, 2048).")
 
     @field_validator("max_rows", "max_queue", "prefill_chunk")
     @classmethod
     def _positive(cls, v: int, info) -> int:
         if v < 1:
             raise ValueError(f"{info.field_name} must be >= 1, got {v}")
+        return v
+
+    @field_validator("max_seq_len")
+    @classmethod
+    def _seq_len(cls, v: int | None) -> int | None:
+        if v is not None and v < 2:
+            raise ValueError(f"max_seq_len must be >= 2 (a prompt token and a new one), got {v}")
         return v
 
 
@@ -277,11 +291,26 @@ class Scheduler:
 
     def __init__(self, engine: DecodeEngine, *, lock: threading.RLock | None = None,
                  config: SchedulerConfig | None = None, encode: Callable[[Any], list[int]] | None = None) -> None:
+        if config is not None and config.fast:
+            raise ValueError("SchedulerConfig(fast=True) asks for the fast path: build a "
+                             "kvagents.engine.fast_scheduler.FastScheduler over a FastDecodeEngine (KVModel.scheduler "
+                             "does), not a Scheduler over a DecodeEngine")
         bad = {type(layer).__name__ for layer in DynamicCache(config=engine.model.config).layers
                if type(layer) is not DynamicLayer}
         if bad:
             raise NotImplementedError(f"the scheduler batches plain full-attention caches (DynamicLayer); this model's "
                                       f"cache has {sorted(bad)} layers: use KVModel.generate")
+        self._setup(engine, lock, config, encode)
+        # the batch
+        self._cache: DynamicCache | None = None
+        self._lengths: torch.Tensor | None = None  # [B] real tokens per row (= the next token's position)
+        self._host_len: list[int] = []
+        self._start_loop()
+
+    def _setup(self, engine, lock: threading.RLock | None, config: SchedulerConfig | None,
+               encode: Callable[[Any], list[int]] | None) -> None:
+        """The state every scheduler shares: queues, counters, lock (a subclass sets its batch, then starts the
+        loop with :meth:`_start_loop`)."""
         self.engine = engine
         self.config = config or SchedulerConfig()
         self._lock = lock if lock is not None else threading.RLock()
@@ -295,13 +324,11 @@ class Scheduler:
         self._cancel_all = False
         self._error: BaseException | None = None
         self._in_use: set[int] = set()  # ids of components of live requests
-        # the batch
-        self._cache: DynamicCache | None = None
-        self._lengths: torch.Tensor | None = None  # [B] real tokens per row (= the next token's position)
-        self._host_len: list[int] = []
         #: Decode steps run, and the most rows one step fed (host counters, for monitoring and tests).
         self.steps = 0
         self.peak_rows = 0
+
+    def _start_loop(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="kvagents-scheduler", daemon=True)
         self._thread.start()
 
@@ -356,6 +383,7 @@ class Scheduler:
         _, max_new = check_prompts([ids], self.engine.model.config, params.max_new_tokens, params.n)
         handle = RequestHandle(stream)
         req = _Request(ids, params, max_new, components, procs, on_text, handle)
+        self._accept(req)
         with self._cv:
             if self._closing or self._error is not None:
                 raise SchedulerClosedError("the scheduler is shut down" if self._error is None else
@@ -386,6 +414,9 @@ class Scheduler:
         return not self._thread.is_alive()
 
     close = shutdown
+
+    def _accept(self, req: _Request) -> None:
+        """Refuse a request this scheduler cannot run (before it is queued); the eager one runs any."""
 
     @property
     def closed(self) -> bool:
