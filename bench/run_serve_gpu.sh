@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Concurrent callers on a lent GPU: the fast-path scheduler against serialised calls and one static batch, random
+# Qwen3-8B and Qwen2.5-0.5B shapes (no model files needed). Run from the repository root on the device, carrying
+# .carry/data (GSM8K questions as prompts) and .carry/wheels (pydantic); results land in $OUT/*.json.
+#   bash bench/run_serve_gpu.sh
+set -uo pipefail
+python3 -m pip install -q --no-deps --no-index --target /tmp/pylib .carry/wheels/*.whl || exit 1
+export PYTHONPATH=/tmp/pylib:$PWD:$PWD/bench PYTHONUNBUFFERED=1
+D=.carry/data/gsm8k.jsonl
+L="--device cuda --dtype bfloat16 --data $D --max-new-tokens 128 --prefill-chunk 16384"
+run() { timeout "$1" python3 bench/serve_load.py "${@:2}" 2>&1 | grep -v "it/s\]$" | grep "^|\|^random\|^warm"; }
+# one static 32-prompt batch on the fast path (the reference the scheduler is held to), three calls, the last timed
+timeout 120 python3 - <<'PY'
+import time, torch, serve_load as s
+llm = s.build_model("random:qwen3-8b-shape", "cuda", "bfloat16")
+from kvagents import SamplingParams
+reqs = s.load_requests(".carry/data/gsm8k.jsonl", 32, 128)
+p = SamplingParams(max_new_tokens=128, temperature=0.0)
+for _ in range(3):
+    torch.cuda.synchronize(); t = time.perf_counter()
+    res = llm.generate([r.prompt for r in reqs], p, fast=True)
+    torch.cuda.synchronize(); dt = time.perf_counter() - t
+n = sum(x.generated_tokens for g in res.samples for x in g)
+print(f"| static-fast | batch=32 | 32 | 32 | 0 | {n / dt:.1f} | - | - | {dt * 1000:.0f} |")
+PY
+run 200 --model random:qwen3-8b-shape $L --clients 1 8 32 --requests 128 --budget-s 10 --modes scheduler-fast \
+  --max-rows 32 --json "$OUT/load_8b_c32.json"
+run 120 --model random:qwen3-8b-shape $L --clients 64 --requests 192 --budget-s 10 --modes scheduler-fast \
+  --max-rows 64 --json "$OUT/load_8b_c64.json"
+run 120 --model random:qwen3-8b-shape $L --clients --rate 10 13 --requests 200 --budget-s 10 --modes scheduler-fast \
+  --max-rows 32 --json "$OUT/load_8b_rate.json"
+run 150 --model random:qwen2.5-0.5b-shape $L --clients 1 32 --requests 128 --budget-s 6 \
+  --modes serial scheduler-fast static --max-rows 32 --json "$OUT/load_05b.json"
