@@ -275,3 +275,16 @@ def test_default_pooling_is_papers_mean_of_kv_cat():
     want /= np.linalg.norm(want)
     np.testing.assert_allclose(llm.embed([ids])[0].numpy(), want, rtol=1e-4, atol=1e-6)
     assert llm.embed([ids]).shape == (1, 2 * 16)
+
+
+def test_eager_attention_backends_leave_out_cudnn_on_cuda_only(monkeypatch):
+    from torch.nn.attention import SDPBackend
+
+    from kvagents.engine.decode import eager_attention_backends
+
+    monkeypatch.delenv("KVAGENTS_CUDNN_SDP", raising=False)
+    assert eager_attention_backends("cpu") is None
+    cuda = eager_attention_backends("cuda")
+    assert SDPBackend.CUDNN_ATTENTION not in cuda and SDPBackend.FLASH_ATTENTION in cuda
+    monkeypatch.setenv("KVAGENTS_CUDNN_SDP", "1")
+    assert eager_attention_backends("cuda") is None
