@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device, "temperature": llm.temperature, "seed": args.seed, "max_tokens": llm.max_tokens,
         "recursion_limit": args.recursion_limit,
         "chatkv": {k: getattr(llm, k) for k in ("auto_tool_calls", "repeated_tool_calls", "answer_cue",
-                                                 "parallel_tool_calls", "thinking")},
+                                                 "parallel_tool_calls", "thinking", "ungrounded_tool_calls",
+                                                 "retry_other_tools", "max_tool_rounds", "after_tool_temperature")},
     }
     if args.out is None:
         from kvagents.registry import cache_dir

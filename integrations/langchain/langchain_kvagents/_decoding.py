@@ -81,6 +81,27 @@ def is_repeat(call: dict, answered: Sequence[tuple]) -> bool:
     return False
 
 
+def reuses_answered(call: dict, answered: Sequence[tuple]) -> bool:
+    """Whether ``call`` only reworks numbers an answered call of this turn already used: exactly that call's
+    argument values (under any tool and argument names: ``multiply(a, b)`` after ``add(a, b)``), or that call's
+    result together with one of its own arguments (``multiply(a * b, a)``). A small model that has its results,
+    instead of answering, wanders through such calls until its tool budget is spent. Only calls whose values are
+    all numbers count: looking up another property of the same name (``get_weather(x)`` after
+    ``get_population(x)``) is a new step."""
+    vals = [v for v in _leaves(_norm(call.get("args") or {})) if v is not None]
+    if not vals or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+        return False
+    key = sorted(map(repr, vals))
+    for _name, a, *result in answered:
+        old = [v for v in _leaves(_norm(a or {})) if v is not None]
+        if sorted(map(repr, old)) == key:
+            return True
+        res = _as_value(result[0]) if result and result[0] else None
+        if res is not None and res in vals and any(v in old for v in vals if v != res):
+            return True
+    return False
+
+
 class TokenLogprobs(Component):
     """Log-probability of every generated token under the model's distribution (``view.logits``: before
     temperature, top-k / top-p and grammar masks), with the ``top`` most likely alternatives. Output per sequence,
@@ -217,13 +238,16 @@ def is_grounded(call: dict, text: str, every: bool = False) -> bool:
     low = text.lower()
     nums = _numbers(text)
 
+    def within(s: str) -> bool:  # as a whole word or phrase: "c" is not in "cloudy"
+        return re.search(r"(?<!\w)" + re.escape(s) + r"(?!\w)", low) is not None
+
     def occurs(v) -> bool:
         if isinstance(v, (int, float)):
             return float(v) in nums
         s = str(v).strip().lower()
         if not s:
             return True
-        if s in low or any(w in low for w in _WORD.findall(s)):
+        if within(s) or any(within(w) for w in _WORD.findall(s)):
             return True
         try:
             return float(s.replace(",", "")) in nums
@@ -231,3 +255,78 @@ def is_grounded(call: dict, text: str, every: bool = False) -> bool:
             return False
 
     return all(map(occurs, leaves)) if every else any(map(occurs, leaves))
+
+
+#: A name-like span of the conversation: capitalised words in a row ("New York"), or a quoted phrase.
+_NAME_SPAN = re.compile(r"\b[A-Z][^\W_]*(?:[ -][A-Z][^\W_]*)*\b")
+_QUOTED = re.compile(r"['\"\u2018\u201c]([^'\"\u2019\u201d\n]{1,40})['\"\u2019\u201d]")
+
+
+def _opens_sentence(text: str, i: int) -> bool:
+    before = text[:i].rstrip(" \t\"'(\u2018\u201c")
+    return not before or before[-1] in ".?!:;\n"
+
+
+def conversation_values(messages: Sequence[BaseMessage]) -> tuple[list[str], list[float]]:
+    """The values a call's arguments may take from the conversation of the current turn: ``(strings, numbers)``.
+    Strings: each short tool result (at most four words, no digits) whole, the name-like spans (capitalised
+    words in a row) and quoted phrases of the user's and the tools' messages, in order of appearance. Numbers:
+    every number in those messages (thousands separators ignored). Tool errors give nothing."""
+    start = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=-1)
+    texts = [m.text for m in messages[max(start, 0):] if isinstance(m, (HumanMessage, ToolMessage))
+             and isinstance(m.text, str) and not _is_error(m)]
+    strings: list[str] = []
+    for m in messages[max(start, 0):]:
+        r = m.text.strip() if isinstance(m, ToolMessage) and not _is_error(m) else ""
+        if r and len(r) <= 60 and len(r.split()) <= 4 and not any(ch.isdigit() or ch == "\n" for ch in r):
+            strings.append(r)
+    for t in texts:
+        strings += [s.group(1).strip() for s in _QUOTED.finditer(t)]
+        spans = list(_NAME_SPAN.finditer(t))
+        inner = {s.group() for s in spans if not _opens_sentence(t, s.start())}
+        # a capitalised word that opens a sentence ("What", "It") is a name only if it occurs inside one too
+        strings += [s.group() for s in spans if (s.group() in inner or " " in s.group()) and len(s.group()) >= 3]
+    numbers = sorted(set().union(*[_numbers(t) for t in texts])) if texts else []
+    return list(dict.fromkeys(s for s in strings if s)), numbers
+
+
+def _json_number(v: float):
+    return int(v) if float(v).is_integer() else v
+
+
+def grounded_tools(tools: Sequence[dict], values: tuple[list[str], list[float]],
+                   answered: Sequence[tuple] = ()) -> list[dict]:
+    """Copies of ``tools`` (OpenAI format) whose string and number arguments are restricted, by ``enum``, to
+    ``values`` (see ``conversation_values``); string values an answered call of this turn took are left out (a
+    new call takes new values). A tool with a required argument no value fits is left out; an optional one
+    drops that argument. Arguments of other types (objects, lists, booleans) and those with an ``enum`` or
+    ``const`` of their own keep their schema."""
+    strings, numbers = values
+    used = {str(v).strip().lower() for _n, a, *_r in answered for v in _leaves(_norm(a or {})) if isinstance(v, str)}
+    fresh = [s for s in strings if s.strip().lower() not in used]
+    out = []
+    for t in tools:
+        fn = t["function"]
+        params = json.loads(json.dumps(fn.get("parameters") or {"type": "object", "properties": {}}))
+        props = params.get("properties") or {}
+        required = set(params.get("required") or [])
+        ok = True
+        for name in list(props):
+            node = props[name]
+            kind = node.get("type") if isinstance(node, dict) else None
+            if kind not in ("string", "number", "integer") or "enum" in node or "const" in node:
+                continue
+            if kind == "string":
+                enum = fresh
+            else:
+                enum = [_json_number(v) for v in numbers if kind == "number" or float(v).is_integer()]
+            if enum:
+                props[name] = {**node, "enum": enum}
+            elif name in required:
+                ok = False
+                break
+            else:
+                del props[name]
+        if ok:
+            out.append({**t, "function": {**fn, "parameters": params}})
+    return out

@@ -50,6 +50,7 @@ class _Request:
         self.cues: list[str] = [""] * len(prompt_ids)  # text already forced at the start of the answer
         self.plain_prompts: list[list[int] | None] = [None] * len(prompt_ids)  # the prompt without the tools
         self.contexts: list[str] = [""] * len(prompt_ids)  # the conversation's text (where arguments come from)
+        self.values: list[tuple[list[str], list[float]]] = [([], []) for _ in prompt_ids]  # its strings, numbers
         self.tools: list[dict] = []  # the bound tools (OpenAI format)
         self.parallel: bool = False
         self.tpc: list[float] = [1.0] * len(prompt_ids)  # tokens per character of each prompt's user text

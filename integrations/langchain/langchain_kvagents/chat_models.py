@@ -43,15 +43,14 @@ from kvagents.serving.tools import tools_system_prompt
 from ._decoding import (
     ANSWER_TEXT_REGEX,
     TokenLogprobs,
-    _leaves,
     answered_calls,
     conversation_text,
+    conversation_values,
+    grounded_tools,
     is_grounded,
     is_repeat,
+    reuses_answered,
     tool_rounds,
-)
-from ._decoding import (
-    _norm as _norm_args,
 )
 from ._messages import OutputSplitter, to_chat_messages
 from ._requests import _Acquired, _Deadline, _key, _Request
@@ -220,9 +219,11 @@ class ChatKV(BaseChatModel):
             llm.bind_tools([get_weather], tool_choice="any").invoke("Weather in Paris?").tool_calls
             llm.with_structured_output(Joke).invoke("Tell me a joke about cats")
 
-    Agents (``langchain.agents.create_agent``): after a tool result, a call that repeats one already answered in
-    this turn ends tool use and the model answers (``repeated_tool_calls``, ``answer_cue``), after one more decode
-    in which it may call another tool instead (``retry_other_tools``: a chain's next step); a call with made-up
+    Agents (``langchain.agents.create_agent``): a turn after a tool result is decoded greedily
+    (``after_tool_temperature``); there a call that repeats one already answered in this turn, or only reworks its
+    values, ends tool use and the model answers (``repeated_tool_calls``, ``answer_cue``), after up to two more
+    decodes in which it may call another tool instead, its arguments restricted to the conversation's values
+    (``retry_other_tools``: a chain's next step, such as the sum of two looked-up numbers); a call with made-up
     argument values is dropped and the model answers without the tools (``ungrounded_tool_calls``); after
     ``max_tool_rounds`` rounds of calls it answers too. Tools and ``response_format`` together: each turn is either
     tool calls or the schema's JSON object. Tool calls stream as ``tool_call_chunks`` (name first, then the
@@ -326,7 +327,11 @@ class ChatKV(BaseChatModel):
     this turn again with the same arguments (a small model shown a tool result often writes the call it just made
     once more, and an agent then loops until its recursion limit): that call is dropped and the model answers, on
     the same prompt followed by ``answer_cue``, under a grammar that admits plain text only (or the
-    ``response_format`` object). A different call goes through. ``"allow"``: repeated calls go through."""
+    ``response_format`` object). A call that only reworks an answered call's numbers counts as a repeat: exactly
+    its argument values under another tool or other argument names (``multiply(a, b)`` after ``add(a, b)``), or
+    its result together with one of its own arguments; a look-up of another property of the same name (the
+    weather after the population of one city) is a different call. A different call goes through. ``"allow"``:
+    repeated calls go through."""
     ungrounded_tool_calls: Literal["answer", "allow"] = "answer"
     """With ``tool_choice="auto"``: ``"answer"`` drops a call none of whose argument values occurs in the
     conversation (the messages' text: the user's words, tool results; a number by value, a string whole or by one
@@ -340,13 +345,28 @@ class ChatKV(BaseChatModel):
     """With ``repeated_tool_calls="answer"``: when the model repeats an answered call (or, after a tool result,
     makes one up), it decodes again, at most twice, with the tools of the dropped calls taken out of the
     grammar, free to answer or to call another tool (the next step of a chain: after the capital of a country,
-    the weather there; after two look-ups, the sum). A call there that repeats an answered one, passes an
-    answered call's values to another tool, or has made-up values (see ``ungrounded_tool_calls``) is dropped
-    too; when none goes through, the answer turn follows. ``False``: the answer turn follows at once."""
+    the weather there; after two look-ups, the sum). In that decode the grammar also restricts the remaining
+    tools' string and number arguments to values of the conversation (``conversation_values``: numbers of the
+    user's and the tools' messages; short tool results, names and quoted phrases, less the strings an answered
+    call took), so the model picks among the calls the results make possible instead of making values up; a
+    tool no value fits is left out. A call there that repeats an answered one, reworks its values (see
+    ``repeated_tool_calls``), has made-up values (see ``ungrounded_tool_calls``) or was forced by the grammar
+    (``retry_min_logprob``) is dropped too; when none goes through, the answer turn follows. ``False``: the
+    answer turn follows at once."""
+    retry_min_logprob: float | None = -8.0
+    """With ``retry_other_tools``: a retry's call with a token whose log-probability under the model's own
+    distribution (before the grammar mask) is below this is dropped: the grammar, not the model, chose it (the
+    model meant a call the retry takes out, and the mask pushed it into values it gave almost no probability).
+    ``None``: no such check."""
     max_tool_rounds: int | None = 5
     """With ``tool_choice="auto"``: after this many assistant turns with tool calls since the user's message the
     model answers (the same answer turn as above, tools no longer callable), so an agent ends within a
     recursion limit of ``2 * max_tool_rounds + 1`` steps; ``None``: no limit."""
+    after_tool_temperature: float | None = 0.0
+    """Sampling temperature of a turn that follows a tool result (tools bound, one sample a prompt, no
+    ``adaptive``, no per-call ``temperature``): its decode, retries and answer turn. ``0`` (greedy) by default: the
+    results are in the conversation, what is left is to pick the next call or the answer, and a small model that
+    samples there wanders (after ``add(a, b)``, ``multiply(a, b)``). ``None``: ``temperature``."""
     answer_cue: str | None = "The answer is"
     """Text that opens that answer (and the answer after a ``tool_choice="none"`` reply that was only call
     text); ``None`` or ``""``: none."""
@@ -578,12 +598,15 @@ class ChatKV(BaseChatModel):
             n=kwargs.get("n", self.n),
             stop=stops,
         )
+        if (tools and self.after_tool_temperature is not None and "temperature" not in kwargs and params.n == 1
+                and self.adaptive is None and batch and all(answered_calls(m) for m in batch)):
+            params = params.model_copy(update={"temperature": check_temperature(self.after_tool_temperature)})
         schema = None
         if response_format is not None:
             schema = bound_strings(_response_schema(response_format), params.max_new_tokens,
                                    tokens_per_char=_tokens_per_char(tok, batch[0]) if batch else 1.0)
         prompt_ids, grammars, modes, answered, cues = [], [], [], [], []
-        plain_prompts, contexts, tpcs = [], [], []
+        plain_prompts, contexts, tpcs, values = [], [], [], []
         required_calls = False
         for i, messages in enumerate(batch):
             chat = to_chat_messages(messages, native_tools=native_tools)
@@ -619,6 +642,7 @@ class ChatKV(BaseChatModel):
                 plain = llm.encode_prompt(list(plain["input_ids"] if hasattr(plain, "keys") else plain), i)
             plain_prompts.append(plain)
             contexts.append(conversation_text(messages) if mode == "auto" else "")
+            values.append(conversation_values(messages) if mode == "auto" else ([], []))
             tpcs.append(_tokens_per_char(tok, messages) if tools else 1.0)
             cue = ""
             if mode == "final":
@@ -674,7 +698,7 @@ class ChatKV(BaseChatModel):
         req.modes, req.answered, req.names, req.answer_schema = modes, answered, names, schema
         req.logprobs, req.deadline = (logprobs, int(top or 0)), deadline
         req.cues = cues
-        req.plain_prompts, req.contexts, req.tpc = plain_prompts, contexts, tpcs
+        req.plain_prompts, req.contexts, req.tpc, req.values = plain_prompts, contexts, tpcs, values
         req.tools, req.parallel = tools, parallel
         req.penalties = {k: v for k, v in (
             ("repetition", kwargs.get("repetition_penalty", self.repetition_penalty)),
@@ -865,8 +889,9 @@ class ChatKV(BaseChatModel):
         dropped: list[dict] = []
         if req.answered[p] and self.repeated_tool_calls == "answer":
             answered = req.answered[p]
-            split.repeats = [c for c in split.tool_calls if is_repeat(c, answered)]
-            split.tool_calls = [c for c in split.tool_calls if not is_repeat(c, answered)]
+            again = [is_repeat(c, answered) or reuses_answered(c, answered) for c in split.tool_calls]
+            split.repeats = [c for c, r in zip(split.tool_calls, again) if r]
+            split.tool_calls = [c for c, r in zip(split.tool_calls, again) if not r]
             dropped += split.repeats
         if self.ungrounded_tool_calls == "answer" and req.answer_schema is None:
             every = bool(req.answered[p])  # after a tool result every value must come from the conversation
@@ -905,12 +930,13 @@ class ChatKV(BaseChatModel):
         for p, dropped in zip(rows, drops):
             names = {c.get("name") for c in dropped}
             rest = [t for t in req.tools if t["function"]["name"] not in names]
+            if self.ungrounded_tool_calls == "answer" and req.answer_schema is None:
+                rest = grounded_tools(rest, req.values[p], req.answered[p]) or rest
             tag = _tool_tag(rest, False, req.parallel, req.params.max_new_tokens, req.tpc[p],
                             answer_schema=req.answer_schema)
             grammars.append(compile_grammar(llm, "structural_tag", tag))
         comps = [c() if callable(c) and not isinstance(c, Component) else c for c in self.components]
-        if req.logprobs[0]:
-            comps.append(TokenLogprobs(tok, req.logprobs[1], skip_ids=llm.engine.eos_token_ids))
+        comps.append(TokenLogprobs(tok, req.logprobs[1], skip_ids=llm.engine.eos_token_ids))
         if req.deadline is not None:
             comps.append(req.deadline)
         sub = _Request(llm, [list(req.prompt_ids[p]) for p in rows], req.params.model_copy(update={"n": 1}),
@@ -924,15 +950,18 @@ class ChatKV(BaseChatModel):
         split = self._splitter(req, p)
         split.feed(s.text, final=True)
         answered = req.answered[p]
-        same = [sorted(map(repr, _leaves(_norm_args(a)))) for _n, a, *_r in answered]
 
-        def bad(c):  # the answered values again (under any argument names), or made-up values
-            return is_repeat(c, answered) or sorted(map(repr, _leaves(_norm_args(c.get("args") or {})))) in same or (
+        def bad(c):  # the answered values again (under any tool and argument names), or made-up values
+            return is_repeat(c, answered) or reuses_answered(c, answered) or (
                 self.ungrounded_tool_calls == "answer" and req.answer_schema is None
                 and not is_grounded(c, req.contexts[p], every=True))
 
-        dropped = [c for c in split.tool_calls if bad(c)]
-        split.tool_calls = [c for c in split.tool_calls if not bad(c)]
+        # a call the grammar forced on the model: a token of it had almost no probability under the model's own
+        # distribution (a value it did not mean, such as subtract(-5, -5) when it meant to call another tool)
+        lps = [e["logprob"] for e in s.outputs.get("logprobs") or []]
+        forced = self.retry_min_logprob is not None and bool(lps) and min(lps) < self.retry_min_logprob
+        dropped = [c for c in split.tool_calls if forced or bad(c)]
+        split.tool_calls = [c for c in split.tool_calls if not (forced or bad(c))]
         split.repeats, split.ungrounded = dropped, []
         if dropped:
             dropped += split.invalid_tool_calls

@@ -415,13 +415,15 @@ _AFTER_ADD = [HumanMessage("Add 2 and 3, then multiply by 4."),
 
 def test_a_repeated_call_gets_one_more_decode_without_that_tool(tiny_dir):
     nxt = '{"name": "multiply", "arguments": {"a": 5, "b": 4}}'
-    chat = sequenced_chat(tiny_dir, [CALL, nxt])  # repeats add(2, 3), then, asked again, makes the next step
+    # repeats add(2, 3), then, asked again, makes the next step (scripted: not the tiny model's probabilities)
+    chat = sequenced_chat(tiny_dir, [CALL, nxt], retry_min_logprob=None)
     out = chat.bind_tools([add, multiply]).invoke(_AFTER_ADD)
     assert [(c["name"], c["args"]) for c in out.tool_calls] == [("multiply", {"a": 5, "b": 4})]
     assert out.response_metadata["retry_turn"] and out.response_metadata["dropped_tool_calls"] == [
         {"name": "add", "args": {"a": 2, "b": 3}}]
     full = None
-    for c in sequenced_chat(tiny_dir, [CALL, nxt]).bind_tools([add, multiply]).stream(_AFTER_ADD):
+    for c in sequenced_chat(tiny_dir, [CALL, nxt], retry_min_logprob=None).bind_tools([add, multiply]).stream(
+            _AFTER_ADD):
         full = c if full is None else full + c
     assert [(c["name"], c["args"]) for c in full.tool_calls] == [("multiply", {"a": 5, "b": 4})]
     assert full.usage_metadata == out.usage_metadata
@@ -443,3 +445,166 @@ def test_a_made_up_step_after_a_tool_result_ends_in_the_answer(tiny_dir):
         final = msgs[-1]
         assert not final.tool_calls and final.content.startswith("The answer is")
         assert final.response_metadata["retry_turn"] and final.response_metadata["answer_turn"]
+
+
+# -- chains: values of the conversation, reworked values, greedy turns after a result --------------------------
+_POPULATION = {"porto": 1480641, "lyon": 2242833}
+
+
+@tool
+def get_population(city: str) -> int | str:
+    """The number of people who live in a city."""
+    return _POPULATION.get(city.strip().lower(), "error: unknown city")
+
+
+@tool
+def get_weather(city: str) -> str:
+    """The current weather in a city."""
+    return "sunny, 20 C"
+
+
+_LOOKUPS = [HumanMessage("What is the combined population of Porto and Lyon?"),
+            AIMessage("", tool_calls=[{"name": "get_population", "args": {"city": "Porto"}, "id": "p1",
+                                       "type": "tool_call"}]),
+            ToolMessage("1480641", tool_call_id="p1", name="get_population"),
+            AIMessage("", tool_calls=[{"name": "get_population", "args": {"city": "Lyon"}, "id": "p2",
+                                       "type": "tool_call"}]),
+            ToolMessage("2242833", tool_call_id="p2", name="get_population")]
+
+
+def test_conversation_values_and_grounded_tools():
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+    from langchain_kvagents._decoding import conversation_values, grounded_tools
+
+    strings, numbers = conversation_values(_LOOKUPS)
+    assert strings == ["Porto", "Lyon"]  # "What" opens the sentence: no name; numeric results are numbers
+    assert numbers == [1480641.0, 2242833.0]
+    chain = [HumanMessage("How is the weather in the capital of New Zealand? (It may rain.)"),
+             AIMessage("", tool_calls=[{"name": "get_capital", "args": {"country": "New Zealand"}, "id": "c",
+                                        "type": "tool_call"}]),
+             ToolMessage("Wellington", tool_call_id="c"), ToolMessage("error: unknown city", tool_call_id="d")]
+    assert conversation_values(chain) == (["Wellington", "New Zealand"], [])
+    tools = [convert_to_openai_tool(t) for t in (add, get_weather, get_population)]
+    out = grounded_tools(tools, (strings, numbers), answered_calls(_LOOKUPS))
+    # every string value was taken by an answered call: the look-ups are left out, add takes the results
+    assert [t["function"]["name"] for t in out] == ["add"]
+    props = out[0]["function"]["parameters"]["properties"]
+    assert props["a"]["enum"] == props["b"]["enum"] == [1480641, 2242833]
+    out = grounded_tools(tools, conversation_values(chain), answered_calls(chain))
+    assert [t["function"]["name"] for t in out] == ["get_weather", "get_population"]  # no number for add
+    assert out[0]["function"]["parameters"]["properties"]["city"]["enum"] == ["Wellington"]
+    assert tools[0]["function"]["parameters"]["properties"]["a"] == {"type": "number"}  # the input is unchanged
+
+
+def test_reuses_answered():
+    from langchain_kvagents._decoding import reuses_answered
+
+    done = [("add", {"a": 1480641, "b": 2242833}, "3723474")]
+    assert reuses_answered({"name": "multiply", "args": {"x": 2242833, "y": 1480641}}, done)
+    assert reuses_answered({"name": "multiply", "args": {"a": 3723474, "b": 1480641}}, done)  # result + its input
+    assert not reuses_answered({"name": "multiply", "args": {"a": 3723474, "b": 2}}, done)  # a new operand
+    assert not reuses_answered({"name": "add", "args": {"a": 1480641, "b": 7}}, done)
+    # another property of the same name is a new step (only reworked numbers count)
+    assert not reuses_answered({"name": "get_weather", "args": {"city": "Lyon"}},
+                               [("get_population", {"city": "Lyon"}, "5")])
+    assert not reuses_answered({"name": "get_weather", "args": {"city": "Lyon"}},
+                               [("get_population", {"city": "Porto"}, "5")])
+    assert not reuses_answered({"name": "f", "args": {}}, done)
+
+
+def test_is_grounded_matches_whole_words_only():
+    text = "What is the weather in Lisbon?\nwindy, -5 C"
+    assert is_grounded({"name": "get_weather", "args": {"city": "Lisbon"}}, text, every=True)
+    assert is_grounded({"name": "get_weather", "args": {"city": "C"}}, text, every=True)  # the word "C" is there
+    assert not is_grounded({"name": "get_weather", "args": {"city": "in L"}}, text.replace("in Lisbon", "inLisbon"),
+                           every=True)
+    assert not is_grounded({"name": "get_weather", "args": {"city": "ind"}}, text, every=True)  # inside "windy"
+
+
+def test_the_retry_grammar_takes_the_values_of_the_conversation(tiny_dir, monkeypatch):
+    import langchain_kvagents.chat_models as cm
+
+    seen = []
+    real = cm._tool_tag
+
+    def spy(tools, *a, **kw):
+        seen.append(tools)
+        return real(tools, *a, **kw)
+
+    monkeypatch.setattr(cm, "_tool_tag", spy)
+    chat = ChatKV(model=tiny_dir, dtype="float32", device="cpu", temperature=0, max_tokens=40)
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    req = chat._prepare([_LOOKUPS], None, {"tools": [convert_to_openai_tool(t) for t in (add, get_population)],
+                                           "tool_choice": None})
+    seen.clear()
+    chat._retry_request(req, [0], [[{"name": "get_population", "args": {"city": "Lyon"}}]])
+    (retry_tools,) = seen
+    assert [t["function"]["name"] for t in retry_tools] == ["add"]
+    assert retry_tools[0]["function"]["parameters"]["properties"]["a"]["enum"] == [1480641, 2242833]
+    off = ChatKV(model=tiny_dir, dtype="float32", device="cpu", temperature=0, max_tokens=40,
+                 ungrounded_tool_calls="allow")
+    req = off._prepare([_LOOKUPS], None, {"tools": [convert_to_openai_tool(t) for t in (add, get_population)],
+                                          "tool_choice": None})
+    seen.clear()
+    off._retry_request(req, [0], [[{"name": "get_population", "args": {"city": "Lyon"}}]])
+    assert seen[0][0]["function"]["parameters"]["properties"]["a"] == {"type": "number"}
+
+
+def test_turns_after_a_tool_result_are_greedy(tiny_dir):
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    kw = {"tools": [convert_to_openai_tool(add)], "tool_choice": None}
+    chat = ChatKV(model=tiny_dir, dtype="float32", device="cpu", temperature=0.7, max_tokens=40)
+    assert chat._prepare([_AFTER_ADD], None, dict(kw)).params.temperature == 0.0
+    assert chat._prepare([_AFTER_ADD[:1]], None, dict(kw)).params.temperature == 0.7  # before any result
+    assert chat._prepare([_AFTER_ADD], None, {**kw, "temperature": 0.5}).params.temperature == 0.5  # per call
+    assert chat._prepare([_AFTER_ADD], None, {}).params.temperature == 0.7  # no tools bound
+    keep = ChatKV(model=tiny_dir, dtype="float32", device="cpu", temperature=0.7, after_tool_temperature=None)
+    assert keep._prepare([_AFTER_ADD], None, dict(kw)).params.temperature == 0.7
+    n2 = ChatKV(model=tiny_dir, dtype="float32", device="cpu", temperature=0.7, n=2)
+    assert n2._prepare([_AFTER_ADD], None, dict(kw)).params.temperature == 0.7  # samples stay samples
+
+
+def test_create_agent_runs_a_chain_of_two_look_ups_and_the_sum_then_answers(tiny_dir):
+    from langchain.agents import create_agent
+
+    look = '{"name": "get_population", "arguments": {"city": "%s"}}'
+    total = '{"name": "add", "arguments": {"a": 1480641, "b": 2242833}}'
+    # Porto, Lyon, the sum; asked again, the sum once more: a repeat, so tool use ends
+    chat = sequenced_chat(tiny_dir, [look % "Porto", look % "Lyon", total, total], retry_other_tools=False)
+    msgs = _agent_messages(create_agent(model=chat, tools=[add, get_population]),
+                           "What is the combined population of Porto and Lyon?")
+    assert [m.content for m in msgs if isinstance(m, ToolMessage)] == ["1480641", "2242833", "3723474.0"]
+    final = msgs[-1]
+    assert not final.tool_calls and final.content.startswith("The answer is")
+    assert final.response_metadata["dropped_tool_calls"] == [{"name": "add", "args": {"a": 1480641, "b": 2242833}}]
+
+
+def test_a_call_reworking_answered_values_ends_tool_use(tiny_dir):
+    from langchain.agents import create_agent
+
+    # after add(2, 3) = 5 the model calls multiply(2, 3), then multiply(5, 2): nothing the results did not have
+    for step in ('{"name": "multiply", "arguments": {"a": 3, "b": 2}}',
+                 '{"name": "multiply", "arguments": {"a": 5, "b": 2}}'):
+        chat = sequenced_chat(tiny_dir, [CALL, step], retry_other_tools=False)
+        msgs = _agent_messages(create_agent(model=chat, tools=[add, multiply]), "Add 2 and 3.")
+        assert sum(isinstance(m, ToolMessage) for m in msgs) == 1
+        assert not msgs[-1].tool_calls and msgs[-1].content.startswith("The answer is")
+        assert msgs[-1].response_metadata["dropped_tool_calls"][0]["name"] == "multiply"
+    # a new operand from the user is a new step
+    chat = sequenced_chat(tiny_dir, [CALL, '{"name": "multiply", "arguments": {"a": 5, "b": 4}}', CALL],
+                          retry_other_tools=False)
+    msgs = _agent_messages(create_agent(model=chat, tools=[add, multiply]), "Add 2 and 3, then multiply by 4.")
+    assert sum(isinstance(m, ToolMessage) for m in msgs) == 2
+
+
+def test_a_retry_call_the_model_gave_no_probability_is_dropped(tiny_dir):
+    nxt = '{"name": "multiply", "arguments": {"a": 5, "b": 4}}'
+    # the tiny random model spreads its probability over the whole vocabulary: every forced token is below -8
+    chat = sequenced_chat(tiny_dir, [CALL, nxt], retry_min_logprob=-8.0)
+    out = chat.bind_tools([add, multiply]).invoke(_AFTER_ADD)
+    assert not out.tool_calls and out.content.startswith("The answer is")
+    assert {"name": "multiply", "args": {"a": 5, "b": 4}} in out.response_metadata["dropped_tool_calls"]
+    lenient = sequenced_chat(tiny_dir, [CALL, nxt], retry_min_logprob=-1e9)
+    assert [c["name"] for c in lenient.bind_tools([add, multiply]).invoke(_AFTER_ADD).tool_calls] == ["multiply"]
