@@ -27,6 +27,22 @@ Modes:
   ``KVModel.model`` -> ``load()``), which the decode loop re-takes every step, and ``threading.RLock`` is not fair:
   a submitting client can wait for many steps (seen: seconds on an H100). This mode measures the scheduler without
   that wait.
+- ``http`` (not run by default): the same load through ``kvagents serve``: the app of
+  :func:`kvagents.serving.app.create_app` on the same loaded model and the same scheduler settings (``--max-rows``,
+  ``--max-queue``, ``--prefill-chunk``; it shares the model's scheduler with ``scheduler``), served by uvicorn on
+  127.0.0.1 (a free port, a daemon thread of this process, lifespan off so the scheduler outlives the server).
+  Each client thread posts its request with its own ``httpx`` client as one streaming call: ``/v1/completions``
+  (raw text) or ``/v1/chat/completions`` (``--chat``), with the same ``max_tokens``, ``temperature``, ``top_p``,
+  ``seed`` and ``ignore_eos`` as the in-process modes, plus ``return_token_ids`` (a kvagents extension: each SSE
+  chunk lists the token ids whose text it carries). A token is timed when the chunk that carries it has been read
+  and parsed by the client thread (the server sends one chunk per token that releases text; a token whose text is
+  held back comes with the next chunk, as in ``serial``). The probability scores the server adds to each choice by
+  default are off (``--http-scores`` turns them on: one more component per request). A cut request is closed by
+  its client, which cancels it on the server. With greedy decoding and ``scheduler`` in the same run, the tokens and
+  text of every request both modes completed are compared (printed, and ``http_check`` in the JSON).
+- ``http-fast`` (not run by default): the same through ``kvagents serve --fast`` (``create_app(fast=True)``) on the
+  ``scheduler-fast`` mode's scheduler (same ``max_seq_len``, graphs captured once), compared with
+  ``scheduler-fast``.
 - ``static``: all requests in one ``generate`` call (one left-padded batch, decoded to the longest request's cap;
   each request's own tokens are counted, the rest of its row is not): the upper-bound reference. Run once, whatever
   the load.
@@ -40,13 +56,22 @@ counted in ``cut``.
 Metrics per request: TTFT = first token time - send time (open loop: the scheduled arrival, so queueing before
 the model counts); ITL = the gaps between a request's consecutive tokens (pooled over requests); e2e = completion
 - send time. Output tok/s = all output tokens / (last completion - first send). p50 / p99 interpolate linearly.
+Per configuration (printed, and in the JSON): ``cpu_s``, the process's CPU seconds (client threads and server
+included); ``loop_cpu_s``, the scheduler's decode-loop thread's; ``loadavg_1m``, the machine's 1-minute load before
+and after. On a shared machine, wall time above the loop's CPU time is time the loop waited for a core (or the GIL).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/serve_load.py --model smollm2-135m --device cpu --dtype float32 \\
         --clients 1 4 --requests 8 --max-new-tokens 16 --modes serial scheduler static
     python bench/serve_load.py --model /tmp/m/model.gguf --device cuda --clients 1 8 32 --data .carry/gsm8k.jsonl \\
         --json $OUT/serve_load.json   # defaults: 64 requests, 128 tokens, 8 s budget + 4 s grace a configuration
-    python bench/serve_load.py --model random:qwen3-8b-shape --device cuda --dtype bfloat16 --clients 1 8 32 \
+    python bench/serve_load.py --model random:qwen3-8b-shape --device cuda --dtype bfloat16 --clients 1 8 32 \\
         --modes serial scheduler scheduler-fast static --json $OUT/serve_load_fast.json   # the fast scheduler
+
+HTTP against in-process, the fast scheduler on a GPU:
+
+    python bench/serve_load.py --model random:qwen3-8b-shape --device cuda --dtype bfloat16 --max-rows 32 \\
+        --clients 1 8 32 --requests 64 --max-new-tokens 32 --modes scheduler-fast http-fast \\
+        --json $OUT/serve_load_http_fast.json
 
 On CUDA, torch's cuDNN attention is turned off unless ``--cudnn-sdp``: with it on (torch 2.11, H100), every KV length
 the process had not seen yet cost about 40 ms more per decode step (57 vs 15 ms/token, random 0.5B shape), so a
@@ -65,6 +90,7 @@ import math
 import os
 import platform
 import random
+import socket
 import sys
 import threading
 import time
@@ -77,7 +103,7 @@ if str(ROOT) not in sys.path:
 
 DEFAULT_DATA = next((p for p in (ROOT / "shared" / "data" / "gsm8k.jsonl", ROOT.parent / "shared" / "data" / "gsm8k.jsonl")
                      if p.exists()), ROOT.parent / "shared" / "data" / "gsm8k.jsonl")
-MODES = ("serial", "scheduler", "static", "scheduler-direct", "scheduler-fast")
+MODES = ("serial", "scheduler", "static", "scheduler-direct", "scheduler-fast", "http", "http-fast")
 DEFAULT_MODES = ("serial", "scheduler", "static")
 
 RANDOM_SHAPES = {
@@ -208,6 +234,7 @@ class Record:
     finish_reason: str | None = None
     cut: bool = False
     error: str | None = None
+    text: str | None = None
 
     @property
     def ttft(self) -> float | None:
@@ -272,7 +299,7 @@ def issue_serial(llm, req: Request, sampling: Sampling, rec: Record, cut: thread
         return
     rec.end = time.perf_counter()
     s = res.samples[0][0]
-    rec.token_ids, rec.finish_reason = list(s.token_ids), s.finish_reason
+    rec.token_ids, rec.finish_reason, rec.text = list(s.token_ids), s.finish_reason, s.text
     rec.cut = s.finish_reason == "budget"
     rec.token_times = _times_from_events(events, len(rec.token_ids), rec.end)
 
@@ -305,9 +332,200 @@ def issue_scheduler(submit, prompt, req: Request, sampling: Sampling, rec: Recor
         return
     rec.end = time.perf_counter()
     s = res.samples[0][0]
-    rec.token_ids, rec.finish_reason = list(s.token_ids), s.finish_reason
+    rec.token_ids, rec.finish_reason, rec.text = list(s.token_ids), s.finish_reason, s.text
     rec.cut = s.finish_reason == "cancelled"
     rec.token_times = rec.token_times[: len(rec.token_ids)]
+
+
+class HttpServer:
+    """``create_app(llm, ...)`` behind uvicorn on 127.0.0.1 (a free port), in a daemon thread of this process.
+
+    ``fast``: ``create_app(fast=True, max_seq_len=...)``. uvicorn's lifespan is off, so stopping the server leaves
+    the model's scheduler running (the bench shuts it down). ``httpx.Client`` s are pooled (:meth:`prepare` makes
+    them before a load: making one costs milliseconds of CPU, which would count against the load); a request
+    takes one, so each client thread has its own connection."""
+
+    name = "serve-load"
+
+    def __init__(self, llm, *, fast: bool, config: dict, scores: bool = False) -> None:
+        import uvicorn
+
+        from kvagents.serving.app import create_app
+
+        kw = dict(max_rows=config.get("max_rows", 16), max_queue=config.get("max_queue", 64),
+                  prefill_chunk=config.get("prefill_chunk", 256))
+        if fast:
+            kw.update(fast=True, max_seq_len=config.get("max_seq_len"))
+        self.fast, self.scores = fast, scores
+        self.app = create_app(llm, served_model_name=self.name, scores=scores, **kw)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False,
+                                                    lifespan="off", timeout_keep_alive=60))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        t0 = time.perf_counter()
+        while not self.server.started:
+            if not self.thread.is_alive() or time.perf_counter() - t0 > 60:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        self._clients: list = []  # every client made
+        self._free: list = []  # those no request holds
+        self._lock = threading.Lock()
+
+    def _new_client(self):
+        import httpx
+
+        c = httpx.Client(base_url=self.url, timeout=httpx.Timeout(600.0))
+        with self._lock:
+            self._clients.append(c)
+        return c
+
+    def prepare(self, n: int) -> None:
+        """At least ``n`` idle clients."""
+        with self._lock:
+            k = n - len(self._free)
+        for _ in range(k):
+            c = self._new_client()
+            with self._lock:
+                self._free.append(c)
+
+    def acquire(self):
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return self._new_client()
+
+    def release(self, c) -> None:
+        with self._lock:
+            self._free.append(c)
+
+    def body(self, req: Request, sampling: Sampling) -> tuple[str, dict]:
+        """(path, JSON body) of ``req``: the sampling of :func:`params_for`, streamed, with token ids."""
+        t = float(sampling.temperature)
+        body = {"model": self.name, "max_tokens": req.max_new, "temperature": t, "top_p": sampling.top_p,
+                "stream": True, "return_token_ids": True}
+        if t > 0 and req.seed is not None:
+            body["seed"] = req.seed
+        if sampling.ignore_eos:
+            body["ignore_eos"] = True
+        if isinstance(req.prompt, str):
+            return "/v1/completions", {**body, "prompt": req.prompt}
+        return "/v1/chat/completions", {**body, "messages": req.prompt}
+
+    def stop(self) -> None:
+        for c in self._clients:
+            c.close()
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+_HTTP: dict[str, HttpServer] = {}  # mode -> its running server
+
+
+def http_server(llm, mode: str, config: dict, scores: bool = False) -> HttpServer:
+    """The server of ``mode`` (``http``: the model's eager scheduler with ``config``; ``http-fast``: the
+    ``scheduler-fast`` mode's FastScheduler), started on first call and kept until :func:`stop_http`."""
+    sched = use_scheduler(llm, mode, config)
+    srv = _HTTP.get(mode)
+    if srv is not None and (srv.app.state.server.scheduler is not sched or srv.scores != scores):
+        _HTTP.pop(mode).stop()  # its scheduler was replaced (another mode ran in between)
+        srv = None
+    if srv is None:
+        srv = _HTTP[mode] = HttpServer(llm, fast=mode == "http-fast", config=config, scores=scores)
+    return srv
+
+
+def stop_http() -> None:
+    while _HTTP:
+        _HTTP.popitem()[1].stop()
+
+
+def use_scheduler(llm, mode: str, config: dict):
+    """Make the model's scheduler (``llm.scheduler()``, the one the app submits to) the one ``mode`` runs on:
+    ``scheduler`` / ``http``: an eager one with ``config`` (the fast one, if installed, is detached and kept);
+    ``http-fast``: the ``scheduler-fast`` mode's FastScheduler (an eager one running is shut down)."""
+    cur = llm._scheduler
+    if mode == "http-fast":
+        fast = fast_scheduler(llm, config)
+        if cur is not fast:
+            if cur is not None and not cur.closed:
+                cur.shutdown(cancel=True, timeout=60)
+            llm._scheduler = fast
+        return fast
+    from kvagents.engine.scheduler import SchedulerConfig
+
+    eager = {k: v for k, v in config.items() if k != "max_seq_len"}
+    if cur is not None and (cur.closed or cur.config.fast):
+        llm._scheduler = None  # a FastScheduler stays in _FAST (kept over loads)
+    elif cur is not None and cur.config != SchedulerConfig(**eager):
+        cur.shutdown(cancel=True, timeout=60)
+    return llm.scheduler(**eager)
+
+
+def issue_http(srv: HttpServer, req: Request, sampling: Sampling, rec: Record, cut: threading.Event) -> None:
+    """One streamed request through ``srv``; tokens are timed when their chunk has been read (module docstring)."""
+    path, body = srv.body(req, sampling)
+    client = srv.acquire()
+    text: list[str] = []
+    try:
+        while True:
+            with client.stream("POST", path, json=body) as r:
+                if r.status_code == 429 and not cut.is_set():  # the queue is full: retry, as the in-process modes
+                    r.read()
+                    time.sleep(0.005)
+                    continue
+                if r.status_code != 200:
+                    r.read()
+                    raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        break
+                    obj = json.loads(data)
+                    now = time.perf_counter()
+                    if "error" in obj:
+                        raise RuntimeError(obj["error"].get("message"))
+                    if not obj.get("choices"):
+                        continue
+                    ch = obj["choices"][0]
+                    kv = ch.get("kvagents") or {}
+                    ids = kv.get("token_ids") or ()
+                    rec.token_ids.extend(ids)
+                    rec.token_times.extend([now] * len(ids))
+                    piece = ch["delta"].get("content") if "delta" in ch else ch.get("text")
+                    if piece:
+                        text.append(piece)
+                    if ch.get("finish_reason") is not None:
+                        rec.finish_reason = kv.get("finish_reason", ch["finish_reason"])
+                    if cut.is_set():  # closing the stream cancels the request on the server
+                        rec.cut, rec.finish_reason = True, "cancelled"
+                        break
+            break
+    except Exception as err:  # noqa: BLE001
+        rec.end, rec.error = time.perf_counter(), repr(err)
+        return
+    finally:
+        srv.release(client)
+    rec.end = time.perf_counter()
+    rec.text = "".join(text)
+    if rec.finish_reason == "cancelled":
+        rec.cut = True
+
+
+def http_check(a: list[Record], b: list[Record]) -> dict:
+    """Requests completed in both runs whose token ids (and text) are equal."""
+    first = {r.index: r for r in a if r.error is None and not r.cut}
+    both = [(first[r.index], r) for r in b if r.error is None and not r.cut and r.index in first]
+    ids = sum(x.token_ids == y.token_ids for x, y in both)
+    text = sum(x.text == y.text for x, y in both)
+    return {"compared": len(both), "same_tokens": ids, "same_text": text,
+            "differ": [x.index for x, y in both if x.token_ids != y.token_ids or x.text != y.text][:10]}
 
 
 # -- load drivers -----------------------------------------------------------------------------------------------
@@ -369,10 +587,10 @@ def _drive(reqs: list[Request], issue, *, clients: int | None, rate: float | Non
 
 def run_load(llm, mode: str, reqs: list[Request], sampling: Sampling, *, clients: int | None = None,
              rate: float | None = None, duration: float = float("inf"), budget_s: float = float("inf"),
-             grace_s: float = float("inf"), seed: int = 0, scheduler_config: dict | None = None
-             ) -> tuple[list[Record], float]:
-    """One configuration: ``mode`` ``serial`` or ``scheduler`` under ``clients`` (closed loop) or ``rate`` (open
-    loop). Returns (records, start time)."""
+             grace_s: float = float("inf"), seed: int = 0, scheduler_config: dict | None = None,
+             http_scores: bool = False) -> tuple[list[Record], float]:
+    """One configuration: ``mode`` (any but ``static``) under ``clients`` (closed loop) or ``rate`` (open loop).
+    Returns (records, start time). ``http_scores``: the http modes' server adds its probability scores."""
     if (clients is None) == (rate is None):
         raise ValueError("pass clients (closed loop) or rate (open loop)")
     cut = threading.Event()
@@ -381,11 +599,21 @@ def run_load(llm, mode: str, reqs: list[Request], sampling: Sampling, *, clients
             issue_serial(llm, req, sampling, rec, cut)
 
         on_cut = cut.set
+    elif mode in ("http", "http-fast"):
+        config = scheduler_config or {}
+        srv = http_server(llm, mode, fast_config(llm, reqs, config) if mode == "http-fast" else config,
+                          scores=http_scores)
+        srv.prepare(clients if clients is not None else len(reqs))
+
+        def issue(req, rec):
+            issue_http(srv, req, sampling, rec, cut)
+
+        on_cut = cut.set
     elif mode in ("scheduler", "scheduler-direct", "scheduler-fast"):
         handles: list = []
         hlock = threading.Lock()
         if mode == "scheduler":
-            llm.scheduler(**(scheduler_config or {}))
+            use_scheduler(llm, mode, scheduler_config or {})
             submit, prompts = llm.submit, {r.index: r.prompt for r in reqs}
         elif mode == "scheduler-fast":
             submit = fast_scheduler(llm, fast_config(llm, reqs, scheduler_config or {})).submit
@@ -406,8 +634,8 @@ def run_load(llm, mode: str, reqs: list[Request], sampling: Sampling, *, clients
                 for h in handles:
                     h.cancel()
     else:
-        raise ValueError(f"run_load runs serial, scheduler, scheduler-fast or scheduler-direct, got {mode!r} (static: "
-                         "run_static)")
+        raise ValueError(f"run_load runs serial, scheduler, scheduler-fast, scheduler-direct, http or http-fast, got "
+                         f"{mode!r} (static: run_static)")
     try:
         return _drive(reqs, issue, clients=clients, rate=rate, duration=duration, budget_s=budget_s,
                       grace_s=grace_s, on_cut=on_cut, seed=seed)
@@ -540,15 +768,16 @@ def record_json(r: Record, t0: float) -> dict:
     return d
 
 
-def warm_up(llm, reqs: list[Request], sampling: Sampling, modes, scheduler_config: dict) -> None:
+def warm_up(llm, reqs: list[Request], sampling: Sampling, modes, scheduler_config: dict,
+            http_scores: bool = False) -> None:
     """Kernels, allocator and tokenizer warm before timing: one short serial call, a static batch of two, two
-    scheduler requests."""
+    scheduler requests (and two through each http mode's server)."""
     short = [Request(r.index, r.prompt, min(4, r.max_new), r.seed) for r in reqs[:2]]
     issue_serial(llm, short[0], sampling, Record(0, time.perf_counter(), 4), threading.Event())
     if "static" in modes:
         llm.generate([r.prompt for r in short], params_for(short[0], sampling), on_text=lambda ev: None)
-    if "scheduler" in modes:
-        llm.scheduler(**scheduler_config)
+    if "scheduler" in modes or "http" in modes:
+        use_scheduler(llm, "scheduler", scheduler_config)
         hs = [llm.submit(r.prompt, params_for(r, sampling)) for r in short]
         for h in hs:
             h.result()
@@ -557,6 +786,31 @@ def warm_up(llm, reqs: list[Request], sampling: Sampling, modes, scheduler_confi
         sched.precapture()  # CUDA: every attention bucket's greedy step (a sampled mode captures when first used)
         for h in [sched.submit(r.prompt, params_for(r, sampling)) for r in short]:
             h.result()
+    for mode in ("http", "http-fast"):
+        if mode in modes:
+            config = fast_config(llm, reqs, scheduler_config) if mode == "http-fast" else scheduler_config
+            if mode == "http-fast":
+                fast_scheduler(llm, config).precapture()
+            srv = http_server(llm, mode, config, scores=http_scores)
+            threads = [threading.Thread(target=issue_http, args=(srv, r, sampling, Record(r.index, 0.0, r.max_new),
+                                                                 threading.Event())) for r in short]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+
+
+def thread_cpu_s(th: threading.Thread | None) -> float:
+    """CPU seconds ``th`` has used so far (NaN where the OS does not tell)."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(th.ident))
+    except (AttributeError, OSError, TypeError):
+        return float("nan")
+
+
+def process_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def main(argv=None) -> int:
@@ -593,11 +847,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cudnn-sdp", action="store_true",
                     help="leave torch's cuDNN attention on (default off: on an H100 it built a plan for every new KV "
                          "length, ~40 ms per decode step whose length the process had not seen)")
+    ap.add_argument("--http-scores", action="store_true",
+                    help="http modes: the server adds its probability scores to each choice (kvagents serve's "
+                         "default; off here so http and in-process run the same components)")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--json", default=None, help="write every summary and request record here")
     args = ap.parse_args(argv)
     if args.clients is None:
         args.clients = [] if args.rate else [1, 8, 32]
+    if args.http_scores and "http-fast" in args.modes:
+        ap.error("--http-scores adds a per-request component, which the fast scheduler (http-fast) does not run")
     grace = args.budget_s / 2 if args.grace_s is None else args.grace_s
 
     import torch
@@ -621,42 +880,61 @@ def main(argv=None) -> int:
           f"max {args.max_new_tokens} new tokens ({args.lengths}), T={args.temperature}", flush=True)
     if not args.no_warmup:
         t = time.perf_counter()
-        warm_up(llm, reqs, sampling, args.modes, sched_cfg)
+        warm_up(llm, reqs, sampling, args.modes, sched_cfg, args.http_scores)
         print(f"warm-up {time.perf_counter() - t:.1f} s", flush=True)
 
     loads = [("clients", c) for c in args.clients] + [("rate", r) for r in args.rate]
     rows, runs = [], []
+    done: dict[tuple[str, str], list[Record]] = {}  # (mode, load) -> records, for the http modes' greedy check
     for mode in args.modes:
         configs = [("batch", len(reqs))] if mode == "static" else loads
         for kind, value in configs:
             t = time.perf_counter()
             steps0 = 0
-            if mode == "scheduler":
-                sched = llm.scheduler(**sched_cfg)
+            load0, cpu0 = os.getloadavg()[0], process_cpu_s()
+            if mode in ("scheduler", "http"):
+                sched = use_scheduler(llm, mode, sched_cfg)
                 sched.peak_rows, steps0 = 0, sched.steps
-            elif mode == "scheduler-fast":
+            elif mode in ("scheduler-fast", "http-fast"):
                 sched = fast_scheduler(llm, fast_config(llm, reqs, sched_cfg))
                 sched.peak_rows, steps0, captures0 = 0, sched.steps, llm.fast_engine.captures
+            if mode in ("scheduler", "http", "scheduler-fast", "http-fast"):
+                loop0 = thread_cpu_s(getattr(sched, "_thread", None))
             if mode == "static":
                 records, t0 = run_static(llm, reqs, sampling)
                 label = f"batch={value}"
             else:
                 kw = {"clients": value} if kind == "clients" else {"rate": value, "duration": args.duration}
                 records, t0 = run_load(llm, mode, reqs, sampling, budget_s=args.budget_s, grace_s=grace,
-                                       seed=args.seed, scheduler_config=sched_cfg, **kw)
+                                       seed=args.seed, scheduler_config=sched_cfg, http_scores=args.http_scores, **kw)
                 label = f"c={value}" if kind == "clients" else f"r={value:g}/s"
             s = {"mode": mode, "load": label, kind: value, **summarize(records, t0)}
-            if mode in ("scheduler", "scheduler-fast"):
+            s["cpu_s"], s["loadavg_1m"] = process_cpu_s() - cpu0, [load0, os.getloadavg()[0]]
+            if mode in ("scheduler", "scheduler-fast", "http", "http-fast"):
                 s["scheduler_peak_rows"], s["scheduler_steps"] = sched.peak_rows, sched.steps - steps0
-            if mode == "scheduler-fast":  # graphs captured while this load ran (0: all in the warm-up)
+                s["loop_cpu_s"] = thread_cpu_s(getattr(sched, "_thread", None)) - loop0
+            if mode in ("scheduler-fast", "http-fast"):  # graphs captured while this load ran (0: all in the warm-up)
                 s["captures"], s["compactions"] = llm.fast_engine.captures - captures0, sched.compactions
             elif mode == "scheduler-direct":
                 d = run_load.last_direct
                 s["scheduler_peak_rows"], s["scheduler_steps"] = d.peak_rows, d.steps
+            done[mode, label] = records
+            pair = {"http": "scheduler", "http-fast": "scheduler-fast"}
+            other = pair.get(mode) or {v: k for k, v in pair.items()}.get(mode)
+            if other is not None and args.temperature == 0 and (other, label) in done:
+                http, inproc = (mode, other) if mode in pair else (other, mode)
+                s["http_check"] = chk = http_check(done[inproc, label], done[http, label])
+                print(f"  greedy check, {http} vs {inproc} {label}: {chk['same_tokens']}/{chk['compared']} same "
+                      f"tokens, {chk['same_text']}/{chk['compared']} same text", flush=True)
             rows.append(s)
             runs.append({**s, "records": [record_json(r, t0) for r in records]})
+            steps = f", {s['scheduler_steps']} steps" if "scheduler_steps" in s else ""
+            loop = (f", decode loop {s['loop_cpu_s']:.1f} s" if not math.isnan(s.get("loop_cpu_s", float("nan")))
+                    else "")
             print(f"  {mode} {label}: {s['requests']} requests, {s['output_tok_s']:.1f} tok/s "
-                  f"({time.perf_counter() - t:.1f} s)", flush=True)
+                  f"({time.perf_counter() - t:.1f} s{steps}; CPU {s['cpu_s']:.1f} s{loop}; load "
+                  f"{load0:.2f} -> {s['loadavg_1m'][1]:.2f})", flush=True)
+    stop_http()
     if llm._scheduler is not None:
         llm._scheduler.shutdown(cancel=True, timeout=60)
     if id(llm) in _FAST:

@@ -39,15 +39,18 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise SystemExit(f"error: `kvagents serve` needs the serve extra ({e.name} is missing): "
                          "pip install 'kvagents[serve]'") from None
+    if args.max_seq_len is not None and not args.fast:
+        raise SystemExit("error: --max-seq-len bounds the fast scheduler's slots: pass it with --fast")
     from .model import KVModel
 
     llm = KVModel.from_pretrained(args.model, dtype=args.dtype, device=args.device).load()
     name = args.served_model_name or args.model
+    fast = {"fast": True, "max_seq_len": args.max_seq_len} if args.fast else {}
     print(f"kvagents: serving {name!r} on http://{args.host}:{args.port}/v1 (max_rows={args.max_rows}, "
-          f"max_queue={args.max_queue})", file=sys.stderr)
+          f"max_queue={args.max_queue}{', fast scheduler' if args.fast else ''})", file=sys.stderr)
     serve(llm, host=args.host, port=args.port, log_level=args.log_level, served_model_name=name,
           max_rows=args.max_rows, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-          default_max_tokens=args.default_max_tokens, scores=not args.no_scores)
+          default_max_tokens=args.default_max_tokens, scores=not (args.no_scores or args.fast), **fast)
     return 0
 
 
@@ -515,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 1024)")
     sv.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     sv.add_argument("--no-scores", action="store_true", help="leave kvagents' probability scores out of each choice")
+    sv.add_argument("--fast", action="store_true", help="serve on the fast scheduler (static KV slots, one CUDA-graph "
+                    "step for all rows): plain requests only, without probability scores; requests that need a "
+                    "grammar or a thinking budget (tool_choice='required', response_format json, reasoning_effort, "
+                    "max_thinking_tokens) answer 400 (default off)")
+    sv.add_argument("--max-seq-len", type=int, default=None, help="with --fast: prompt + max_tokens of one request "
+                    "at most (default min(context, 2048))")
     sv.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     sv.add_argument("--dtype", default="auto", help=COMMON_HELP["dtype"] + " (default auto)")
     sv.add_argument("--device", default="auto", help=COMMON_HELP["device"] + " (default auto)")

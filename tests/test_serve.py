@@ -492,3 +492,102 @@ def test_tools_on_a_template_without_native_tools(smol):
     ch = out.choices[0]
     assert ch.finish_reason == "tool_calls" and ch.message.tool_calls[0].function.name == "get_weather"
     assert out.usage.prompt_tokens > 60  # the tool instructions are in the prompt
+
+
+# -- token ids, the fast scheduler -----------------------------------------------------------------------------------
+
+
+def test_return_token_ids(smol):
+    llm, srv = smol
+    ref = _greedy(llm, MESSAGES, 12)
+    base = {"model": "tiny", "messages": MESSAGES, "max_tokens": 12, "temperature": 0, "return_token_ids": True}
+    out = httpx.post(srv.url + "/v1/chat/completions", json=base, timeout=60).json()
+    assert out["choices"][0]["kvagents"]["token_ids"] == ref.token_ids
+    ids, text = [], ""
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json={**base, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for ch in json.loads(line[6:])["choices"]:
+                    ids += (ch.get("kvagents") or {}).get("token_ids", [])
+                    text += ch["delta"].get("content") or ""
+    assert ids == ref.token_ids and text == ref.text  # each chunk lists the tokens whose text it carries
+    plain = srv.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0)
+    assert "token_ids" not in plain.choices[0].model_extra["kvagents"]  # off unless asked
+
+
+@pytest.fixture(scope="module")
+def fast(smol):
+    llm0, _ = smol
+    llm = KVModel(llm0.model, llm0.tokenizer)  # its own (fast) scheduler
+    srv = _Server(create_app(llm, served_model_name="fast", max_rows=4, fast=True, max_seq_len=256))
+    yield llm, srv
+    srv.stop()
+
+
+def test_fast_server_serves_the_fast_paths_tokens(fast):
+    llm, srv = fast
+    assert httpx.get(srv.url + "/health").json()["fast"] is True
+    assert llm.scheduler().config.fast and llm.scheduler().max_seq_len == 256
+    ref = llm.generate(MESSAGES, SamplingParams(max_new_tokens=12, temperature=0), fast=True).samples[0][0]
+    out = srv.client().chat.completions.create(model="fast", messages=MESSAGES, max_tokens=12, temperature=0)
+    assert out.choices[0].message.content == ref.text
+    assert "probability" not in out.choices[0].model_extra["kvagents"]  # no per-request component: no scores
+    chunks = list(srv.client().chat.completions.create(model="fast", messages=MESSAGES, max_tokens=12, temperature=0,
+                                                       stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+    ref_s = llm.generate("Once upon a time", SamplingParams(max_new_tokens=8, temperature=0.9, seed=3),
+                         fast=True).samples[0][0]
+    got = srv.client().completions.create(model="fast", prompt="Once upon a time", max_tokens=8, temperature=0.9,
+                                          seed=3)
+    assert got.choices[0].text == ref_s.text
+    # a chat request without a token limit gets what its slot has left (default_max_tokens 1024 > max_seq_len 256)
+    long = srv.client().chat.completions.create(model="fast", messages=MESSAGES, temperature=0,
+                                                extra_body={"ignore_eos": True})
+    assert out.usage.prompt_tokens + long.usage.completion_tokens == 256
+    # tools with tool_choice auto are parsed, not constrained
+    auto = srv.client().chat.completions.create(model="fast", messages=MESSAGES, tools=[WEATHER], max_tokens=8,
+                                                temperature=0)
+    assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"max_thinking_tokens": 4}, "max_thinking_tokens"),
+    ({"reasoning_effort": "low"}, "reasoning_effort"),
+    ({"max_tokens": 1000}, None),  # prompt + max_tokens above max_seq_len
+])
+def test_fast_server_refuses_what_the_fast_scheduler_cannot_run(fast, body, param):
+    _, srv = fast
+    r = httpx.post(srv.url + "/v1/chat/completions",
+                   json={"model": "fast", "messages": MESSAGES, "max_tokens": 8, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    if param is None:
+        assert "max_seq_len=256" in err["message"]
+    else:
+        assert err["param"] == param and param in err["message"] and "--fast" in err["message"]
+
+
+def test_fast_app_refuses_components_and_scores(smol):
+    llm0, _ = smol
+    llm = KVModel(llm0.model, llm0.tokenizer)
+    with pytest.raises(ValueError, match="components"):
+        create_app(llm, fast=True, components=lambda: [Slow()])
+    with pytest.raises(ValueError, match="scores"):
+        create_app(llm, fast=True, scores=True)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        create_app(llm, max_seq_len=128)
+    assert llm._scheduler is None  # refused before any scheduler started
+
+
+def test_cli_serve_fast_flags(capsys):
+    from kvagents.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "--fast" in out and "--max-seq-len" in out
+    assert main(["serve", "--model", "no-such-model", "--max-seq-len", "128"]) == 2
+    assert "--fast" in capsys.readouterr().err  # refused before the model loads

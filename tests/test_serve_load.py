@@ -42,6 +42,7 @@ def llm():
     yield m
     if m._scheduler is not None:
         assert m._scheduler.shutdown(cancel=True, timeout=60)
+    sl.stop_http()
     if id(m) in sl._FAST:
         assert sl._FAST.pop(id(m)).shutdown(cancel=True, timeout=60)
 
@@ -101,7 +102,37 @@ def test_scheduler_fast_serves_the_fast_paths_tokens(llm, data):
     assert sl.fast_scheduler(llm, sl.fast_config(llm, reqs, {"max_rows": 4})) is sched  # kept over loads
 
 
-@pytest.mark.parametrize("mode", ["serial", "scheduler", "scheduler-direct", "scheduler-fast"])
+def test_http_mode_serves_the_in_process_schedulers_tokens(llm, data):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("httpx")
+    reqs = sl.load_requests(data, 4, 5)
+    sampling = sl.Sampling(temperature=0.0, ignore_eos=True)
+    cfg = {"max_rows": 4, "max_queue": 16, "prefill_chunk": 64}
+    inproc, _ = sl.run_load(llm, "scheduler", reqs, sampling, clients=2, scheduler_config=cfg)
+    records, t0 = sl.run_load(llm, "http", reqs, sampling, clients=2, scheduler_config=cfg)
+    srv = sl._HTTP["http"]
+    assert srv.app.state.server.scheduler is llm.scheduler() and llm.scheduler().config.max_rows == 4
+    assert tokens(records) == tokens(inproc)
+    assert all(r.text and r.text == q.text for r, q in zip(records, inproc))
+    for r in records:  # one token per chunk here (every byte-tokenizer token releases a character)
+        assert len(r.token_times) == 5 and r.token_times == sorted(r.token_times) and r.finish_reason == "length"
+        assert r.send <= r.token_times[0] <= r.end and r.error is None and not r.cut
+    s = sl.summarize(records, t0)
+    assert (s["requests"], s["completed"], s["errors"], s["output_tokens"]) == (4, 4, 0, 20)
+    assert sl.http_check(inproc, records) == {"compared": 4, "same_tokens": 4, "same_text": 4, "differ": []}
+    # sampled, each request with its own seed, on the fast scheduler: the same samples as scheduler-fast
+    sampled = sl.load_requests(data, 4, 6, seed=3, sampled=True)
+    hot = sl.Sampling(temperature=0.8, top_p=0.9)
+    fast_in, _ = sl.run_load(llm, "scheduler-fast", sampled, hot, clients=2, scheduler_config=cfg)
+    fast_http, _ = sl.run_load(llm, "http-fast", sampled, hot, clients=3, scheduler_config=cfg)
+    assert sl._HTTP["http-fast"].app.state.server.scheduler is sl._FAST[id(llm)] is llm.scheduler()
+    assert tokens(fast_http) == tokens(fast_in) and all(r.error is None for r in fast_http)
+    # back to the eager scheduler: the fast one is kept (its graphs), the http server follows the model's scheduler
+    again, _ = sl.run_load(llm, "http", reqs, sampling, clients=4, scheduler_config=cfg)
+    assert tokens(again) == tokens(inproc) and not sl._FAST[id(llm)].closed and not llm.scheduler().config.fast
+
+
+@pytest.mark.parametrize("mode", ["serial", "scheduler", "scheduler-direct", "scheduler-fast", "http"])
 def test_budget_cut(llm, data, mode):
     reqs = sl.load_requests(data, 4, 300)
     sampling = sl.Sampling(temperature=0.0, ignore_eos=True)
@@ -146,3 +177,25 @@ def test_main_random_model(data, tmp_path, monkeypatch, capsys):
         assert all(len(r["token_times"]) == r["tokens"] == 4 for r in run["records"])
     toks = {run["load"] + run["mode"]: [r["token_ids"] for r in run["records"]] for run in doc["runs"]}
     assert len({json.dumps(v) for v in toks.values()}) == 1  # greedy: every mode and load, the same tokens
+
+
+def test_main_http_mode(data, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("uvicorn")
+    monkeypatch.setenv("KVAGENTS_THREADS", "1")
+    threads = torch.get_num_threads()
+    out = tmp_path / "serve.json"
+    try:
+        rc = sl.main(["--model", "random:tiny", "--device", "cpu", "--dtype", "float32", "--data", str(data),
+                      "--requests", "4", "--max-new-tokens", "4", "--clients", "2", "--max-rows", "4",
+                      "--modes", "scheduler", "http", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| http | c=2 | 4 | 4 | 0 |" in printed
+    assert "greedy check, http vs scheduler c=2: 4/4 same tokens, 4/4 same text" in printed
+    doc = json.loads(out.read_text())
+    http = doc["runs"][1]
+    assert http["mode"] == "http" and http["http_check"]["same_tokens"] == 4 and http["output_tokens"] == 16
+    assert [r["token_ids"] for r in http["records"]] == [r["token_ids"] for r in doc["runs"][0]["records"]]
+    assert not sl._HTTP  # servers stopped

@@ -3,7 +3,13 @@
 Every request is submitted to the one :class:`~kvagents.engine.scheduler.Scheduler` of the model
 (``llm.scheduler(max_rows=..., max_queue=...)``), so concurrent HTTP clients share one running batch; a full queue
 answers HTTP 429, and a streaming client that disconnects cancels its request (its rows leave the batch before the
-next step). Endpoints:
+next step). ``fast=True`` (``kvagents serve --fast``) serves on the fast scheduler instead
+(``llm.scheduler(fast=True)``: slots of static KV buffers, one CUDA-graph step for all of them). It runs plain
+requests only: no per-request component (so no probability scores) and no logits processor, so
+``tool_choice='required'`` or a named function, ``response_format`` json, ``reasoning_effort`` /
+``max_thinking_tokens`` answer 400 naming the field, and ``tools`` with ``tool_choice='auto'`` are parsed from the
+text but not grammar-constrained; prompt + ``max_tokens`` must fit its ``max_seq_len`` (a chat request that sets
+no limit gets what is left of it, at most ``default_max_tokens``). Endpoints:
 
 * ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``;
 * ``POST /v1/chat/completions``: the model's chat template; ``temperature``, ``top_p``, ``top_k`` (extension),
@@ -17,7 +23,10 @@ next step). Endpoints:
 
 Each choice carries an extra ``kvagents`` object: the raw finish reason, token counts and kvagents' probability
 scores of the sample (:class:`~kvagents.signals.scoring.ProbabilityScores`: mean log-probability, perplexity,
-entropy, DeepConf's lowest group confidence).
+entropy, DeepConf's lowest group confidence). With ``return_token_ids: true`` (extension, as vLLM's) it also holds
+the sample's generated ``token_ids``; streamed, each chunk's ``kvagents.token_ids`` are the tokens whose text that
+chunk carries (a token whose text is held back, e.g. half a UTF-8 character, comes with the next chunk; tokens that
+show no text, e.g. EOS, with the final one).
 
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad value (the message
 names it), 404 for an unknown model, 429 when the queue is full, 503 once the scheduler stopped.
@@ -47,6 +56,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from ..engine.decode import NonFiniteLogitsError
+from ..engine.fast_scheduler import UnsupportedRequestError
 from ..engine.params import SamplingParams
 from ..engine.scheduler import QueueFullError, RequestHandle, SchedulerClosedError
 from ..model import KVModel
@@ -119,6 +129,9 @@ def _as_api_error(err: BaseException) -> APIError:
     if isinstance(err, ValidationError):
         msg, param = _validation_message(err, PARAM_NAMES)
         return APIError(400, msg, param=param)
+    if isinstance(err, UnsupportedRequestError):
+        return APIError(400, f"this server runs the fast scheduler (kvagents serve --fast), which cannot run this "
+                             f"request: {err}")
     if isinstance(err, NonFiniteLogitsError):
         return APIError(500, str(err), type="server_error")
     if isinstance(err, (ValueError, TypeError)):
@@ -154,17 +167,31 @@ class _Plan:
     names: list[str] | None = None
     reasoning: bool = False  # split <think>...</think> into reasoning_content
     think_started: bool = False  # a forced cue opens the block
+    token_ids: bool = False  # return_token_ids: the kvagents object lists the generated token ids
 
 
 class KVServer:
     """The request handling behind :func:`create_app` (one per app; the model's scheduler is shared)."""
 
     def __init__(self, llm: KVModel, *, served_model_name: str | None = None, max_rows: int = 16,
-                 max_queue: int = 64, prefill_chunk: int = 256, default_max_tokens: int = 1024, scores: bool = True,
-                 components: Callable[[], Sequence] | None = None) -> None:
+                 max_queue: int = 64, prefill_chunk: int = 256, default_max_tokens: int = 1024,
+                 scores: bool | None = None, components: Callable[[], Sequence] | None = None, fast: bool = False,
+                 max_seq_len: int | None = None) -> None:
+        if scores is None:
+            scores = not fast
+        if fast and scores:
+            raise ValueError("scores=True needs a per-request component (ProbabilityScores), which the fast "
+                             "scheduler does not run: pass scores=False with fast=True")
+        if fast and components is not None:
+            raise ValueError("components are per-request components, which the fast scheduler does not run: serve "
+                             "them with fast=False")
+        if max_seq_len is not None and not fast:
+            raise ValueError("max_seq_len bounds the fast scheduler's slots: pass it with fast=True")
         self.llm = llm
         self.name = served_model_name or llm.name
-        self.scheduler = llm.scheduler(max_rows=max_rows, max_queue=max_queue, prefill_chunk=prefill_chunk)
+        self.fast = fast
+        extra = {"fast": True, "max_seq_len": max_seq_len} if fast else {}
+        self.scheduler = llm.scheduler(max_rows=max_rows, max_queue=max_queue, prefill_chunk=prefill_chunk, **extra)
         self.default_max_tokens = default_max_tokens
         self.scores = scores
         self.extra_components = components
@@ -181,6 +208,20 @@ class KVServer:
         if bad is not None:
             raise APIError(400, f"{bad[0]}={bad[1]!r} is not supported by this server (kvagents serve); leave it "
                                 "unset", param=bad[0])
+
+    def refuse_on_fast(self, feature: str, param: str) -> None:
+        """On the fast scheduler: a 400 naming ``feature`` (it needs a grammar or a per-request component)."""
+        if self.fast:
+            raise APIError(400, f"{feature} is not supported by this server: it runs the fast scheduler (kvagents "
+                                "serve --fast), which decodes plain requests only (no grammar, no per-request "
+                                "component); serve without --fast to use it", param=param)
+
+    def fit_limit(self, params: SamplingParams, n_prompt: int) -> SamplingParams:
+        """On the fast scheduler, a request that set no token limit gets at most what its slot has left."""
+        room = getattr(self.scheduler, "max_seq_len", None)
+        if not self.fast or room is None or n_prompt + params.max_new_tokens <= room:
+            return params
+        return params.model_copy(update={"max_new_tokens": max(1, room - n_prompt)})
 
     def _params(self, req, max_tokens: int | None) -> SamplingParams:
         fields = {"max_new_tokens": self.default_max_tokens if max_tokens is None else max_tokens, "n": req.n}
@@ -227,6 +268,7 @@ class KVServer:
             raise APIError(400, f"the tokenizer of {self.name!r} has no chat template: use /v1/completions with a "
                                 "text prompt", param="messages")
         params = self._params(req, req.token_limit(self.default_max_tokens))
+        limit_set = req.max_completion_tokens is not None or req.max_tokens is not None
         native = T.native_tools(tok)
         try:
             chat = T.template_messages(req.messages, native=native)
@@ -239,9 +281,10 @@ class KVServer:
         if use and not native:
             T.add_system(chat, T.tools_system_prompt(use))
         if use and mode != "auto":
+            self.refuse_on_fast(f"tool_choice={req.tool_choice!r} (a grammar-constrained tool call)", "tool_choice")
             grammar, gparam = self._compile("structural_tag", T.tool_call_tag(use, required=True, parallel=bool(
                 req.parallel_tool_calls)), "tool_choice"), "tool_choice"
-        elif use:
+        elif use and not self.fast:  # the fast scheduler parses auto calls, unconstrained
             with contextlib.suppress(APIError):  # without xgrammar, auto calls are parsed, not constrained
                 grammar = self._compile("structural_tag", T.tool_call_tag(use, required=False, parallel=(
                     req.parallel_tool_calls is not False)), "tools")
@@ -253,8 +296,13 @@ class KVServer:
             if use:
                 raise APIError(400, "response_format together with tools is not supported by this server yet: "
                                     "send tool_choice='none' or drop response_format", param="response_format")
+            self.refuse_on_fast(f"response_format type {req.response_format.get('type')!r} (grammar-constrained "
+                                "JSON)", "response_format")
             grammar, gparam = self._compile("json_schema", schema, "response_format"), "response_format"
         budget = self._thinking(req, tok, template, constrained=gparam is not None)
+        if budget is not None:
+            which = "max_thinking_tokens" if req.max_thinking_tokens is not None else "reasoning_effort"
+            self.refuse_on_fast(f"{which} (a thinking budget)", which)
         template_kw = {}
         comps_extra: list[Callable[[], Any]] = []
         reasoning = started = False
@@ -275,6 +323,8 @@ class KVServer:
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         ids = llm.encode_prompt(list(ids))
+        if not limit_set:
+            params = self.fit_limit(params, len(ids))
 
         def components():
             return self._base_components() + [make() for make in comps_extra]
@@ -283,7 +333,7 @@ class KVServer:
             return [] if grammar is None else [self._grammar_mask(grammar, params)]
 
         return _Plan([ids], params, components, processors, tools=use, names=names or None, reasoning=reasoning,
-                     think_started=started)
+                     think_started=started, token_ids=req.return_token_ids)
 
     @staticmethod
     def _tool_mode(choice, tools: list[dict], names: list[str]) -> tuple[str, list[dict]]:
@@ -358,7 +408,7 @@ class KVServer:
         finish = "tool_calls" if calls else FINISH.get(s.finish_reason, "stop")
         msg = ResponseMessage(content=text if (text or not calls) else None, reasoning_content=reasoning,
                               tool_calls=[ToolCall.model_validate(c) for c in calls] or None)
-        return ChatChoice(index=index, message=msg, finish_reason=finish, kvagents=_signals(s))
+        return ChatChoice(index=index, message=msg, finish_reason=finish, kvagents=_signals(s, plan.token_ids))
 
     # -- text completions -----------------------------------------------------------------------------------------
     def completion_plan(self, req: CompletionRequest) -> _Plan:
@@ -378,7 +428,7 @@ class KVServer:
                 ids.append(self.llm.encode_prompt(x, i))
             except ValueError as e:
                 raise APIError(400, str(e), param="prompt") from None
-        return _Plan(ids, self._params(req, req.max_tokens), self._base_components)
+        return _Plan(ids, self._params(req, req.max_tokens), self._base_components, token_ids=req.return_token_ids)
 
     # -- running --------------------------------------------------------------------------------------------------
     async def submit(self, plan: _Plan, on_event: Callable | None) -> list[RequestHandle]:
@@ -428,6 +478,13 @@ class KVServer:
         split = [T.ToolCallSplitter(plan.names) if plan.tools else None for _ in range(len(handles) * n)]
         think = [T.ReasoningSplitter(started=plan.think_started) if plan.reasoning else None
                  for _ in range(len(handles) * n)]
+        pending: list[list[int]] = [[] for _ in range(len(handles) * n)]  # token ids not sent yet (token_ids)
+
+        def ids_of(index: int) -> dict | None:
+            if not plan.token_ids:
+                return None
+            out, pending[index] = pending[index], []
+            return {"token_ids": out}
 
         def sse(obj) -> str:
             return f"data: {obj.model_dump_json(exclude_none=False)}\n\n"
@@ -451,9 +508,9 @@ class KVServer:
             if split[index] is not None:
                 text = split[index].feed(text)
             if reasoning:
-                out.append(chunk(index, reasoning=reasoning))
+                out.append(chunk(index, reasoning=reasoning, extra=None if text else ids_of(index)))
             if text:
-                out.append(chunk(index, content=text))
+                out.append(chunk(index, content=text, extra=ids_of(index)))
             return out
 
         try:
@@ -467,8 +524,11 @@ class KVServer:
                     finished += 1
                     continue
                 p, ev = item
+                i = p * n + ev.sample_index
+                if plan.token_ids and ev.token_id is not None:
+                    pending[i].append(ev.token_id)
                 if ev.text:
-                    for c in text_chunks(p * n + ev.sample_index, ev.text):
+                    for c in text_chunks(i, ev.text):
                         yield sse(c)
             usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
             for p, h in enumerate(handles):
@@ -490,7 +550,7 @@ class KVServer:
                             deltas = [ToolCallDelta(index=k, id=c["id"], type="function", function=c["function"])
                                       for k, c in enumerate(calls)]
                             yield sse(chunk(i, calls=deltas))
-                    yield sse(chunk(i, finish=finish, extra=_signals(s)))
+                    yield sse(chunk(i, finish=finish, extra={**_signals(s), **(ids_of(i) or {})}))
                     usage.completion_tokens += s.generated_tokens
                 usage.prompt_tokens += len(plan.prompts[p])
             usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
@@ -508,11 +568,14 @@ class KVServer:
         yield "data: [DONE]\n\n"
 
 
-def _signals(s) -> dict:
-    """The ``kvagents`` object of a choice: raw finish reason, token counts, component outputs (scores)."""
+def _signals(s, token_ids: bool = False) -> dict:
+    """The ``kvagents`` object of a choice: raw finish reason, token counts, component outputs (scores), and with
+    ``token_ids`` the generated token ids."""
     out = {"finish_reason": s.finish_reason, "prompt_tokens": s.prompt_tokens,
            "generated_tokens": s.generated_tokens, "forced_tokens": s.forced_tokens}
     out.update({k: _jsonable(v) for k, v in s.outputs.items()})
+    if token_ids:
+        out["token_ids"] = [int(t) for t in s.token_ids]
     return out
 
 
@@ -523,15 +586,19 @@ def _usage(plan: _Plan, results) -> Usage:
 
 
 def create_app(llm: KVModel, *, served_model_name: str | None = None, max_rows: int = 16, max_queue: int = 64,
-               prefill_chunk: int = 256, default_max_tokens: int = 1024, scores: bool = True,
-               components: Callable[[], Sequence] | None = None) -> FastAPI:
+               prefill_chunk: int = 256, default_max_tokens: int = 1024, scores: bool | None = None,
+               components: Callable[[], Sequence] | None = None, fast: bool = False,
+               max_seq_len: int | None = None) -> FastAPI:
     """The FastAPI app serving ``llm`` (see the module docstring for the endpoints).
 
     ``served_model_name``: the ``model`` clients send (default ``llm.name``). ``max_rows`` / ``max_queue`` /
     ``prefill_chunk``: the scheduler's limits (a full queue answers 429). ``default_max_tokens``: the token limit of a
     chat request that sets none (capped by the model's context). ``scores``: add the probability scores to each
-    choice's ``kvagents`` object. ``components``: a factory of extra components given to every request (new
-    instances per call), e.g. an observer.
+    choice's ``kvagents`` object (default: on, off with ``fast``). ``components``: a factory of extra components
+    given to every request (new instances per call), e.g. an observer. ``fast``: serve on the fast scheduler
+    (``llm.scheduler(fast=True, ...)``: plain requests only, see the module docstring; ``scores`` and
+    ``components`` are refused with it); ``max_seq_len``: its prompt + ``max_tokens`` bound per request (default
+    min(context, 2048)).
 
     Example:
         >>> app = create_app(llm, served_model_name="local", max_rows=8)  # doctest: +SKIP
@@ -539,7 +606,7 @@ def create_app(llm: KVModel, *, served_model_name: str | None = None, max_rows: 
     """
     server = KVServer(llm, served_model_name=served_model_name, max_rows=max_rows, max_queue=max_queue,
                       prefill_chunk=prefill_chunk, default_max_tokens=default_max_tokens, scores=scores,
-                      components=components)
+                      components=components, fast=fast, max_seq_len=max_seq_len)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -567,7 +634,7 @@ def create_app(llm: KVModel, *, served_model_name: str | None = None, max_rows: 
     async def health():
         sched = server.scheduler
         body = {"status": "ok" if not sched.closed else "stopped", "model": server.name, "pending": sched.pending(),
-                "max_rows": sched.config.max_rows, "max_queue": sched.config.max_queue}
+                "max_rows": sched.config.max_rows, "max_queue": sched.config.max_queue, "fast": server.fast}
         return JSONResponse(body, status_code=200 if not sched.closed else 503)
 
     @app.get("/v1/models")
@@ -618,7 +685,8 @@ def create_app(llm: KVModel, *, served_model_name: str | None = None, max_rows: 
             choices = [server.chat_choice(plan, s, s.sample_index) for s in results[0].samples[0]]
             return ChatCompletion(model=server.name, choices=choices, usage=_usage(plan, results))
         choices = [CompletionChoice(index=p * n + s.sample_index, text=s.text,
-                                    finish_reason=FINISH.get(s.finish_reason, "stop"), kvagents=_signals(s))
+                                    finish_reason=FINISH.get(s.finish_reason, "stop"),
+                                    kvagents=_signals(s, plan.token_ids))
                    for p, r in enumerate(results) for s in r.samples[0]]
         return Completion(model=server.name, choices=choices, usage=_usage(plan, results))
 

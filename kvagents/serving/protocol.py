@@ -123,6 +123,8 @@ class _Sampling(_Lenient):
     seed: int | None = None
     stop: str | list[str] | None = None
     ignore_eos: bool = Field(False, description="kvagents extension (as vLLM's): keep going past EOS (benchmarks).")
+    return_token_ids: bool = Field(False, description="kvagents extension (as vLLM's): each choice's kvagents object "
+                                                      "lists the generated token ids (streamed: those of the chunk).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
