@@ -243,10 +243,10 @@ def test_classifier_bad_configs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="window must be >= 1"):
         KVClassifierConfig(window=0)
     llm = llm_for()
-    long_window = StubClassifier(lambda s, b: [60.0] * b, window=64)
-    with pytest.raises(ValueError, match=r"window \(64 positions\) is longer than a prompt \(18 tokens\)"):
-        llm.generate(PROMPTS, GREEDY, components=[ReasoningController(PLAIN_FORMAT, TOK, classifier=long_window,
-                                                                      start="auto")])
+    long_window = StubClassifier(lambda s, b: [60.0] * b, window=64)  # longer than every prompt: still runs
+    res = llm.generate(PROMPTS, GREEDY, components=[ReasoningController(PLAIN_FORMAT, TOK, classifier=long_window,
+                                                                        start="auto")])
+    assert all(s.outputs["reasoning"]["start"] == "slow" for g in res.samples for s in g)
     bad_layer = StubClassifier(lambda s, b: [60.0] * b, window=4, layers=[7])
     with pytest.raises(ValueError, match="layer index 7 is out of range"):
         llm.generate(PROMPTS, GREEDY, components=[ReasoningController(PLAIN_FORMAT, TOK, classifier=bad_layer,
@@ -386,3 +386,20 @@ def test_fast_path_controller_equals_the_eager_engine_and_reads_the_host_only_at
         assert calls["on_step"] == 0 and 0 < len(calls["host"]) <= 1 + GREEDY.max_new_tokens // every + 6
         outs = [g[0].outputs["reasoning"] for g in eager.samples]
         assert any(o["switches"] for o in outs)  # each case really switches (classifier or budget)
+
+
+def test_a_prompt_shorter_than_the_window_is_filled_with_the_mean_of_its_rows():
+    from kvagents.signals.kv_classifier import prompt_window
+
+    cfg = KVClassifierConfig(window=4, layers=1)
+    rows = torch.arange(2 * 1 * 1 * 1 * 6 * 2, dtype=torch.float32).reshape(2, 1, 1, 1, 6, 2)  # [P, nL, parts, H, T, d]
+    win = prompt_window(rows, [6, 2], cfg)  # prompt 1 is left-padded: its 2 real rows are the last two columns
+    assert win.shape == (2, 4, 1, 1, 1, 2)
+    assert torch.equal(win[0, :, 0, 0, 0], rows[0, 0, 0, 0, 2:])  # long enough: its last 4 rows
+    own = rows[1, 0, 0, 0, 4:]
+    assert torch.equal(win[1, 2:, 0, 0, 0], own)
+    assert torch.allclose(win[1, :2, 0, 0, 0], own.mean(0).expand(2, 2))
+    short = prompt_window(rows[:, :, :, :, -3:], [3, 3], cfg)  # every prompt shorter than the window
+    assert short.shape == (2, 4, 1, 1, 1, 2) and torch.allclose(short[0, 0, 0, 0, 0], rows[0, 0, 0, 0, 3:].mean(0))
+    with pytest.raises(ValueError, match="0 tokens"):
+        prompt_window(rows, [6, 0], cfg)

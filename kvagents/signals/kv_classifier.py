@@ -147,15 +147,24 @@ def window_features(win: torch.Tensor, cfg: KVClassifierConfig, last: torch.Tens
 
 def prompt_window(rows: torch.Tensor, lengths: torch.Tensor | list[int], cfg: KVClassifierConfig) -> torch.Tensor:
     """The last ``window`` prompt rows ``[P, w, nL, parts, H, d]`` from left-padded cache rows
-    ``[P, nL, parts, H, T, d]``; every prompt must be at least ``window`` tokens long."""
+    ``[P, nL, parts, H, T, d]``. A prompt shorter than the window has its window filled on the left with the mean
+    of its own rows (so a window summed over positions keeps its scale, and a mean over positions is unchanged);
+    an empty prompt is refused."""
     lengths = [int(x) for x in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
-    short = min(lengths)
-    if short < cfg.window:
-        raise ValueError(
-            f"the classifier window ({cfg.window} positions) is longer than a prompt ({short} tokens); "
-            f"use a window <= {short} or longer prompts (the paper pads prompts to the window)"
-        )
-    return rows[:, :, :, :, -cfg.window :].permute(0, 4, 1, 2, 3, 5)
+    w = cfg.window
+    if min(lengths) < 1:
+        raise ValueError(f"a prompt of {min(lengths)} tokens has no KV rows for the classifier window")
+    win = rows[:, :, :, :, -w:]
+    if min(lengths) < w:
+        win = win.clone()
+        if win.shape[4] < w:  # every prompt is shorter than the window
+            pad = win.new_zeros(*win.shape[:4], w - win.shape[4], win.shape[5])
+            win = torch.cat([pad, win], dim=4)
+        for p, k in enumerate(lengths):
+            if k < w:
+                own = win[p, :, :, :, w - k:]
+                win[p, :, :, :, : w - k] = own.mean(dim=3, keepdim=True)
+    return win.permute(0, 4, 1, 2, 3, 5)
 
 
 class _MLP(torch.nn.Module):

@@ -4,12 +4,14 @@ Chat models, embeddings and runnables built with the same ``(model, dtype, devic
 :class:`~kvagents.KVModel` (weights load once, on first use). Every call on a model runs under that model's lock
 (``KVModel._lock``), so concurrent callers queue and never interleave on the decode loop. Async callers do not
 hold a thread while they wait: their requests go to the model's single worker thread (a FIFO queue) and are
-awaited as futures.
+awaited as futures; calls that join the model's running batch (ChatKV's ``continuous_batching``) run on a shared
+pool of caller threads instead, and the scheduler admits them between decode steps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -51,6 +53,21 @@ def worker(llm: KVModel) -> ThreadPoolExecutor:
             ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvagents-{llm.name}")
             _WORKERS[id(llm)] = ex
     return ex
+
+
+_CALLERS: ThreadPoolExecutor | None = None
+
+
+async def run_on_caller_thread(fn, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn(*args, **kwargs)`` on one of up to 64 shared threads and await it: for calls that join a model's
+    running batch (its scheduler admits them between decode steps), so concurrent async callers are not queued
+    behind each other here."""
+    global _CALLERS
+    with _LOCK:
+        if _CALLERS is None:
+            _CALLERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kvagents-caller")
+    ctx = contextvars.copy_context()
+    return await asyncio.wrap_future(_CALLERS.submit(ctx.run, fn, *args, **kwargs))
 
 
 async def run_on_worker(llm: KVModel, fn, *args: Any, **kwargs: Any) -> Any:

@@ -54,7 +54,7 @@ from ._decoding import (
 )
 from ._messages import OutputSplitter, to_chat_messages
 from ._requests import _Acquired, _Deadline, _key, _Request
-from ._shared import get_model, run_on_worker
+from ._shared import get_model, run_on_caller_thread, run_on_worker
 from ._tools import (
     _add_system,
     _json_instruction,
@@ -74,6 +74,9 @@ _PREFETCHED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kvage
 #: ``select_by`` values that read a trained KV probe
 PROBE_RULES = ("kv_probe", "kv_probe_vote")
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KVModel -> {probe name: KVProbe}
+#: Seconds a call on the running batch may wait beyond ``timeout`` (for a free row and the deadline's next check).
+_ADMISSION_GRACE_S = 30.0
+_ROUTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KVModel -> {name: KVRouter or KVClassifier}
 
 
 @dataclasses.dataclass
@@ -180,6 +183,30 @@ def _profile(model: str, thinking: str) -> dict:
     if prof["reasoning_output"]:
         prof["reasoning_effort_levels"] = ["low", "medium", "high"]
     return prof
+
+
+class _BatchStream:
+    """A request streamed from the model's running batch (``KVModel.submit(..., stream=True)``) with what
+    ChatKV reads of a :class:`~kvagents.GenerationStream`: iteration over events with ``.text`` (one a token),
+    ``close()`` (cancels a request that has not finished) and ``result``."""
+
+    def __init__(self, handle, timeout: float | None) -> None:
+        self.handle, self.timeout = handle, timeout
+        self._it = iter(handle)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self) -> None:
+        if not self.handle.done():
+            self.handle.cancel()
+
+    @property
+    def result(self):
+        return self.handle.result(timeout=None if self.timeout is None else self.timeout + _ADMISSION_GRACE_S)
 
 
 class ChatKV(BaseChatModel):
@@ -317,7 +344,16 @@ class ChatKV(BaseChatModel):
     thinking_format: str = "plain"
     """``plain`` (instruct models: forced "Let's think step by step." / answer cues) or ``qwen3`` (``<think>``)."""
     kv_classifier: str | None = None
-    """Path of a saved ``KVClassifier`` for ``thinking="auto"`` (and online fast/slow switching)."""
+    """A saved ``KVClassifier`` or ``KVRouter`` folder, or a shipped router's name, for ``thinking="auto"`` (and
+    online fast/slow switching); ``None``: with ``thinking="auto"``, the router shipped for ``model``
+    (``qwen2.5-coder-0.5b`` has one; a model without one raises a clear error)."""
+    continuous_batching: bool = True
+    """Concurrent calls with one prompt each (``invoke`` / ``ainvoke`` / ``stream`` / ``astream`` from several
+    threads, tasks or agent branches) join the model's running batch (:meth:`kvagents.KVModel.submit`, the eager
+    engine's continuous-batching scheduler) instead of waiting for the model lock: each gets what it gets alone,
+    while the others decode beside it. ``batch`` keeps its one-call path, and so do ``fast=True`` calls and
+    calls with look-ahead components. A full queue raises :class:`kvagents.engine.scheduler.QueueFullError`;
+    ``timeout`` bounds the wait for the result. ``False``: every call takes the model lock in turn."""
     fast: bool = False
     """Decode with kvagents' fast path (static KV cache, CUDA graphs and compiled steps on CUDA; Llama / Qwen2 /
     Qwen3 / Mistral models): same greedy answers, tool calls and structured output, faster on a GPU after a
@@ -748,11 +784,7 @@ class ChatKV(BaseChatModel):
                 budget = None
             else:
                 effort = None
-        classifier = None
-        if self.kv_classifier:
-            from kvagents.signals.kv_classifier import KVClassifier
-
-            classifier = KVClassifier.load(self.kv_classifier)
+        classifier = self._kv_router(llm, mode)
         cfg = ControllerConfig(start=mode, effort=effort, max_thinking_tokens=budget, max_answer_tokens=None)
         return ReasoningController(get_format(kwargs.get("thinking_format", self.thinking_format)), llm.tokenizer,
                                    cfg, classifier=classifier)
@@ -761,10 +793,32 @@ class ChatKV(BaseChatModel):
         return _Acquired(llm, self.timeout)
 
     # -- running ----------------------------------------------------------------------------------------------
+    def _joins_batch(self, req: _Request) -> bool:
+        """Whether ``req`` runs on the model's continuous-batching scheduler (see ``continuous_batching``)."""
+        return (self.continuous_batching and not self.fast and len(req.prompt_ids) == 1
+                and not any(callable(getattr(c, "on_lookahead", None)) for c in req.components))
+
+    def _submit(self, req: _Request, stream: bool = False):
+        return req.llm.submit(req.prompt_ids[0], req.params, components=req.components,
+                              logits_processors=req.processors(), stream=stream)
+
     def _run(self, req: _Request):
         tries = 0
         while True:
             try:
+                if self._joins_batch(req):
+                    handle = self._submit(req)
+                    # the request's deadline component ends its decoding at `timeout` (finish reason "timeout");
+                    # the grace covers a wait for a free row and the step that checks the deadline
+                    wait = None if self.timeout is None else self.timeout + _ADMISSION_GRACE_S
+                    try:
+                        return handle.result(timeout=wait)
+                    except TimeoutError:
+                        handle.cancel()
+                        raise TimeoutError(
+                            f"model {req.llm.name!r} gave no result within timeout={self.timeout}s (+ "
+                            f"{_ADMISSION_GRACE_S:g} s to be admitted); raise the timeout or use fewer concurrent "
+                            "callers") from None
                 with self._lock(req.llm):
                     return req.llm.generate(
                         req.prompt_ids, req.params, components=req.components, logits_processors=req.processors(),
@@ -972,6 +1026,39 @@ class ChatKV(BaseChatModel):
     def _needs_answer(split: OutputSplitter, dropped: list[dict]) -> bool:
         return bool(dropped) and not split.tool_calls and not split.invalid_tool_calls and not split.text.strip()
 
+    def _kv_router(self, llm: KVModel, mode: str):
+        """The classifier or router of ``kv_classifier`` (a folder or a shipped router's name), or with
+        ``thinking="auto"`` and none given the router shipped for ``model``; loaded once per model and checked
+        against it. ``None`` when there is none to use."""
+        from kvagents.signals.artifact import find_trained
+        from kvagents.signals.kv_classifier import KVClassifier, KVRouter
+
+        name = self.kv_classifier
+        if name is None:
+            if mode != "auto":
+                return None
+            try:
+                find_trained(self.model, KVRouter.kind)
+            except Exception:  # noqa: BLE001 - no router ships for this model: "auto" needs kv_classifier
+                raise ValueError(f"thinking='auto' needs a KV router and none ships for {self.model!r}: train one "
+                                 f"with `kvagents train router --model {self.model} ...` and pass "
+                                 "kv_classifier=<its folder>") from None
+            name = self.model
+        cache = _ROUTERS.setdefault(llm, {})
+        if name not in cache:
+            p = Path(name)
+            if (p / "classifier.json").is_file():
+                cache[name] = KVClassifier.load(p)
+            else:
+                try:
+                    cache[name] = KVRouter.from_pretrained(name, llm)
+                except Exception:
+                    if (p / "artifact.json").is_file():  # a classifier saved in the artifact format
+                        cache[name] = KVClassifier.load(p)
+                    else:
+                        raise
+        return cache[name]
+
     def _kv_probe(self, llm: KVModel):
         """The probe of ``probe`` (or the one shipped for ``model``), loaded once per model and checked against it."""
         from kvagents.signals.artifact import ArtifactError
@@ -1131,6 +1218,8 @@ class ChatKV(BaseChatModel):
             if pre.get(key):
                 return pre[key].pop(0)
         llm = get_model(kwargs.get("model") or self.model, self.dtype, self.device)
+        if self.continuous_batching and not self.fast:  # its engine call joins the running batch: no queue here
+            return await run_on_caller_thread(self._generate, messages, stop, None, **kwargs)
         return await run_on_worker(llm, self._generate, messages, stop, None, **kwargs)
 
     # -- streaming --------------------------------------------------------------------------------------------
@@ -1188,9 +1277,7 @@ class ChatKV(BaseChatModel):
             yield ChatGenerationChunk(message=AIMessageChunk(content=req.cues[0]))
         # the model lock is taken for each event's computation only, never across a yield: a suspended stream
         # blocks no other caller, and an abandoned one (closed, garbage-collected) holds nothing
-        stream = req.llm.stream(
-            req.prompt_ids, req.params, components=req.components, logits_processors=req.processors(), fast=self.fast,
-        )
+        stream = self._open_stream(req)
         try:
             for ev in self._events(req.llm, stream):
                 if cancel is not None and cancel.is_set():
@@ -1229,8 +1316,7 @@ class ChatKV(BaseChatModel):
             sub, (cue,) = self._answer_request(req, [0], [self._fresh_answer(req, 0, split)])
             if cue:
                 yield ChatGenerationChunk(message=AIMessageChunk(content=cue))
-            again = sub.llm.stream(sub.prompt_ids, sub.params, components=sub.components,
-                                   logits_processors=sub.processors(), fast=self.fast)
+            again = self._open_stream(sub)
             try:
                 for ev in self._events(sub.llm, again):
                     if cancel is not None and cancel.is_set():
@@ -1264,9 +1350,21 @@ class ChatKV(BaseChatModel):
         )
         yield ChatGenerationChunk(message=final, generation_info={"finish_reason": end.finish_reason})
 
+    def _open_stream(self, req: _Request):
+        """A stream of ``req``'s text events: from the running batch (``continuous_batching``) or a
+        :class:`~kvagents.GenerationStream` of its own."""
+        if self._joins_batch(req):
+            return _BatchStream(self._submit(req, stream=True), self.timeout)
+        return req.llm.stream(req.prompt_ids, req.params, components=req.components,
+                              logits_processors=req.processors(), fast=self.fast)
+
     def _events(self, llm: KVModel, stream) -> Iterator:
         """The events of a :class:`~kvagents.GenerationStream`, each computed under the model lock (waiting at most
-        ``timeout`` for it) and handed out after the lock is released."""
+        ``timeout`` for it) and handed out after the lock is released; a stream from the running batch is read
+        as it comes (the scheduler's loop takes the lock itself)."""
+        if isinstance(stream, _BatchStream):
+            yield from stream
+            return
         while True:
             with self._lock(llm):
                 ev = next(stream, None)
@@ -1307,7 +1405,10 @@ class ChatKV(BaseChatModel):
                 loop.call_soon_threadsafe(queue.put_nowait, e)
 
         llm = get_model(kwargs.get("model") or self.model, self.dtype, self.device)
-        fut = asyncio.ensure_future(run_on_worker(llm, produce))
+        if self.continuous_batching and not self.fast:
+            fut = asyncio.ensure_future(run_on_caller_thread(produce))
+        else:
+            fut = asyncio.ensure_future(run_on_worker(llm, produce))
         try:
             while True:
                 item = await queue.get()
