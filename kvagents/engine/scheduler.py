@@ -533,11 +533,15 @@ class Scheduler:
         ids = torch.as_tensor(req.ids[a:b], dtype=torch.long, device=dev)[None]
         mask = torch.ones((1, b), dtype=torch.long, device=dev)
         pos = torch.arange(a, b, device=dev)[None]
-        req.logits = eng.prefill(ids, mask, pos, req.cache)
+        req.logits = self._prefill_forward(ids, mask, pos, req.cache)
         req.calls += 1
         req.prefilled = b
         req.stats.prefill_s += time.perf_counter() - t0
         return b == len(req.ids)
+
+    def _prefill_forward(self, ids, mask, pos, cache) -> torch.Tensor:
+        """One prefill forward of the engine (last position's logits)."""
+        return self.engine.prefill(ids, mask, pos, cache)
 
     def _start(self, req: _Request) -> None:
         """A prompt is prefilled: on_prefill, the request's decode state, and its n rows join the batch."""
