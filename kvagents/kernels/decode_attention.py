@@ -40,6 +40,12 @@ Triton's interpreter, for tests (``TRITON_INTERPRET=1`` before Triton is first i
 :mod:`kvagents.kernels.fused_gemv`); there bfloat16 rounding is emulated (the interpreter truncates float32 -> bfloat16)
 and the products run in float32 on the same (exactly representable) operands.
 
+Why a kernel of kvagents' own and not FlashInfer's (``bench/flashinfer_bench.py``, H100, 2026-12-07, 32 rows of
+the Qwen3-8B shape): FlashInfer 0.5.3's tensor-core batch decode over the same memory took 1.04x / 0.95x / 0.89x
+this kernel's time at 256 / 1024 / 4096 columns (its CUDA-core decode 3.4-3.7x), but its paged layout has no
+per-row first column, so it cannot serve the left-padded rows (``start[b] > 0``) that the static cache and the
+scheduler's slots use; at most 11 % at long contexts is not worth a paged cache of a second layout.
+
 Example:
     >>> import torch
     >>> from kvagents.kernels.decode_attention import decode_attention

@@ -43,6 +43,10 @@ Example:
     >>> q = fused_rope.rope_write_kernel(qkv, qn_w, kn_w, cos, sin, K[3], V[3], col, 1e-6, hq, hkv,
     ...                                  d)  # doctest: +SKIP
     >>> # == static_cache.rope_write(...) on the same arguments: q [2, 32, 128]; K[3][:, :, 17], V[3][:, :, 17] written
+
+Measured against FlashInfer (``bench/flashinfer_bench.py``, H100, 2026-12-07, 32 rows of the Qwen3-8B shape): 2.1 µs
+for this kernel against 17.7 µs for FlashInfer 0.5.3's ``rmsnorm`` on q and k, ``apply_rope_pos_ids_inplace`` and the
+two cache writes (61.3 µs for the eager torch ops), each replayed as a CUDA graph.
 """
 
 from __future__ import annotations
