@@ -8,11 +8,11 @@ each iteration), so no test depends on timing.
 from __future__ import annotations
 
 import math
-import random
 import threading
 
 import pytest
 import torch
+from concurrent_submissions import submit_from_threads
 from pydantic import ValidationError
 from test_engine import ForwardCounter
 from tiny import ByteTokenizer, tiny_model
@@ -370,46 +370,7 @@ def test_200_random_submissions_from_8_threads_none_lost_or_duplicated(llm):
     kinds = [(prompt(k, 2 + 3 * k), SamplingParams(max_new_tokens=1 + k % 4, temperature=0.0 if k % 2 else 0.8,
                                                     seed=k, n=1 + k % 3)) for k in range(10)]
     want = [alone(model, p, q) for p, q in kinds]
-    done: list[tuple[int, int, int, object]] = []  # (thread, i, kind, handle)
-    lock = threading.Lock()
-    full = [0]
-
-    def worker(w: int) -> None:
-        rng = random.Random(w)
-        for i in range(25):
-            k = rng.randrange(len(kinds))
-            threading.Event().wait(rng.random() * 0.004)
-            while True:
-                try:
-                    h = sched.submit(*kinds[k], stream=rng.random() < 0.3)
-                    break
-                except QueueFullError:
-                    with lock:
-                        full[0] += 1
-                    threading.Event().wait(0.002)
-            if rng.random() < 0.1:
-                h.cancel()
-            with lock:
-                done.append((w, i, k, h))
-
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert len(done) == 200 and len({(w, i) for w, i, _, _ in done}) == 200
-    assert len({h.id for *_, h in done}) == 200
-    cancelled = 0
-    for _, _, k, h in done:
-        res = h.result(timeout=120)
-        if any(s.finish_reason == CANCELLED for s in res.samples[0]):
-            cancelled += 1
-            for a, b in zip(res.samples[0], want[k].samples[0]):  # cut short: a prefix of the alone run
-                assert a.token_ids == b.token_ids[: len(a.token_ids)]
-                assert a.finish_reason in (CANCELLED, b.finish_reason)
-        else:
-            assert_same(res, want[k])
-    assert sched.pending() == 0
+    submit_from_threads(sched, kinds, want, assert_same)
     assert sched.shutdown(timeout=60)
 
 

@@ -32,7 +32,7 @@ under Triton's interpreter, for tests (``TRITON_INTERPRET=1`` before Triton is f
 
 Example:
     >>> import torch
-    >>> from kvagents import fused_rope
+    >>> from kvagents.kernels import fused_rope
     >>> B, hq, hkv, d, cap = 2, 32, 8, 128, 512
     >>> qkv = torch.randn(B, (hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
     >>> K = torch.zeros(36, B, hkv, cap, d, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
