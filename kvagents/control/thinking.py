@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..engine.components import Component, FinishView, ForceTokens, PrefillView, StepView, StopSequence
-from ..signals.kv_classifier import KVClassifierConfig, prompt_window, window_features
+from ..signals.kv_classifier import KVClassifierConfig, load_classifier, prompt_window, window_features
 
 FAST, THINK, ANSWER = 0, 1, 2  # per-row phase: answering directly, thinking, answering after thinking ended
 
@@ -264,21 +264,6 @@ class ControllerConfig(BaseModel):
         return None
 
 
-def _resolve_classifier(classifier):
-    """A classifier given by folder or shipped router name, loaded (anything else is returned as it is)."""
-    import os
-    from pathlib import Path
-
-    if not isinstance(classifier, (str, os.PathLike)):
-        return classifier
-    from ..signals.kv_classifier import KVClassifier, KVRouter
-
-    p = Path(classifier)
-    if (p / "classifier.json").is_file() or (p / "artifact.json").is_file():
-        return KVClassifier.load(p)
-    return KVRouter.from_pretrained(classifier)
-
-
 class ReasoningController(Component):
     """Fast/slow thinking with a hard budget and an online KV classifier (see the module docstring).
 
@@ -313,7 +298,7 @@ class ReasoningController(Component):
                  answer_cues: list[str] | None = None, kv_config: KVClassifierConfig | None = None,
                  name: str | None = None, **overrides) -> None:
         self.fmt = get_format(fmt)
-        classifier = _resolve_classifier(classifier)
+        classifier = load_classifier(classifier)
         cfg = config or ControllerConfig()
         if overrides:
             cfg = ControllerConfig(**{**cfg.model_dump(), **overrides})

@@ -608,6 +608,28 @@ class KVRouter:
         return cls.load(find_trained(name, cls.kind), model=model, device=device)
 
 
+def load_classifier(classifier, model=None, device: str | torch.device = "cpu"):
+    """A prefill/step classifier given by folder or by name, loaded; anything that is not a path or a name (a
+    :class:`KVClassifier`, a :class:`KVRouter`, a stub) is returned as it is.
+
+    A folder holding ``classifier.json`` loads as a :class:`KVClassifier`; any other name goes to
+    :meth:`KVRouter.from_pretrained`: a router folder (``kvagents train router``) or a shipped router's name (a
+    model's name, e.g. ``"qwen2.5-coder-0.5b"``), refused with an error naming both models when ``model`` (a
+    ``KVModel`` or a fingerprint) is not the one it was trained on.
+
+    Example:
+        >>> type(load_classifier("qwen2.5-coder-0.5b")).__name__
+        'KVRouter'
+    """
+    import os
+
+    if not isinstance(classifier, (str, os.PathLike)):
+        return classifier
+    if (Path(classifier) / "classifier.json").is_file():
+        return KVClassifier.load(classifier, device=device)
+    return KVRouter.from_pretrained(classifier, model, device=device)
+
+
 class StubClassifier:
     """A classifier replaced by a function of the step (tests, demos): ``fn(step: int, batch: int) -> [B]``
     difficulties, with the same ``config``/``scores`` interface as :class:`KVClassifier`.

@@ -1030,34 +1030,24 @@ class ChatKV(BaseChatModel):
         """The classifier or router of ``kv_classifier`` (a folder or a shipped router's name), or with
         ``thinking="auto"`` and none given the router shipped for ``model``; loaded once per model and checked
         against it. ``None`` when there is none to use."""
-        from kvagents.signals.artifact import find_trained
-        from kvagents.signals.kv_classifier import KVClassifier, KVRouter
+        from kvagents.signals.artifact import ArtifactError
+        from kvagents.signals.kv_classifier import load_classifier
 
         name = self.kv_classifier
-        if name is None:
-            if mode != "auto":
-                return None
+        if name is None and mode != "auto":
+            return None
+        cache = _ROUTERS.setdefault(llm, {})
+        key = self.model if name is None else name
+        if key not in cache:
             try:
-                find_trained(self.model, KVRouter.kind)
-            except Exception:  # noqa: BLE001 - no router ships for this model: "auto" needs kv_classifier
+                cache[key] = load_classifier(key, llm)
+            except ArtifactError:
+                if name is not None:
+                    raise
                 raise ValueError(f"thinking='auto' needs a KV router and none ships for {self.model!r}: train one "
                                  f"with `kvagents train router --model {self.model} ...` and pass "
                                  "kv_classifier=<its folder>") from None
-            name = self.model
-        cache = _ROUTERS.setdefault(llm, {})
-        if name not in cache:
-            p = Path(name)
-            if (p / "classifier.json").is_file():
-                cache[name] = KVClassifier.load(p)
-            else:
-                try:
-                    cache[name] = KVRouter.from_pretrained(name, llm)
-                except Exception:
-                    if (p / "artifact.json").is_file():  # a classifier saved in the artifact format
-                        cache[name] = KVClassifier.load(p)
-                    else:
-                        raise
-        return cache[name]
+        return cache[key]
 
     def _kv_probe(self, llm: KVModel):
         """The probe of ``probe`` (or the one shipped for ``model``), loaded once per model and checked against it."""
