@@ -48,98 +48,97 @@ def _time(fn, graph: bool = True) -> tuple[float, str]:
 
 
 def bench_attention(rows: int, lengths: list[int], layers: int = 2) -> list[dict]:
+    import torch
+
+    out = []
+    for length in lengths:
+        out.append(_attention_case(rows, length, layers))
+        torch.cuda.empty_cache()
+    return out
+
+
+def _attention_case(rows: int, length: int, layers: int) -> dict:
+    """One row of the attention table: ``rows`` rows of ``length`` columns, layer 1 of a ``layers``-layer cache."""
     import flashinfer
     import torch
 
     from kvagents.kernels.decode_attention import decode_attention
 
     hq, hkv, d, dev, dt = 32, 8, 128, "cuda", torch.bfloat16
-    out = []
-    for length in lengths:
-        cap = length
-        K = torch.randn(layers, rows, hkv, cap, d, device=dev, dtype=dt)
-        V = torch.randn_like(K)
-        q = torch.randn(rows, hq, d, device=dev, dtype=dt)
-        start = torch.zeros(rows, dtype=torch.long, device=dev)
-        col = torch.tensor([length - 1], device=dev)
-        live = torch.ones(rows, dtype=torch.bool, device=dev)
-        scale = d ** -0.5
-        ours = decode_attention(q, K[1], V[1], start, col, live, scale, length)
-        t_ours, how_ours = _time(lambda: decode_attention(q, K[1], V[1], start, col, live, scale, length))
-        row = {"what": "decode attention", "rows": rows, "columns": length, "kvagents_us": t_ours * 1e3,
-               "kvagents_timing": how_ours}
-        bytes_read = 2 * rows * hkv * length * d * 2
-        row["kvagents_TBps"] = bytes_read / (t_ours * 1e-3) / 1e12
-        for tc in (False, True):
-            ws = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=dev)
-            indptr = torch.arange(rows + 1, dtype=torch.int32, device=dev)
-            indices = torch.arange(rows, dtype=torch.int32, device=dev)
-            last = torch.full((rows,), length, dtype=torch.int32, device=dev)
-            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                ws, "HND", use_cuda_graph=True, use_tensor_cores=tc, paged_kv_indptr_buffer=indptr,
-                paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last)
-            w.plan(indptr, indices, last, hq, hkv, d, cap, q_data_type=dt, kv_data_type=dt, sm_scale=scale)
-            o = torch.empty(rows, hq, d, device=dev, dtype=dt)
-            w.run(q, (K[1], V[1]), out=o)
-            err = (o.reshape(rows, -1).float() - ours.float()).abs().max().item()
-            t_fi, how_fi = _time(lambda: w.run(q, (K[1], V[1]), out=o))
-            key = "flashinfer_tc" if tc else "flashinfer"
-            row[f"{key}_us"], row[f"{key}_timing"], row[f"{key}_max_abs_diff"] = t_fi * 1e3, how_fi, err
-        out.append(row)
-        print(f"| decode attention | B={rows} cols={length} | {row['kvagents_us']:.1f} ({how_ours}) | "
-              f"{row['flashinfer_us']:.1f} / tc {row['flashinfer_tc_us']:.1f} | "
-              f"{row['flashinfer_us'] / row['kvagents_us']:.2f} / {row['flashinfer_tc_us'] / row['kvagents_us']:.2f} | "
-              f"diff {row['flashinfer_max_abs_diff']:.1e} |", flush=True)
-        del K, V
-        torch.cuda.empty_cache()
-    return out
+    cap = length
+    K = torch.randn(layers, rows, hkv, cap, d, device=dev, dtype=dt)
+    V = torch.randn_like(K)
+    q = torch.randn(rows, hq, d, device=dev, dtype=dt)
+    start = torch.zeros(rows, dtype=torch.long, device=dev)
+    col = torch.tensor([length - 1], device=dev)
+    live = torch.ones(rows, dtype=torch.bool, device=dev)
+    scale = d ** -0.5
+    ours = decode_attention(q, K[1], V[1], start, col, live, scale, length)
+    t_ours, how_ours = _time(lambda: decode_attention(q, K[1], V[1], start, col, live, scale, length))
+    row = {"what": "decode attention", "rows": rows, "columns": length, "kvagents_us": t_ours * 1e3,
+           "kvagents_timing": how_ours}
+    bytes_read = 2 * rows * hkv * length * d * 2
+    row["kvagents_TBps"] = bytes_read / (t_ours * 1e-3) / 1e12
+    for tc in (False, True):
+        ws = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=dev)
+        indptr = torch.arange(rows + 1, dtype=torch.int32, device=dev)
+        indices = torch.arange(rows, dtype=torch.int32, device=dev)
+        last = torch.full((rows,), length, dtype=torch.int32, device=dev)
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            ws, "HND", use_cuda_graph=True, use_tensor_cores=tc, paged_kv_indptr_buffer=indptr,
+            paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last)
+        w.plan(indptr, indices, last, hq, hkv, d, cap, q_data_type=dt, kv_data_type=dt, sm_scale=scale)
+        o = torch.empty(rows, hq, d, device=dev, dtype=dt)
+        w.run(q, (K[1], V[1]), out=o)
+        err = (o.reshape(rows, -1).float() - ours.float()).abs().max().item()
+        t_fi, how_fi = _time(lambda w=w, o=o: w.run(q, (K[1], V[1]), out=o))
+        key = "flashinfer_tc" if tc else "flashinfer"
+        row[f"{key}_us"], row[f"{key}_timing"], row[f"{key}_max_abs_diff"] = t_fi * 1e3, how_fi, err
+    print(f"| decode attention | B={rows} cols={length} | {row['kvagents_us']:.1f} ({how_ours}) | "
+          f"{row['flashinfer_us']:.1f} / tc {row['flashinfer_tc_us']:.1f} | "
+          f"{row['flashinfer_us'] / row['kvagents_us']:.2f} / {row['flashinfer_tc_us'] / row['kvagents_us']:.2f} | "
+          f"diff {row['flashinfer_max_abs_diff']:.1e} |", flush=True)
+    return row
 
 
 def bench_sampling(rows: int, vocab: int = 151936) -> list[dict]:
     import flashinfer
     import torch
 
-    from kvagents.engine.fast_sampling import hash_exponential
+    from kvagents import SamplingParams
+    from kvagents.engine.fast_sampling import hash_exponential, process_logits_search
     from kvagents.kernels.top_p_search import top_p_keep_kernel
 
     dev = "cuda"
     logits = torch.randn(rows, vocab, device=dev) * 4
+    params = SamplingParams(temperature=0.7, top_p=0.9)
     seed, step = torch.tensor(7, device=dev), torch.tensor(0, device=dev)
     rws, voc = torch.arange(rows, device=dev), torch.arange(vocab, device=dev)
+    probs0 = torch.softmax(logits / params.temperature, dim=-1)
 
-    def ours():
-        probs = torch.softmax(logits / 0.7, dim=-1)
-        keep = top_p_keep_kernel(probs, 0.9)
-        return (probs.masked_fill(~keep, 0.0) / hash_exponential(seed, step, rws, voc)).argmax(dim=-1)
+    def head():  # the sampling step of FastDecodeEngine._head (the nucleus search is an opaque custom op)
+        probs = process_logits_search(logits, params, kernel=True).softmax(dim=-1)
+        return (probs / hash_exponential(seed, step, rws, voc)).argmax(dim=-1)
 
     def theirs():
-        probs = torch.softmax(logits / 0.7, dim=-1)
-        return flashinfer.top_p_sampling_from_probs(probs, 0.9)
+        probs = torch.softmax(logits / params.temperature, dim=-1)
+        return flashinfer.top_p_sampling_from_probs(probs, params.top_p)
 
-    from kvagents.engine.fast_sampling import top_p_keep
-
-    def head():  # what the fast path's compiled sampling head runs (the nucleus search is an opaque custom op)
-        probs = torch.softmax(logits / 0.7, dim=-1)
-        keep = top_p_keep(probs, 0.9, kernel=True)
-        return (probs.masked_fill(~keep, 0.0) / hash_exponential(seed, step, rws, voc)).argmax(dim=-1)
-
-    compiled = torch.compile(head, dynamic=False)
-    probs0 = torch.softmax(logits / 0.7, dim=-1)
-    # both must keep to the nucleus: every drawn token inside kvagents' kept set
-    keep = top_p_keep_kernel(probs0, 0.9)
+    # FlashInfer must keep to the nucleus: every drawn token inside kvagents' kept set
+    keep = top_p_keep_kernel(probs0, params.top_p)
     inside = bool(keep.gather(1, theirs().long()[:, None]).all())
-    t_fi, how_fi = _time(theirs)
+    timed = {side: [(name, *_time(fn)) for name, fn in variants] for side, variants in (
+        ("kvagents", [("eager ops", head), ("compiled head", torch.compile(head, dynamic=False)),
+                      ("nucleus search alone", lambda: top_p_keep_kernel(probs0, params.top_p))]),
+        ("flashinfer", [("top_p_sampling_from_probs", theirs),
+                        ("top_p_renorm_probs alone", lambda: flashinfer.top_p_renorm_probs(probs0, params.top_p))]))}
     out = []
-    for name, fn in (("eager ops", ours), ("compiled head", compiled),
-                     ("nucleus search alone", lambda: top_p_keep_kernel(probs0, 0.9)),
-                     ("flashinfer top_p_renorm_probs", lambda: flashinfer.top_p_renorm_probs(probs0, 0.9))):
-        t, how = _time(fn, graph=not name.startswith("flashinfer"))
-        row = {"what": f"top-p sampling: {name}", "rows": rows, "vocab": vocab, "kvagents_us": t * 1e3,
-               "kvagents_timing": how, "flashinfer_us": t_fi * 1e3, "flashinfer_timing": how_fi,
-               "flashinfer_inside_nucleus": inside}
-        out.append(row)
-        print(f"| top-p sampling ({name}) | B={rows} V={vocab} | {t * 1e3:.1f} ({how}) | "
-              f"{t_fi * 1e3:.1f} ({how_fi}) | {t_fi / t:.2f} | in nucleus {inside} |", flush=True)
+    for side, results in timed.items():
+        for name, t, how in results:
+            out.append({"what": f"top-p sampling: {side} {name}", "side": side, "rows": rows, "vocab": vocab,
+                        "us": t * 1e3, "timing": how, "flashinfer_inside_nucleus": inside})
+            print(f"| top-p sampling | B={rows} V={vocab} | {side}: {name} | {t * 1e3:.1f} ({how}) | "
+                  f"in nucleus {inside} |", flush=True)
     return out
 
 
@@ -174,7 +173,7 @@ def bench_rope(rows: int, cap: int = 1024) -> list[dict]:
     ref = rope_write(qkv, qn, kn, cos, sin, K, V, col, eps, hq, hkv, d)
     diff = (fi().float() - ref.float()).abs().max().item()
     t_ours, how_ours = _time(lambda: rope_write_kernel(qkv, qn, kn, cos, sin, K, V, col, eps, hq, hkv, d))
-    t_eager, how_eager = _time(lambda: rope_write(qkv, qn, kn, cos, sin, K, V, col, eps, hq, hkv, d))
+    t_eager, _ = _time(lambda: rope_write(qkv, qn, kn, cos, sin, K, V, col, eps, hq, hkv, d))
     t_fi, how_fi = _time(fi)
     row = {"what": "q/k norm + rope + cache write", "rows": rows, "kvagents_us": t_ours * 1e3,
            "kvagents_timing": how_ours, "torch_eager_us": t_eager * 1e3, "flashinfer_us": t_fi * 1e3,

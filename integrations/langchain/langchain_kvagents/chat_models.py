@@ -1030,24 +1030,23 @@ class ChatKV(BaseChatModel):
         """The classifier or router of ``kv_classifier`` (a folder or a shipped router's name), or with
         ``thinking="auto"`` and none given the router shipped for ``model``; loaded once per model and checked
         against it. ``None`` when there is none to use."""
-        from kvagents.signals.artifact import ArtifactError
-        from kvagents.signals.kv_classifier import load_classifier
+        from kvagents.signals.artifact import ArtifactError, find_trained
+        from kvagents.signals.kv_classifier import KVRouter, load_classifier
 
         name = self.kv_classifier
-        if name is None and mode != "auto":
-            return None
-        cache = _ROUTERS.setdefault(llm, {})
-        key = self.model if name is None else name
-        if key not in cache:
-            try:
-                cache[key] = load_classifier(key, llm)
+        if name is None:
+            if mode != "auto":
+                return None
+            try:  # only the lookup: a shipped router that fails to load raises its own error below
+                name = str(find_trained(self.model, KVRouter.kind))
             except ArtifactError:
-                if name is not None:
-                    raise
                 raise ValueError(f"thinking='auto' needs a KV router and none ships for {self.model!r}: train one "
                                  f"with `kvagents train router --model {self.model} ...` and pass "
                                  "kv_classifier=<its folder>") from None
-        return cache[key]
+        cache = _ROUTERS.setdefault(llm, {})
+        if name not in cache:
+            cache[name] = load_classifier(name, llm)
+        return cache[name]
 
     def _kv_probe(self, llm: KVModel):
         """The probe of ``probe`` (or the one shipped for ``model``), loaded once per model and checked against it."""
