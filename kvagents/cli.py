@@ -519,9 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     sv.add_argument("--no-scores", action="store_true", help="leave kvagents' probability scores out of each choice")
     sv.add_argument("--fast", action="store_true", help="serve on the fast scheduler (static KV slots, one CUDA-graph "
-                    "step for all rows): plain requests only, without probability scores; requests that need a "
-                    "grammar or a thinking budget (tool_choice='required', response_format json, reasoning_effort, "
-                    "max_thinking_tokens) answer 400 (default off)")
+                    "step for all rows); requests with a grammar or a thinking budget run that work on the host each "
+                    "step, and the probability scores are left out (default off)")
     sv.add_argument("--max-seq-len", type=int, default=None, help="with --fast: prompt + max_tokens of one request "
                     "at most (default min(context, 2048))")
     sv.add_argument("--log-level", default="info", help="uvicorn log level (default info)")

@@ -350,7 +350,7 @@ class KVModel:
         ``fast=False`` (default): a :class:`~kvagents.engine.scheduler.Scheduler` over the eager engine (any
         request: components, logits processors). ``fast=True``: a
         :class:`~kvagents.engine.fast_scheduler.FastScheduler` over :attr:`fast_engine` (slots of static buffers,
-        one CUDA-graph step for all of them; plain requests, results equal ``generate(..., fast=True)``'s).
+        one CUDA-graph step for all of them; any request, results equal ``generate(..., fast=True)``'s).
 
         Example:
             >>> # sched = llm.scheduler(max_rows=8)            # or llm.scheduler(fast=True, max_rows=32)

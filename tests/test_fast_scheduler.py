@@ -12,14 +12,19 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 from concurrent_submissions import submit_from_threads
+from test_scheduler import ForceText, StopAt, embedding_and_coe
+from test_scheduler import assert_same as assert_same_with_outputs
 from tiny import ByteTokenizer, tiny_model
 
 from kvagents import Component, KVModel, SamplingParams
+from kvagents.control.thinking import PLAIN_FORMAT, ControllerConfig, HardBudget, ReasoningController
 from kvagents.engine.decode import DecodeEngine
 from kvagents.engine.fast_decode import FastDecodeEngine
-from kvagents.engine.fast_scheduler import FastScheduler, UnsupportedRequestError
+from kvagents.engine.fast_scheduler import FastScheduler
 from kvagents.engine.scheduler import CANCELLED, QueueFullError, Scheduler, SchedulerConfig
+from kvagents.signals.kv_classifier import KVClassifierConfig
 
 LONG = SamplingParams(max_new_tokens=36, temperature=0, ignore_eos=True)
 
@@ -37,11 +42,11 @@ class Rig:
         config.setdefault("max_seq_len", 48)
         self.sched = FastScheduler(self.engine, lock=self.lock, config=SchedulerConfig(**config))
 
-    def alone(self, p, q):
+    def alone(self, p, q, components=(), logits_processors=()):
         if isinstance(p, str):  # as the scheduler encodes text: the engine's tokenizer
             p = ByteTokenizer()(p)["input_ids"]
         with self.lock:
-            return self.engine.generate([p], q)
+            return self.engine.generate([p], q, components, logits_processors=logits_processors)
 
 
 @pytest.fixture
@@ -115,6 +120,114 @@ def test_requests_admitted_mid_run_equal_alone(rig, arch):
     assert sorted(r.sched._free) == list(range(16)) and r.sched.pending() == 0
     stopped = [h.result().samples[0] for h in handles[-2:]]
     assert all(s.finish_reason == "stop" for ss in stopped for s in ss[:1])  # the stop strings did fire
+
+
+class Alternate:
+    """A stateful logits processor (a tiny grammar): after an even token only odd ones, after an odd token only
+    even ones; its state is each row's last token, advanced from the previous tokens it is given."""
+
+    def __init__(self) -> None:
+        self.last, self.calls = None, 0
+
+    def __call__(self, logits, prev, valid):
+        self.calls += 1
+        if prev is not None:
+            self.last = prev if self.last is None else torch.where(valid, prev, self.last)
+        if self.last is None:
+            return logits
+        ids = torch.arange(logits.shape[-1], device=logits.device)
+        allowed = (ids[None] % 2) != (self.last[:, None] % 2)
+        return logits.masked_fill(~allowed, float("-inf"))
+
+
+def controller_with_kv():
+    """A reasoning controller that reads the KV ring every step and captures window features every 7 tokens."""
+    cfg = KVClassifierConfig(layers=2, window=6, positions="sum", heads="flatten", layer_agg="mean")
+    return [ReasoningController(PLAIN_FORMAT, ByteTokenizer(), ControllerConfig(start="slow", capture=True, every=7),
+                                kv_config=cfg)]
+
+
+def hosted_cases():
+    """(prompt, params, components factory, logits processors factory): components that read logits and KV rows,
+    force tokens, stop samples; a reasoning controller; stateful processors with sampling, forcing and stops."""
+    none = lambda: []  # noqa: E731
+    return [
+        (prompt(3, 9), SamplingParams(max_new_tokens=14, temperature=1.2, top_k=20, seed=5, n=3, ignore_eos=True),
+         lambda: [StopAt(4, index=1), *embedding_and_coe()], none),
+        (prompt(4, 5), SamplingParams(max_new_tokens=30, temperature=0, stop=["END"]),
+         lambda: [ForceText("hello END world", at=2)], none),
+        (prompt(5, 14), SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True),
+         lambda: [HardBudget(PLAIN_FORMAT, ByteTokenizer(), 7, max_answer_tokens=5)], none),
+        (prompt(7, 20), SamplingParams(max_new_tokens=8, temperature=0, n=2), embedding_and_coe, none),
+        (prompt(2, 12), SamplingParams(max_new_tokens=12, temperature=0.8, seed=4, n=2, ignore_eos=True), none,
+         lambda: [Alternate()]),
+        (prompt(6, 7), SamplingParams(max_new_tokens=20, temperature=0, stop=["ok"]),
+         lambda: [ForceText("x ok", at=3)], lambda: [Alternate()]),
+        (prompt(9, 10), SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True), controller_with_kv, none),
+        (prompt(8, 5), SamplingParams(max_new_tokens=0), embedding_and_coe, none),
+    ]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_requests_with_components_and_processors_admitted_mid_run_equal_alone(rig, arch):
+    """Components see only their own rows and act on them; processors process only their rows; forced tokens,
+    component stops, stop strings, component outputs and the plain requests around them equal each alone run."""
+    r = rig(arch, max_rows=16, prefill_chunk=16, max_seq_len=56)
+    jobs = hosted_cases()
+    plain = [(prompt(1, 3), SamplingParams(max_new_tokens=20, temperature=0)),
+             (prompt(10, 6), SamplingParams(max_new_tokens=25, temperature=0.9, seed=3, stop=["a"]))]
+    handles, plain_handles, events = [], [], [0]
+
+    def submit_mid_run(ev):  # on the loop's thread: the jobs join while the host request decodes
+        events[0] += 1
+        if events[0] == 3:
+            handles.extend(r.sched.submit(p, q, components=f(), logits_processors=g()) for p, q, f, g in jobs[:4])
+            plain_handles.append(r.sched.submit(*plain[0]))
+        elif events[0] == 20:
+            handles.extend(r.sched.submit(p, q, components=f(), logits_processors=g()) for p, q, f, g in jobs[4:])
+            plain_handles.append(r.sched.submit(*plain[1]))
+
+    host = r.sched.submit(prompt(0, 12), LONG, on_text=submit_mid_run)
+    assert_same(host.result(timeout=120), r.alone(prompt(0, 12), LONG))
+    assert len(handles) == len(jobs)
+    for h, (p, q, f, g) in zip(handles, jobs):
+        assert_same_with_outputs(h.result(timeout=120), r.alone(p, q, f(), g()))
+    for h, (p, q) in zip(plain_handles, plain):
+        assert_same(h.result(timeout=120), r.alone(p, q))
+    got = [h.result().samples[0] for h in handles]
+    assert got[0][1].finish_reason == "enough" and got[0][1].generated_tokens == 5  # stopped by its component
+    assert got[1][0].finish_reason == "stop" and got[1][0].forced_tokens > 0  # forced text holding the stop
+    assert got[2][0].outputs["reasoning"]["thinking_tokens"] == 7  # the budget forced the end of thinking
+    assert len(got[6][0].outputs["reasoning"]["features"]["windows"]) >= 3  # KV windows read from its slots
+    assert all(t % 2 != u % 2 for s in got[4] for t, u in zip(s.token_ids, s.token_ids[1:]))
+    assert r.sched.compactions >= 1, r.sched.steps  # KV rows were read from compacted buffers too
+    assert sorted(r.sched._free) == list(range(16)) and r.sched.pending() == 0
+
+
+def test_a_failing_component_or_processor_fails_only_its_request(rig):
+    r = rig(max_rows=4)
+    q = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+
+    class Boom(Component):
+        name = "boom"
+
+        def on_step(self, view):
+            if view.step == 3:
+                raise RuntimeError("boom at step 3")
+
+    def bad_processor(logits, prev, valid):
+        return logits[:, :5]
+
+    with r.lock:
+        ok = r.sched.submit(prompt(1, 5), q)
+        boom = r.sched.submit(prompt(2, 5), q, components=[Boom()])
+        bad = r.sched.submit(prompt(3, 5), q, logits_processors=[bad_processor])
+    assert_same(ok.result(timeout=60), r.alone(prompt(1, 5), q))
+    with pytest.raises(RuntimeError, match="boom at step 3"):
+        boom.result(timeout=60)
+    with pytest.raises(ValueError, match="must return logits of shape"):
+        bad.result(timeout=60)
+    assert sorted(r.sched._free) == list(range(4))
 
 
 def test_a_different_seed_gives_different_samples(rig):
@@ -197,13 +310,16 @@ def test_queue_full_and_refused_requests(rig):
     for h, k in zip(handles, range(3)):
         assert_same(h.result(timeout=60), r.alone(prompt(k, 4), q))
 
-    class Noop(Component):
-        name = "noop"
+    class Fork(Component):
+        name = "fork"
 
-    with pytest.raises(UnsupportedRequestError, match=r"components yet \(got \['noop'\]\)"):
-        r.sched.submit(prompt(1, 4), q, components=[Noop()])
-    with pytest.raises(UnsupportedRequestError, match="logits processors"):
-        r.sched.submit(prompt(1, 4), q, logits_processors=[lambda logits, prev, valid: logits])
+        def on_lookahead(self, view, results):
+            return None
+
+    with pytest.raises(ValueError, match="look-ahead forks"):
+        r.sched.submit(prompt(1, 4), q, components=[Fork()])
+    with pytest.raises(TypeError, match="logits processors must be callables"):
+        r.sched.submit(prompt(1, 4), q, logits_processors=[42])
     with pytest.raises(ValueError, match="max_seq_len=48"):
         r.sched.submit(prompt(1, 40), q.model_copy(update={"max_new_tokens": 9}))
     with pytest.raises(ValueError, match="max_rows=2"):

@@ -96,6 +96,10 @@ def close(x, y) -> None:
         assert x.keys() == y.keys()
         for k in x:
             close(x[k], y[k])
+    elif isinstance(x, (list, tuple)) and any(isinstance(v, (torch.Tensor, float, dict, list)) for v in x):
+        assert len(x) == len(y)
+        for a, b in zip(x, y):
+            close(a, b)
     elif isinstance(x, float):
         assert (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-5), (x, y)
     else:

@@ -550,36 +550,56 @@ def test_fast_server_serves_the_fast_paths_tokens(fast):
     assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"max_thinking_tokens": 4}, "max_thinking_tokens"),
-    ({"reasoning_effort": "low"}, "reasoning_effort"),
-    ({"max_tokens": 1000}, None),  # prompt + max_tokens above max_seq_len
+@pytest.mark.parametrize("body", [
+    {"tools": [WEATHER], "tool_choice": "required", "max_tokens": 90},
+    {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 90},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "yn", "schema": {
+        "type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+        "required": ["answer"], "additionalProperties": False}}}, "max_tokens": 40},
+    {"response_format": {"type": "json_object"}, "max_tokens": 6},
+    {"max_thinking_tokens": 4, "max_tokens": 30},
+    {"reasoning_effort": "low", "max_tokens": 8},
 ])
-def test_fast_server_refuses_what_the_fast_scheduler_cannot_run(fast, body, param):
+def test_fast_server_runs_grammars_and_thinking_budgets_as_the_eager_server(smol, fast, body):
+    """Grammar-constrained requests and thinking budgets on the fast scheduler give the eager server's answer."""
+    _, eager = smol
+    _, srv = fast
+    want = httpx.post(eager.url + "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES,
+                                                                "temperature": 0, **body}, timeout=120).json()
+    got = httpx.post(srv.url + "/v1/chat/completions", json={"model": "fast", "messages": MESSAGES,
+                                                             "temperature": 0, **body}, timeout=120).json()
+    assert "choices" in got and "choices" in want, (got, want)
+    a, b = got["choices"][0], want["choices"][0]
+    assert (a["message"].get("content"), a["finish_reason"]) == (b["message"].get("content"), b["finish_reason"])
+    calls = [[c["function"] for c in x["message"].get("tool_calls") or []] for x in (a, b)]
+    assert calls[0] == calls[1]  # the same calls (their ids are random)
+    if "tool_choice" in body:
+        assert a["finish_reason"] == "tool_calls" and a["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    if "max_thinking_tokens" in body:
+        assert a["kvagents"]["reasoning"]["thinking_tokens"] <= 4 and a["kvagents"]["forced_tokens"] > 0
+
+
+def test_fast_server_refuses_a_request_longer_than_its_slots(fast):
     _, srv = fast
     r = httpx.post(srv.url + "/v1/chat/completions",
-                   json={"model": "fast", "messages": MESSAGES, "max_tokens": 8, **body}, timeout=60)
+                   json={"model": "fast", "messages": MESSAGES, "max_tokens": 1000}, timeout=60)
     assert r.status_code == 400, r.text
-    err = r.json()["error"]
-    if param is None:
-        assert "max_seq_len=256" in err["message"]
-    else:
-        assert err["param"] == param and param in err["message"] and "--fast" in err["message"]
+    assert "max_seq_len=256" in r.json()["error"]["message"]
 
 
-def test_fast_app_refuses_components_and_scores(smol):
+def test_fast_app_takes_components_and_scores_but_max_seq_len_only_with_fast(smol):
     llm0, _ = smol
     llm = KVModel(llm0.model, llm0.tokenizer)
-    with pytest.raises(ValueError, match="components"):
-        create_app(llm, fast=True, components=lambda: [Slow()])
-    with pytest.raises(ValueError, match="scores"):
-        create_app(llm, fast=True, scores=True)
     with pytest.raises(ValueError, match="max_seq_len"):
         create_app(llm, max_seq_len=128)
     assert llm._scheduler is None  # refused before any scheduler started
+    srv = _Server(create_app(llm, served_model_name="f", max_rows=2, fast=True, max_seq_len=128, scores=True,
+                             components=lambda: [Slow()]))
+    try:
+        out = srv.client().chat.completions.create(model="f", messages=MESSAGES, max_tokens=4, temperature=0)
+        assert out.choices[0].model_extra["kvagents"]["probability"]["mean_logprob"] < 0
+    finally:
+        srv.stop()
 
 
 def test_cli_serve_fast_flags(capsys):

@@ -41,9 +41,19 @@ division differently, so rare near-ties can break apart there. A stop string com
 ends its sample at that token on the host (the alone run rolls the window back and replays it; with no components
 the result is the same: tokens up to the stop, reason ``"stop"``).
 
-Not supported yet (refused by ``submit`` with :class:`UnsupportedRequestError`, naming the feature): per-request
-components and logits processors; a request longer than ``max_seq_len`` is refused with ``ValueError``. Use the
-eager :class:`~kvagents.engine.scheduler.Scheduler` (``KVModel.scheduler()``) for those.
+Requests with components or logits processors. While one runs, a step is two graphs, the head (sampling, finish
+checks) and the forward, with host work around the head, as the alone run does with processors: before it, each
+such request's logits processors get its ``n`` rows of raw logits and previous tokens (their output goes into those
+rows of ``st.scores``, which the head then samples from) and its queued forced tokens go into the force buffers;
+after it, its components' ``on_step`` get a :class:`~kvagents.engine.components.StepView` of its own ``n`` rows
+(a finished sample shows as not alive, with zero logits and KV rows, as in the eager scheduler; ``kv_rows`` reads
+the fed tokens' column of its slots), and their ``StopSequence`` / ``ForceTokens`` act on its rows only.
+``on_prefill`` sees its prompt's own cache (such a request is prefilled alone, not in a padded group), and
+``on_finish`` its tokens. Graph-safe components run through their plain ``on_step`` here (host work per step,
+the same results). While such a request has stop strings the host checks every step (as its alone run), so that
+a stop ends the sample before its components see another step. Requests without them decode unchanged beside
+it; when none runs, the step is the one graph above again. Look-ahead forks are refused (as by the eager
+scheduler); a request longer than ``max_seq_len`` is refused with ``ValueError``.
 
 Example:
     >>> from kvagents.engine.scheduler import SchedulerConfig
@@ -58,31 +68,29 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from .decode import EOS, LENGTH, RUNNING, STOP, DecodeEngine, NonFiniteLogitsError, _TextTracker
+from .components import FinishView, ForceTokens, PrefillView, StopSequence, check_action
+from .decode import COMPONENT, EOS, LENGTH, RUNNING, STOP, DecodeEngine, NonFiniteLogitsError, _TextTracker, layer_info
 from .fast_decode import FastDecodeEngine
 from .fast_sampling import _M32, hash_exponential, top_p_keep_rows
 from .results import GenerationResult, SampleResult
 from .sampling import non_finite_rows, scale_logits
 from .scheduler import CANCELLED, Scheduler, SchedulerConfig, TokenEvent, _Request
 from .static_cache import StaticBatch, StaticLM
+from .static_view import StaticStepView
 
-__all__ = ["FastScheduler", "UnsupportedRequestError"]
+__all__ = ["FastScheduler"]
 
 #: Finish code of a slot no request holds (any code but RUNNING makes a row dead on the device).
 _FREE = 99
 #: Context length when the model's config names none.
 _DEFAULT_SEQ = 2048
-
-
-class UnsupportedRequestError(ValueError):
-    """A request uses a feature the fast scheduler does not run (yet): per-request components or logits
-    processors. The eager :class:`~kvagents.engine.scheduler.Scheduler` runs them."""
 
 
 class _SlotBatch(StaticBatch):
@@ -108,17 +116,24 @@ class _SlotBatch(StaticBatch):
         return super().engine_state() + [self.step_r, self.win, self.g]
 
 
-def slot_head(st: _SlotBatch, mode: tuple[bool, int, bool], pad_token_id: int) -> None:
+def slot_head(st: _SlotBatch, mode: tuple[bool, int, bool], pad_token_id: int, processed: bool = False,
+              force: bool = False, views: bool = False) -> None:
     """Choose every row's token from ``st.logits`` (its own step ``st.step_r``), count it, finish checks (device
     only). ``mode`` = (any row samples, the largest top-k of a row, any row has top-p < 1): plain values, part of
     the graph's key. Greedy rows take the argmax, as the alone run; sampled rows follow
-    :func:`~kvagents.engine.fast_sampling.process_logits_search` with their own parameters."""
+    :func:`~kvagents.engine.fast_sampling.process_logits_search` with their own parameters.
+
+    For requests with components or logits processors (plain values too): ``processed`` samples from
+    ``st.scores`` (the processors' output; the NaN check still reads the raw logits), ``force`` puts
+    ``st.force_tok`` into the rows of ``st.force_mask`` (counted in ``st.n_forced``), ``views`` keeps the step's
+    ``alive`` / ``forced`` / ``finished`` rows for the components' views."""
     sample, kmax, top_p = mode
     logits = st.logits
-    tok = logits.argmax(dim=-1)
-    bad = torch.isnan(logits.sum(dim=-1))
+    src = st.scores if processed else logits
+    tok = src.argmax(dim=-1)
+    bad = torch.isnan(src.sum(dim=-1))
     if sample:
-        scores = scale_logits(logits, st.temp_r[:, None])
+        scores = scale_logits(src, st.temp_r[:, None])
         if kmax:
             kth = torch.topk(scores, kmax, dim=-1).values.gather(1, (st.top_k_r.clamp(1, kmax) - 1)[:, None])
             scores = scores.masked_fill((st.top_k_r > 0)[:, None] & (scores < kth), float("-inf"))
@@ -128,8 +143,12 @@ def slot_head(st: _SlotBatch, mode: tuple[bool, int, bool], pad_token_id: int) -
         probs = scores.softmax(dim=-1)
         drawn = (probs / hash_exponential(st.seed_r, st.step_r, st.sample_r, st.vocab)).argmax(dim=-1)
         tok = torch.where(st.greedy_r, tok, drawn)
-        bad = torch.where(st.greedy_r, bad, non_finite_rows(probs, logits))
+        bad = torch.where(st.greedy_r, bad, non_finite_rows(probs, src))
     alive = st.reason == RUNNING
+    if force:
+        tok = torch.where(st.force_mask, st.force_tok, tok)
+        forced = st.force_mask & alive
+        st.n_forced += forced.long()
     nan_now = (torch.isnan(logits.sum(dim=-1)) | bad) & alive & (st.nan_step < 0)
     st.nan_step.copy_(torch.where(nan_now, st.step_r, st.nan_step))
     tok = torch.where(alive, tok, pad_token_id)
@@ -141,6 +160,10 @@ def slot_head(st: _SlotBatch, mode: tuple[bool, int, bool], pad_token_id: int) -
     reason = torch.where((st.step_r == st.max_new_r - 1) & (reason == RUNNING), LENGTH, reason)
     st.reason.copy_(reason)
     st.tok.copy_(tok)
+    if views:
+        st.alive.copy_(alive)
+        st.forced.copy_(forced if force else torch.zeros_like(alive))
+        st.finished.copy_(reason != RUNNING)
 
 
 def slot_forward(lm: StaticLM, st: _SlotBatch, Lb: int) -> None:
@@ -153,6 +176,25 @@ def slot_forward(lm: StaticLM, st: _SlotBatch, Lb: int) -> None:
     st.step_r += 1
     st.g += 1
     st.col += 1
+
+
+class _SlotStepView(StaticStepView):
+    """The step view of one request's ``n`` samples (its slots ``slots``; ``present`` marks samples still holding
+    one: a finished sample shows as not alive, with zero logits and KV rows, as in the eager scheduler). The fed
+    tokens' KV rows are gathered from column ``col`` of the request's slots on first use."""
+
+    def __init__(self, *args, src, **kw) -> None:
+        super().__init__(*args, **kw)
+        self._src = src
+
+    def kv_rows(self, layers: list[int], part: str = "kv", heads: str = "keep") -> torch.Tensor:
+        if self.K is None and self.fed_ids is not None:
+            K, V, slots, col, present = self._src
+            m = present[None, :, None, None, None]
+            self.K = torch.where(m, K[:, slots, :, col : col + 1], 0)  # [layers, n, H_kv, 1, d]
+            self.V = torch.where(m, V[:, slots, :, col : col + 1], 0)
+            self.col = torch.zeros(1, dtype=torch.long, device=K.device)
+        return super().kv_rows(layers, part, heads)
 
 
 class FastScheduler(Scheduler):
@@ -212,20 +254,12 @@ class FastScheduler(Scheduler):
     # -- public ---------------------------------------------------------------------------------------------------
     def submit(self, prompt, params=None, *, components: Sequence = (), logits_processors: Sequence = (),
                stream: bool = False, on_text=None):
-        """:meth:`Scheduler.submit <kvagents.engine.scheduler.Scheduler.submit>`, for plain requests: sampling
-        parameters, stop strings and token ids, ``n`` samples, streaming. Per-request ``components`` and
-        ``logits_processors`` raise :class:`UnsupportedRequestError`; prompt + ``max_new_tokens`` above
-        ``max_seq_len`` raises ``ValueError``."""
-        if components:
-            names = [getattr(c, "name", type(c).__name__) for c in components]
-            raise UnsupportedRequestError(
-                f"the fast scheduler does not run per-request components yet (got {names}): submit them to the eager "
-                "scheduler (KVModel.scheduler(), fast=False) or run KVModel.generate(..., fast=True)")
-        if logits_processors:
-            raise UnsupportedRequestError(
-                f"the fast scheduler does not run logits processors yet (got {list(logits_processors)!r}): submit them "
-                "to the eager scheduler (KVModel.scheduler(), fast=False) or run KVModel.generate(..., fast=True)")
-        return super().submit(prompt, params, stream=stream, on_text=on_text)
+        """:meth:`Scheduler.submit <kvagents.engine.scheduler.Scheduler.submit>`: sampling parameters, stop strings
+        and token ids, ``n`` samples, streaming, per-request ``components`` and ``logits_processors`` (see the
+        module docstring for how they run); prompt + ``max_new_tokens`` above ``max_seq_len`` raises
+        ``ValueError``."""
+        return super().submit(prompt, params, components=components, logits_processors=logits_processors,
+                              stream=stream, on_text=on_text)
 
     def _accept(self, req: _Request) -> None:
         need = len(req.ids) + req.max_new
@@ -277,8 +311,8 @@ class FastScheduler(Scheduler):
         its prompts are prefilled one by one so that only a failing prompt's request fails."""
         budget, group = self.config.prefill_chunk, []
         for req in self._prefilling:
-            if req.prefilled or (group and sum(len(r.ids) for r in group) + len(req.ids) > budget):
-                break
+            if req.prefilled or req.components or (group and sum(len(r.ids) for r in group) + len(req.ids) > budget):
+                break  # a request with components prefills alone: their on_prefill reads its own cache
             group.append(req)
         if len(group) < 2:
             return super()._prefill_some()
@@ -335,6 +369,10 @@ class FastScheduler(Scheduler):
         """A prompt is prefilled: its KV and state go into ``n`` free slots, left of the write column."""
         eng, n, p = self.engine, req.n, req.params
         cache, req.cache = req.cache, None
+        req.force_queues, req.custom_reason, req.forced = {}, {}, [0] * n
+        req.hstep, req.info = 0, None
+        if req.components:
+            self._on_prefill(req, cache)
         req.trackers = [_TextTracker(eng.tokenizer, p.stop) for _ in range(n)] if (p.stop or req.streaming) else None
         req.tokens = [[] for _ in range(n)]
         req.host_reason = [RUNNING] * n
@@ -356,12 +394,28 @@ class FastScheduler(Scheduler):
             raise
         req.logits = None
         req.slots = slots
+        req.slots_t = torch.as_tensor(slots, dtype=torch.long, device=eng.model.device)
         req.present = list(range(n))
         req.g0 = self._g  # its tokens start at this window step
         for i, b in enumerate(slots):
             self._owner[b] = (req, i)
         self._running.append(req)
         self._set_mode()
+
+    def _on_prefill(self, req: _Request, cache: DynamicCache) -> None:
+        """The request's components see its prompt's cache; ``ForceTokens`` they return are forced from step 0."""
+        eng, dev, n = self.engine, self.engine.model.device, req.n
+        req.info = layer_info(cache, eng.model)
+        ids = torch.as_tensor(req.ids, dtype=torch.long, device=dev)[None]
+        pview = PrefillView(cache=cache, input_ids=ids, attention_mask=torch.ones_like(ids), n=n, layers=req.info)
+        actions = [(c, a) for c in req.components for a in (c.on_prefill(pview) or ())]
+        req.prefill_ran = True
+        for c, action in actions:
+            if not isinstance(action, ForceTokens):
+                raise TypeError(f"component {c.name!r} returned {action!r} from on_prefill; only ForceTokens is "
+                                "allowed there")
+            check_action(c, action, n, req.logits.shape[-1])
+            req.force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
 
     def _fill_slots(self, req: _Request, cache: DynamicCache, slots: list[int], c: int, stop_ids: list[int],
                     eos_ids: list[int]) -> None:
@@ -390,6 +444,8 @@ class FastScheduler(Scheduler):
                                st.seed_r, st.sample_r, st.top_k_r)):
             t[idx] = vals[:, j]
         st.greedy_r[idx] = vals[:, 10].bool()
+        st.n_forced.index_fill_(0, idx, 0)
+        st.force_mask.index_fill_(0, idx, False)
         st.stop_tab[idx] = vals[:, 11 : 11 + W]
         st.eos_tab[idx] = vals[:, 11 + W :]
         floats = torch.as_tensor([[1.0 if p.greedy else p.temperature, p.top_p if not p.greedy else 1.0]] * n,
@@ -454,8 +510,12 @@ class FastScheduler(Scheduler):
         if self._c >= self._cap:
             self._compact()
         Lb = StaticLM.bucket_for(self._c, eng.bucket, self._cap)
+        hosted = [r for r in self._running if r.components or r.procs]
         try:
-            eng._step(st, Lb, ("slots", Lb, self._mode), self._fn(Lb, self._mode), [])
+            if hosted:
+                self._hosted_step(Lb, hosted)
+            else:
+                eng._step(st, Lb, ("slots", Lb, self._mode), self._fn(Lb, self._mode), [])
         except Exception as err:  # the shared step failed (e.g. out of memory): every running request ends
             running = list(self._running)
             self._drop_rows({r: [] for r in running})
@@ -471,8 +531,128 @@ class FastScheduler(Scheduler):
         self.peak_rows = max(self.peak_rows, sum(o is not None for o in self._owner))
         for r in self._running:
             r.calls += 1
-        if self._g >= self.window:
+            r.hstep += 1
+        if self._g >= self._check_every():
             self._sync()
+
+    def _check_every(self) -> int:
+        """Steps between host checks: every step while a request with components or logits processors has stop
+        strings (as its alone run: a stop must end the sample before its components see another step)."""
+        if any((r.components or r.procs) and r.params.stop for r in self._running):
+            return 1
+        return self.window
+
+    # -- requests with components or logits processors ---------------------------------------------------------
+    def _hosted_step(self, Lb: int, hosted: list[_Request]) -> None:
+        """One step while requests with components or logits processors run: the step's two halves (head, then the
+        forward) as two graphs, with their host work around the head: before it the logits processors (raw
+        ``st.logits`` rows in, ``st.scores`` rows out) and forced tokens, after it the components' ``on_step`` on
+        views of their own rows (``StopSequence`` ends a sample before the forward feeds it)."""
+        eng, st = self.engine, self._st
+        processed = any(r.procs for r in hosted)
+        if processed:
+            if st.scores is None:
+                st.scores = torch.zeros_like(st.logits)  # the head reads it: one buffer for the graphs
+            st.scores.copy_(st.logits)
+        force, failed, rows = False, {}, {}
+        for r in hosted:
+            try:
+                rows[r] = self._request_rows(r)
+                force |= self._before_head(r, rows[r])
+            except Exception as err:  # a logits processor of this request failed: only it ends
+                failed[r] = err
+        self._fail_hosted(failed)
+        key = ("slots-head", self._mode, processed, force)
+        if key not in self._fns:
+            mode = self._mode
+            self._fns[key] = lambda: slot_head(st, mode, eng.pad_token_id, processed, force, True)
+        eng._step(st, Lb, key, self._fns[key], [])
+        if force:
+            st.force_mask.zero_()
+        for r in hosted:
+            if r in failed or not r.components:
+                continue
+            try:
+                self._components_step(r, rows[r])
+            except Exception as err:  # a component of this request failed: only it ends
+                failed[r] = err
+        self._fail_hosted({r: e for r, e in failed.items() if r in self._running})
+        key = ("slots-forward", Lb)
+        if key not in self._fns:
+            self._fns[key] = lambda: slot_forward(eng.lm, st, Lb)
+        eng._step(st, Lb, key, self._fns[key], [])
+
+    def _fail_hosted(self, failed: dict) -> None:
+        for r, err in failed.items():
+            self._drop_rows({r: []})
+            self._fail(r, err)
+
+    def _request_rows(self, r: _Request) -> dict:
+        """Request ``r``'s rows before the head: its slots, the samples still holding one, the raw logits and the
+        fed tokens (``None`` at its step 0) as ``[n, ...]``, as its alone run sees them."""
+        st, pad = self._st, self.engine.pad_token_id
+        if getattr(r, "present_key", None) != r.present:
+            r.present_key = list(r.present)
+            mask = torch.zeros(r.n, dtype=torch.bool)
+            mask[r.present] = True
+            r.present_mask = mask.to(st.tok.device)
+        sl, pm = r.slots_t, r.present_mask
+        out = {"slots": sl, "present": pm, "logits": torch.where(pm[:, None], st.logits[sl], 0.0),
+               "fed_ids": None, "fed_valid": None, "positions": None}
+        if r.hstep > 0:
+            out.update(fed_ids=torch.where(pm, st.tok[sl], pad), fed_valid=st.fed_valid[sl] & pm,
+                       positions=torch.where(pm, st.fed_pos[sl], 0))
+        return out
+
+    def _before_head(self, r: _Request, rows: dict) -> bool:
+        """Request ``r``'s logits processors (into ``st.scores``) and this step's forced tokens (into
+        ``st.force_tok`` / ``st.force_mask``); True when a token is forced."""
+        st, dev = self._st, self._st.tok.device
+        live = torch.as_tensor([r.slots[i] for i in r.present], dtype=torch.long, device=dev)
+        if r.procs:
+            scores = rows["logits"]
+            for proc in r.procs:
+                scores = proc(scores, rows["fed_ids"], rows["fed_valid"])
+                if not isinstance(scores, torch.Tensor) or scores.shape != rows["logits"].shape:
+                    got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+                    raise ValueError(f"logits processor {proc!r} returned {got}; it must return logits of shape "
+                                     f"{tuple(rows['logits'].shape)}")
+            st.scores[live] = scores[torch.as_tensor(r.present, dtype=torch.long, device=dev)].to(st.scores.dtype)
+        if not r.force_queues:
+            return False
+        idx = [i for i, q in r.force_queues.items() if q]
+        vals = [r.force_queues[i].popleft() for i in idx]
+        r.force_queues = {i: q for i, q in r.force_queues.items() if q}
+        mine = [(r.slots[i], v) for i, v in zip(idx, vals) if i in r.present]
+        if not mine:
+            return False
+        b = torch.as_tensor([m[0] for m in mine], dtype=torch.long, device=dev)
+        st.force_mask[b] = True
+        st.force_tok[b] = torch.as_tensor([m[1] for m in mine], dtype=torch.long, device=dev)
+        return True
+
+    def _components_step(self, r: _Request, rows: dict) -> None:
+        """Request ``r``'s components see its step (``StepView`` of its ``n`` rows) and act on its rows only."""
+        st, pad, sl, pm = self._st, self.engine.pad_token_id, rows["slots"], rows["present"]
+        view = _SlotStepView(r.hstep, torch.where(pm, st.tok[sl], pad), None, rows["logits"], st.forced[sl] & pm,
+                             st.alive[sl] & pm, st.finished[sl] | ~pm, rows["fed_ids"], rows["fed_valid"],
+                             rows["positions"], None, r.info, src=(st.K, st.V, sl, self._c - 1, pm))
+        vocab = st.logits.shape[-1]
+        for c in r.components:
+            for action in c.on_step(view) or ():
+                if isinstance(action, (StopSequence, ForceTokens)):
+                    check_action(c, action, r.n, vocab)
+                if isinstance(action, StopSequence):
+                    i = action.index
+                    r.custom_reason.setdefault(i, action.reason)
+                    if i in r.present:
+                        b = r.slots[i]
+                        st.reason[b] = torch.where(st.reason[b] == RUNNING, COMPONENT, st.reason[b])
+                elif isinstance(action, ForceTokens):
+                    r.force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
+                else:
+                    raise TypeError(f"component {c.name!r} returned {action!r}: the scheduler applies StopSequence "
+                                    "and ForceTokens actions only")
 
     def _compact(self) -> None:
         """Slide every row's columns left so that the write column is ``R`` again (see the module docstring)."""
@@ -494,7 +674,8 @@ class FastScheduler(Scheduler):
         if D == 0 or not self._running:
             return
         st = self._st
-        host = torch.cat([st.win[:, :D], st.reason[:, None], st.n_gen[:, None], st.nan_step[:, None]], dim=1).tolist()
+        host = torch.cat([st.win[:, :D], st.reason[:, None], st.n_gen[:, None], st.nan_step[:, None],
+                          st.n_forced[:, None]], dim=1).tolist()
         st.g.zero_()
         self._g = 0
         done, failed = [], {}
@@ -524,6 +705,7 @@ class FastScheduler(Scheduler):
             b = r.slots[i]
             row = host[b]
             reason, count = row[D], row[D + 1]
+            r.forced[i] = row[D + 3]
             new = row[r.g0 : r.g0 + count - len(r.tokens[i])]
             code = reason if not new else RUNNING
             for k, tok in enumerate(new):
@@ -535,7 +717,7 @@ class FastScheduler(Scheduler):
                         code = STOP  # the device row may go on: freeing its slot stops it
                     if r.streaming:
                         fin = code != RUNNING
-                        fr = DecodeEngine._reason_name(code, None) if fin else None
+                        fr = DecodeEngine._reason_name(code, r.custom_reason.get(i)) if fin else None
                         self._emit(r, TokenEvent(0, i, tr.delta(final=fin), fr, token_id=tok))
                 if code != RUNNING:
                     break
@@ -555,7 +737,13 @@ class FastScheduler(Scheduler):
         n, eng = r.n, self.engine
         tokens = getattr(r, "tokens", None) or [[] for _ in range(n)]
         codes = getattr(r, "host_reason", None) or [RUNNING] * n
-        names = [CANCELLED if c == RUNNING else DecodeEngine._reason_name(c, None) for c in codes]
+        custom = getattr(r, "custom_reason", None) or {}
+        names = [CANCELLED if c == RUNNING else DecodeEngine._reason_name(c, custom.get(i)) for i, c in enumerate(codes)]
+        forced = getattr(r, "forced", None) or [0] * n
+        outputs = {}
+        if getattr(r, "prefill_ran", False):  # on_prefill ran: the components have state to finish
+            fview = FinishView(token_ids=[list(t) for t in tokens], finish_reasons=names, prompt_index=[0] * n)
+            outputs = {c.name: c.on_finish(fview) for c in r.components}
         trackers = getattr(r, "trackers", None)
         samples = []
         for i in range(n):
@@ -565,7 +753,8 @@ class FastScheduler(Scheduler):
                 text = eng.tokenizer.decode(tokens[i], skip_special_tokens=True) if eng.tokenizer else ""
             samples.append(SampleResult(
                 prompt_index=0, sample_index=i, text=text, token_ids=list(tokens[i]), finish_reason=names[i],
-                prompt_tokens=len(r.ids), generated_tokens=len(tokens[i]), forced_tokens=0))
+                prompt_tokens=len(r.ids), generated_tokens=len(tokens[i]), forced_tokens=forced[i],
+                outputs={k: v[i] for k, v in outputs.items() if v is not None}))
         st = r.stats
         st.forward_calls, st.generated_tokens = r.calls, sum(len(t) for t in tokens)
         st.decode_s = time.perf_counter() - r.t_join if r.t > 0 else 0.0

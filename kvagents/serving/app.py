@@ -4,11 +4,11 @@ Every request is submitted to the one :class:`~kvagents.engine.scheduler.Schedul
 (``llm.scheduler(max_rows=..., max_queue=...)``), so concurrent HTTP clients share one running batch; a full queue
 answers HTTP 429, and a streaming client that disconnects cancels its request (its rows leave the batch before the
 next step). ``fast=True`` (``kvagents serve --fast``) serves on the fast scheduler instead
-(``llm.scheduler(fast=True)``: slots of static KV buffers, one CUDA-graph step for all of them). It runs plain
-requests only: no per-request component (so no probability scores) and no logits processor, so
-``tool_choice='required'`` or a named function, ``response_format`` json, ``reasoning_effort`` /
-``max_thinking_tokens`` answer 400 naming the field, and ``tools`` with ``tool_choice='auto'`` are parsed from the
-text but not grammar-constrained; prompt + ``max_tokens`` must fit its ``max_seq_len`` (a chat request that sets
+(``llm.scheduler(fast=True)``: slots of static KV buffers, one CUDA-graph step for all of them). It runs every
+request this app builds; one with a grammar (``tool_choice='required'``, ``response_format`` json, ``tools`` in
+``auto`` mode) or a per-request component (a thinking budget, the probability scores) has that work done on the
+host at each step, between the step's two graphs, so plain requests are the fastest there; the probability scores
+are off by default with ``fast``. Prompt + ``max_tokens`` must fit its ``max_seq_len`` (a chat request that sets
 no limit gets what is left of it, at most ``default_max_tokens``). Endpoints:
 
 * ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``;
@@ -56,7 +56,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from ..engine.decode import NonFiniteLogitsError
-from ..engine.fast_scheduler import UnsupportedRequestError
 from ..engine.params import SamplingParams
 from ..engine.scheduler import QueueFullError, RequestHandle, SchedulerClosedError
 from ..model import KVModel
@@ -129,9 +128,6 @@ def _as_api_error(err: BaseException) -> APIError:
     if isinstance(err, ValidationError):
         msg, param = _validation_message(err, PARAM_NAMES)
         return APIError(400, msg, param=param)
-    if isinstance(err, UnsupportedRequestError):
-        return APIError(400, f"this server runs the fast scheduler (kvagents serve --fast), which cannot run this "
-                             f"request: {err}")
     if isinstance(err, NonFiniteLogitsError):
         return APIError(500, str(err), type="server_error")
     if isinstance(err, (ValueError, TypeError)):
@@ -179,12 +175,6 @@ class KVServer:
                  max_seq_len: int | None = None) -> None:
         if scores is None:
             scores = not fast
-        if fast and scores:
-            raise ValueError("scores=True needs a per-request component (ProbabilityScores), which the fast "
-                             "scheduler does not run: pass scores=False with fast=True")
-        if fast and components is not None:
-            raise ValueError("components are per-request components, which the fast scheduler does not run: serve "
-                             "them with fast=False")
         if max_seq_len is not None and not fast:
             raise ValueError("max_seq_len bounds the fast scheduler's slots: pass it with fast=True")
         self.llm = llm
@@ -208,13 +198,6 @@ class KVServer:
         if bad is not None:
             raise APIError(400, f"{bad[0]}={bad[1]!r} is not supported by this server (kvagents serve); leave it "
                                 "unset", param=bad[0])
-
-    def refuse_on_fast(self, feature: str, param: str) -> None:
-        """On the fast scheduler: a 400 naming ``feature`` (it needs a grammar or a per-request component)."""
-        if self.fast:
-            raise APIError(400, f"{feature} is not supported by this server: it runs the fast scheduler (kvagents "
-                                "serve --fast), which decodes plain requests only (no grammar, no per-request "
-                                "component); serve without --fast to use it", param=param)
 
     def fit_limit(self, params: SamplingParams, n_prompt: int) -> SamplingParams:
         """On the fast scheduler, a request that set no token limit gets at most what its slot has left."""
@@ -281,10 +264,9 @@ class KVServer:
         if use and not native:
             T.add_system(chat, T.tools_system_prompt(use))
         if use and mode != "auto":
-            self.refuse_on_fast(f"tool_choice={req.tool_choice!r} (a grammar-constrained tool call)", "tool_choice")
             grammar, gparam = self._compile("structural_tag", T.tool_call_tag(use, required=True, parallel=bool(
                 req.parallel_tool_calls)), "tool_choice"), "tool_choice"
-        elif use and not self.fast:  # the fast scheduler parses auto calls, unconstrained
+        elif use:
             with contextlib.suppress(APIError):  # without xgrammar, auto calls are parsed, not constrained
                 grammar = self._compile("structural_tag", T.tool_call_tag(use, required=False, parallel=(
                     req.parallel_tool_calls is not False)), "tools")
@@ -296,13 +278,8 @@ class KVServer:
             if use:
                 raise APIError(400, "response_format together with tools is not supported by this server yet: "
                                     "send tool_choice='none' or drop response_format", param="response_format")
-            self.refuse_on_fast(f"response_format type {req.response_format.get('type')!r} (grammar-constrained "
-                                "JSON)", "response_format")
             grammar, gparam = self._compile("json_schema", schema, "response_format"), "response_format"
         budget = self._thinking(req, tok, template, constrained=gparam is not None)
-        if budget is not None:
-            which = "max_thinking_tokens" if req.max_thinking_tokens is not None else "reasoning_effort"
-            self.refuse_on_fast(f"{which} (a thinking budget)", which)
         template_kw = {}
         comps_extra: list[Callable[[], Any]] = []
         reasoning = started = False
@@ -596,8 +573,7 @@ def create_app(llm: KVModel, *, served_model_name: str | None = None, max_rows: 
     chat request that sets none (capped by the model's context). ``scores``: add the probability scores to each
     choice's ``kvagents`` object (default: on, off with ``fast``). ``components``: a factory of extra components
     given to every request (new instances per call), e.g. an observer. ``fast``: serve on the fast scheduler
-    (``llm.scheduler(fast=True, ...)``: plain requests only, see the module docstring; ``scores`` and
-    ``components`` are refused with it); ``max_seq_len``: its prompt + ``max_tokens`` bound per request (default
+    (``llm.scheduler(fast=True, ...)``, see the module docstring); ``max_seq_len``: its prompt + ``max_tokens`` bound per request (default
     min(context, 2048)).
 
     Example:

@@ -7,11 +7,11 @@ import asyncio
 import threading
 
 import pytest
+from langchain_kvagents import ChatKV
+from langchain_kvagents._shared import get_model
 from lc_tiny import tiny_dir  # noqa: F401 - fixture
 
 from kvagents import Component, SamplingParams, StopSequence
-from langchain_kvagents import ChatKV
-from langchain_kvagents._shared import get_model
 
 PROMPTS = ["Hello there", "What is 2 + 2?", "Name a colour.", "Count to three.", "Say something kind.", "Why?"]
 
