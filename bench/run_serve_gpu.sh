@@ -7,6 +7,8 @@
 #   bash bench/run_serve_gpu.sh load      # static 32 batch, scheduler 1/8/32 clients, open loop, 64 clients
 #   bash bench/run_serve_gpu.sh http      # kvagents serve --fast vs in process at 1/8/32 clients; 0.5B shape
 #   bash bench/run_serve_gpu.sh kernels   # bench/flashinfer_bench.py
+#   bash bench/run_serve_gpu.sh hosted    # requests with components / processors in the fast scheduler; FlashInfer
+#                                         # top-p sampling against the fast path's compiled sampling head
 set -uo pipefail
 MODE="${1:-load}"
 python3 -m pip install -q --no-deps --no-index --target /tmp/pylib .carry/wheels/*.whl || exit 1
@@ -46,5 +48,12 @@ kernels)
   export MAX_JOBS=16 FLASHINFER_CUDA_ARCH_LIST="9.0a" PATH=/tmp/pylib/bin:$PATH
   timeout 560 python3 bench/flashinfer_bench.py --rows 32 --lengths 256 1024 4096 --json "$OUT/flashinfer.json"
   ;;
-*) echo "unknown mode $MODE (load | http | kernels)"; exit 2 ;;
+hosted)
+  timeout 300 python3 bench/fast_scheduler_hosted.py --model random:qwen3-8b-shape --device cuda --dtype bfloat16 \
+    --data $D --requests 32 --max-new-tokens 128 --hosted 8 --json "$OUT/hosted_8b.json"
+  python3 -m pip install -q --no-deps --no-index --target /tmp/pylib .carry/fi/*.whl || exit 1
+  export MAX_JOBS=16 FLASHINFER_CUDA_ARCH_LIST="9.0a" PATH=/tmp/pylib/bin:$PATH
+  timeout 280 python3 bench/flashinfer_bench.py --only sampling --rows 32 --json "$OUT/flashinfer_sampling.json"
+  ;;
+*) echo "unknown mode $MODE (load | http | kernels | hosted)"; exit 2 ;;
 esac
