@@ -95,8 +95,8 @@ def main(argv=None) -> int:
              "scores-all": [scores] * args.requests}
     rows = []
     print(f"{args.model}, {llm.device}, {args.requests} requests x {args.max_new_tokens} greedy tokens")
-    print("| mix | hosted requests | tok/s | wall s | vs plain | hosted equal to alone |")
-    print("|---|---|---|---|---|---|")
+    print("| mix | hosted requests | tok/s | wall s | vs plain | hosted equal to alone | plain equal to alone |")
+    print("|---|---|---|---|---|---|---|")
     base = None
     for name, extras in mixes.items():
         run_mix(llm, sched, prompts, params, extras)  # warm-up: graphs of this mix captured
@@ -104,18 +104,20 @@ def main(argv=None) -> int:
                             key=lambda x: x[0])
         toks = sum(s.generated_tokens for r in results for s in r.samples[0])
         hosted = [i for i, e in enumerate(extras) if e is not none]
-        same = 0
-        for i in hosted[: args.check]:
-            c, g = extras[i]
-            alone = llm.generate([prompts[i]], params, components=c(), logits_processors=g(), fast=True)
-            same += alone.samples[0][0].token_ids == results[i].samples[0][0].token_ids
+        plain = [i for i, e in enumerate(extras) if e is none]
+        same = {"hosted": 0, "plain": 0}
+        for kind, idx in (("hosted", hosted[: args.check]), ("plain", plain[: args.check])):
+            for i in idx:
+                c, g = extras[i]
+                alone = llm.generate([prompts[i]], params, components=c(), logits_processors=g(), fast=True)
+                same[kind] += alone.samples[0][0].token_ids == results[i].samples[0][0].token_ids
         rate = toks / best
         base = base or rate
-        checked = min(len(hosted), args.check)
+        checked = {"hosted": min(len(hosted), args.check), "plain": min(len(plain), args.check)}
         rows.append(dict(mix=name, hosted=len(hosted), tok_s=round(rate, 1), wall_s=round(best, 3),
                          vs_plain=round(rate / base, 3), equal=same, checked=checked))
         print(f"| {name} | {len(hosted)} | {rate:.1f} | {best:.3f} | {rate / base:.3f} | "
-              f"{same} / {checked} |", flush=True)
+              f"{same['hosted']} / {checked['hosted']} | {same['plain']} / {checked['plain']} |", flush=True)
     sched.shutdown(cancel=True, timeout=60)
     if args.json:
         import torch

@@ -51,6 +51,9 @@ kernels)
 hosted)
   timeout 300 python3 bench/fast_scheduler_hosted.py --model random:qwen3-8b-shape --device cuda --dtype bfloat16 \
     --data $D --requests 32 --max-new-tokens 128 --hosted 8 --json "$OUT/hosted_8b.json"
+  # float32 (few near-ties): do requests equal their alone runs on CUDA graphs?
+  timeout 200 python3 bench/fast_scheduler_hosted.py --model random:qwen2.5-0.5b-shape --device cuda --dtype float32 \
+    --data $D --requests 32 --max-new-tokens 64 --hosted 8 --check 8 --repeats 1 --json "$OUT/hosted_05b_fp32.json"
   python3 -m pip install -q --no-deps --no-index --target /tmp/pylib .carry/fi/*.whl || exit 1
   export MAX_JOBS=16 FLASHINFER_CUDA_ARCH_LIST="9.0a" PATH=/tmp/pylib/bin:$PATH
   timeout 280 python3 bench/flashinfer_bench.py --only sampling --rows 32 --json "$OUT/flashinfer_sampling.json"
