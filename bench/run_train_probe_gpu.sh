@@ -50,7 +50,7 @@ case "${1:-train}" in
       --fast-tokens 32 --answer-tokens 32 --every 32 --batch-prompts 300 --device cuda --dtype bfloat16 \
       --work /tmp/rw > /tmp/log_reason.txt 2>&1 &
     P2=$!
-    wait $P1; R1=$?; wait $P2; R2=$?
+    R1=0; R2=0; wait $P1 || R1=$?; wait $P2 || R2=$?  # a timed-out job must not end the script (set -e) before its work is packed
     echo "probe rc=$R1 reasoning rc=$R2"
     tr '\r' '\n' < /tmp/log_probe.txt | grep -v "it/s\]$" | tail -n 25
     tr '\r' '\n' < /tmp/log_reason.txt | grep -v "it/s\]$" | tail -n 12
@@ -75,7 +75,7 @@ case "${1:-train}" in
       --n 8 --seed 0 --holdout 0.5 --max-new-tokens 384 --batch-prompts 100 --dtype bfloat16 --out /tmp/probe_math \
       > /tmp/log_probe_math.txt 2>&1 &
     P2=$!
-    wait $P1; R1=$?; wait $P2; R2=$?
+    R1=0; R2=0; wait $P1 || R1=$?; wait $P2 || R2=$?  # a timed-out job must not end the script (set -e) before its work is packed
     echo "gsm8k seed 1 rc=$R1 math rc=$R2"
     tr '\r' '\n' < /tmp/log_probe_s1.txt | grep -v "it/s\]$" | tail -n 8
     tr '\r' '\n' < /tmp/log_probe_math.txt | grep -v "it/s\]$" | tail -n 8
