@@ -350,9 +350,10 @@ class ChatKV(BaseChatModel):
     continuous_batching: bool = True
     """Concurrent calls with one prompt each (``invoke`` / ``ainvoke`` / ``stream`` / ``astream`` from several
     threads, tasks or agent branches) join the model's running batch (:meth:`kvagents.KVModel.submit`, the eager
-    engine's continuous-batching scheduler) instead of waiting for the model lock: each gets what it gets alone,
-    while the others decode beside it. ``batch`` keeps its one-call path, and so do ``fast=True`` calls and
-    calls with look-ahead components. A full queue raises :class:`kvagents.engine.scheduler.QueueFullError`;
+    engine's continuous-batching scheduler; with ``fast=True`` the fast path's, ``KVModel.scheduler(fast=True)``)
+    instead of waiting for the model lock: each gets what it gets alone, while the others decode beside it.
+    ``batch`` keeps its one-call path, and so do calls with look-ahead components and ``fast=True`` calls longer
+    than the fast scheduler's slots (``max_seq_len``) or made while the model's eager scheduler runs. A full queue raises :class:`kvagents.engine.scheduler.QueueFullError`;
     ``timeout`` bounds the wait for the result. ``False``: every call takes the model lock in turn."""
     fast: bool = False
     """Decode with kvagents' fast path (static KV cache, CUDA graphs and compiled steps on CUDA; Llama / Qwen2 /
@@ -795,12 +796,33 @@ class ChatKV(BaseChatModel):
     # -- running ----------------------------------------------------------------------------------------------
     def _joins_batch(self, req: _Request) -> bool:
         """Whether ``req`` runs on the model's continuous-batching scheduler (see ``continuous_batching``)."""
-        return (self.continuous_batching and not self.fast and len(req.prompt_ids) == 1
-                and not any(callable(getattr(c, "on_lookahead", None)) for c in req.components))
+        return self._batch_scheduler(req) is not None
+
+    def _batch_scheduler(self, req: _Request):
+        """The model's scheduler ``req`` joins, or ``None`` (it runs alone under the model lock). ``fast=True``
+        joins the fast scheduler (started here if none runs) when the request fits its slots; with the eager
+        scheduler running it runs alone on the fast path. Other calls join whatever scheduler runs."""
+        if not (self.continuous_batching and len(req.prompt_ids) == 1
+                and not any(callable(getattr(c, "on_lookahead", None)) for c in req.components)):
+            return None
+        llm = req.llm
+        running = llm._scheduler if llm._scheduler is not None and not llm._scheduler.closed else None
+        if not self.fast:
+            return running or llm.scheduler()
+        if running is None:
+            try:
+                running = llm.scheduler(fast=True)
+            except ValueError:  # another scheduler started meanwhile: use it if it is the fast one
+                running = llm._scheduler
+        if running is None or not running.config.fast:
+            return None
+        if len(req.prompt_ids[0]) + req.params.max_new_tokens > running.max_seq_len:
+            return None  # longer than a slot: alone on the fast path
+        return running
 
     def _submit(self, req: _Request, stream: bool = False):
-        return req.llm.submit(req.prompt_ids[0], req.params, components=req.components,
-                              logits_processors=req.processors(), stream=stream)
+        return self._batch_scheduler(req).submit(req.prompt_ids[0], req.params, components=req.components,
+                                                 logits_processors=req.processors(), stream=stream)
 
     def _run(self, req: _Request):
         tries = 0
@@ -1207,7 +1229,7 @@ class ChatKV(BaseChatModel):
             if pre.get(key):
                 return pre[key].pop(0)
         llm = get_model(kwargs.get("model") or self.model, self.dtype, self.device)
-        if self.continuous_batching and not self.fast:  # its engine call joins the running batch: no queue here
+        if self.continuous_batching:  # its engine call joins the running batch: no queue here
             return await run_on_caller_thread(self._generate, messages, stop, None, **kwargs)
         return await run_on_worker(llm, self._generate, messages, stop, None, **kwargs)
 
@@ -1394,7 +1416,7 @@ class ChatKV(BaseChatModel):
                 loop.call_soon_threadsafe(queue.put_nowait, e)
 
         llm = get_model(kwargs.get("model") or self.model, self.dtype, self.device)
-        if self.continuous_batching and not self.fast:
+        if self.continuous_batching:
             fut = asyncio.ensure_future(run_on_caller_thread(produce))
         else:
             fut = asyncio.ensure_future(run_on_worker(llm, produce))

@@ -125,3 +125,38 @@ def test_auto_thinking_on_qwen_routes_with_the_shipped_router():
     # the same decision as the controller built directly from the shipped router on the same prompt
     ctl = ReasoningController("plain", llm.tokenizer, classifier="qwen2.5-coder-0.5b")
     assert ctl.classifier is not None
+
+
+def test_fast_chat_calls_join_the_fast_scheduler(tiny_dir):
+    """``fast=True`` calls made together join the fast path's scheduler and equal the fast calls alone."""
+    from kvagents.engine.fast_scheduler import FastScheduler
+
+    want = _alone(tiny_dir, temperature=0, fast=True)
+    llm = get_model(tiny_dir, "float32", "cpu")
+    if llm._scheduler is not None:
+        assert llm._scheduler.shutdown(cancel=True, timeout=60)
+    sched = llm.scheduler(fast=True, max_rows=8, max_seq_len=512)
+    try:
+        chat = ChatKV(**_kw(tiny_dir, temperature=0, fast=True))
+        done = threading.Event()
+        host = llm.submit([1, 2, 3], SamplingParams(max_new_tokens=400, temperature=0, ignore_eos=True),
+                          components=[_Until(done)])
+        got: dict[int, object] = {}
+
+        def call(i):
+            got[i] = chat.invoke(PROMPTS[i])
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        done.set()
+        host.result(timeout=120)
+        for i, w in enumerate(want):
+            assert got[i].content == w.content
+        assert isinstance(llm.scheduler(), FastScheduler) and sched.peak_rows >= 2
+        streamed = "".join(c.content for c in chat.stream(PROMPTS[0]))
+        assert streamed == want[0].content
+    finally:
+        assert sched.shutdown(cancel=True, timeout=60)
