@@ -591,11 +591,14 @@ class FastScheduler(Scheduler):
         """Request ``r``'s rows before the head: its slots, the samples still holding one, the raw logits and the
         fed tokens (``None`` at its step 0) as ``[n, ...]``, as its alone run sees them."""
         st, pad = self._st, self.engine.pad_token_id
-        if getattr(r, "present_key", None) != r.present:
+        if getattr(r, "present_key", None) != r.present:  # device copies only when samples leave (no host sync a step)
             r.present_key = list(r.present)
             mask = torch.zeros(r.n, dtype=torch.bool)
             mask[r.present] = True
-            r.present_mask = mask.to(st.tok.device)
+            dev = st.tok.device
+            r.present_mask = mask.to(dev)
+            r.present_idx = torch.as_tensor(r.present, dtype=torch.long).to(dev)
+            r.live_slots = torch.as_tensor([r.slots[i] for i in r.present], dtype=torch.long).to(dev)
         sl, pm = r.slots_t, r.present_mask
         out = {"slots": sl, "present": pm, "logits": torch.where(pm[:, None], st.logits[sl], 0.0),
                "fed_ids": None, "fed_valid": None, "positions": None}
@@ -608,7 +611,6 @@ class FastScheduler(Scheduler):
         """Request ``r``'s logits processors (into ``st.scores``) and this step's forced tokens (into
         ``st.force_tok`` / ``st.force_mask``); True when a token is forced."""
         st, dev = self._st, self._st.tok.device
-        live = torch.as_tensor([r.slots[i] for i in r.present], dtype=torch.long, device=dev)
         if r.procs:
             scores = rows["logits"]
             for proc in r.procs:
@@ -617,7 +619,7 @@ class FastScheduler(Scheduler):
                     got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
                     raise ValueError(f"logits processor {proc!r} returned {got}; it must return logits of shape "
                                      f"{tuple(rows['logits'].shape)}")
-            st.scores[live] = scores[torch.as_tensor(r.present, dtype=torch.long, device=dev)].to(st.scores.dtype)
+            st.scores[r.live_slots] = scores[r.present_idx].to(st.scores.dtype)
         if not r.force_queues:
             return False
         idx = [i for i, q in r.force_queues.items() if q]
@@ -626,9 +628,9 @@ class FastScheduler(Scheduler):
         mine = [(r.slots[i], v) for i, v in zip(idx, vals) if i in r.present]
         if not mine:
             return False
-        b = torch.as_tensor([m[0] for m in mine], dtype=torch.long, device=dev)
+        b = torch.as_tensor([m[0] for m in mine], dtype=torch.long).to(dev, non_blocking=True)
         st.force_mask[b] = True
-        st.force_tok[b] = torch.as_tensor([m[1] for m in mine], dtype=torch.long, device=dev)
+        st.force_tok[b] = torch.as_tensor([m[1] for m in mine], dtype=torch.long).to(dev, non_blocking=True)
         return True
 
     def _components_step(self, r: _Request, rows: dict) -> None:
