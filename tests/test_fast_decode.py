@@ -175,6 +175,51 @@ def test_hash_noise_is_exponential_and_varies_with_every_coordinate():
     assert not torch.equal(x[0], x[1])
 
 
+def test_hash_noise_is_never_zero_on_a_large_vocabulary():
+    """Zero noise makes ``probs / noise`` NaN (masked token) or inf: a draw outside the nucleus. 64 rows of a
+    152k vocabulary over 20 steps (24-bit uniforms rounded to 1.0 about once a step here)."""
+    rows, vocab = torch.arange(64), torch.arange(151936)
+    for step in range(20):
+        x = hash_exponential(torch.tensor(7), torch.tensor(step), rows, vocab)
+        assert bool(torch.isfinite(x).all()) and float(x.min()) > 0, step
+
+
+class _TopKCheck(Component):
+    """Counts sampled tokens that are not among the ``k`` most likely of their step (alive rows only)."""
+
+    name = "topk_check"
+
+    def __init__(self, k: int) -> None:
+        self.k, self.bad, self.seen = k, None, 0
+
+    def on_step(self, view):
+        inside = (view.logits.topk(self.k, dim=-1).indices == view.token_ids[:, None]).any(-1)
+        bad = (~inside & view.alive).long()
+        self.bad = bad if self.bad is None else self.bad + bad
+        self.seen += int(view.alive.sum())
+
+    def on_finish(self, view):
+        return self.bad.tolist()
+
+
+def test_fast_path_draws_stay_inside_top_k_on_a_large_vocabulary():
+    """64 sampled rows over a 152k vocabulary with top-k 4: every draw is among the 4 most likely tokens."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").eval()
+    fast = FastDecodeEngine(model, None, bucket=16, sync_every=4, eos_token_ids=[])
+    check = _TopKCheck(4)
+    params = SamplingParams(max_new_tokens=24, temperature=1.5, top_k=4, n=8, seed=11, ignore_eos=True)
+    res = fast.generate([[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16], [17], [18, 19], [20, 21]], params,
+                        [check])
+    assert sum(s.generated_tokens for s in res.flat) == 64 * 24 == check.seen
+    assert sum(s.outputs["topk_check"] for s in res.flat) == 0
+
+
 def test_kvmodel_fast_flag_and_errors():
     llm = KVModel(tiny_model("qwen2"), ByteTokenizer())
     params = SamplingParams(max_new_tokens=8, temperature=0)

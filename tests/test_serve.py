@@ -579,6 +579,42 @@ def test_fast_server_runs_grammars_and_thinking_budgets_as_the_eager_server(smol
         assert a["kvagents"]["reasoning"]["thinking_tokens"] <= 4 and a["kvagents"]["forced_tokens"] > 0
 
 
+def test_grammar_requests_joining_either_scheduler_mid_run_equal_alone(smol):
+    """A JSON-schema grammar (xgrammar) on requests that join a running batch, n = 2 with sampling too: the eager
+    scheduler gives ``generate``'s tokens, the fast one ``generate(..., fast=True)``'s."""
+    from kvagents.grammar import GrammarMask
+
+    llm0, _ = smol
+    llm = KVModel(llm0.model, llm0.tokenizer)
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
+                                               "n": {"type": "integer"}}, "required": ["answer", "n"]}
+    jobs = [("A JSON answer:", SamplingParams(max_new_tokens=30, temperature=0)),
+            ("Reply in JSON.", SamplingParams(max_new_tokens=24, temperature=0.8, seed=5, n=2))]
+    mask = lambda q: GrammarMask.from_json_schema(llm, schema, n=q.n)  # noqa: E731
+    host_q = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    for fast in (False, True):
+        want = [llm.generate(p, q, logits_processors=[mask(q)], fast=fast) for p, q in jobs]
+        sched = llm.scheduler(fast=fast, max_rows=8, **({"max_seq_len": 256} if fast else {}))
+        try:
+            handles, seen = [], [0]
+
+            def submit_mid_run(ev):  # on the loop's thread, while the host request decodes
+                seen[0] += 1
+                if seen[0] == 3:
+                    handles.extend(sched.submit(p, q, logits_processors=[mask(q)]) for p, q in jobs)
+
+            host = sched.submit("Once upon a time", host_q, on_text=submit_mid_run)
+            assert host.result(timeout=120).samples[0][0].token_ids == llm.generate(
+                "Once upon a time", host_q, fast=fast).samples[0][0].token_ids
+            assert len(handles) == len(jobs)
+            for h, w in zip(handles, want):
+                got = h.result(timeout=120).samples[0]
+                assert [s.token_ids for s in got] == [s.token_ids for s in w.samples[0]]
+                assert all(s.text.lstrip().startswith("{") for s in got)
+        finally:
+            assert sched.shutdown(cancel=True, timeout=60)
+
+
 def test_fast_server_refuses_a_request_longer_than_its_slots(fast):
     _, srv = fast
     r = httpx.post(srv.url + "/v1/chat/completions",

@@ -40,11 +40,16 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def hash_exponential(seed_key: torch.Tensor, step: torch.Tensor, rows: torch.Tensor, vocab: torch.Tensor):
     """Exponential(1) noise ``[B, V]`` as a pure function of ``(seed_key, step, row, token)`` (all device
-    tensors: ``seed_key``/``step`` 0-d, ``rows`` ``[B]``, ``vocab`` ``[V]``, int64). 24-bit uniforms."""
+    tensors: ``seed_key``/``step`` 0-d, ``rows`` ``[B]``, ``vocab`` ``[V]``, int64).
+
+    23-bit uniforms ``(k + 0.5) / 2**23``, exact in float32 and strictly inside (0, 1), so the noise is never 0:
+    a zero would turn ``probs / noise`` into ``0 / 0 = NaN`` for a masked token (argmax takes NaN) or ``inf`` for
+    any other, drawing a token outside the nucleus or regardless of its probability. (24-bit uniforms rounded
+    the top value to 1.0 in float32: one token in 2**24, about once a step over 64 rows of a 152k vocabulary.)"""
     k = _mix32((seed_key + step * 0x3C6EF372) & _M32)
     r = _mix32((k + rows * 0x1B873593) & _M32)
     x = _mix32(r[:, None] ^ vocab[None, :])
-    u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    u = ((x >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
     return -torch.log(u)
 
 
