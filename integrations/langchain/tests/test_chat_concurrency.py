@@ -39,13 +39,10 @@ class _Until(Component):
         return None
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, seed=3)])
-def test_concurrent_invokes_share_the_batch_and_equal_the_calls_alone(tiny_dir, sampling):
-    want = _alone(tiny_dir, **sampling)
-    chat = ChatKV(**_kw(tiny_dir, **sampling))
-    llm = get_model(tiny_dir, "float32", "cpu")
+def _invoke_beside_a_long_request(chat, llm, max_new_tokens: int) -> dict:
+    """Every prompt invoked from its own thread while a long request decodes (ended once they all returned)."""
     done = threading.Event()
-    host = llm.submit([1, 2, 3], SamplingParams(max_new_tokens=1900, temperature=0, ignore_eos=True),
+    host = llm.submit([1, 2, 3], SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True),
                       components=[_Until(done)])
     got: dict[int, object] = {}
 
@@ -59,6 +56,15 @@ def test_concurrent_invokes_share_the_batch_and_equal_the_calls_alone(tiny_dir, 
         t.join(120)
     done.set()
     host.result(timeout=120)
+    return got
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, seed=3)])
+def test_concurrent_invokes_share_the_batch_and_equal_the_calls_alone(tiny_dir, sampling):
+    want = _alone(tiny_dir, **sampling)
+    chat = ChatKV(**_kw(tiny_dir, **sampling))
+    llm = get_model(tiny_dir, "float32", "cpu")
+    got = _invoke_beside_a_long_request(chat, llm, 1900)
     for i, w in enumerate(want):
         assert got[i].content == w.content
         assert got[i].usage_metadata["output_tokens"] == w.usage_metadata["output_tokens"]
@@ -138,21 +144,7 @@ def test_fast_chat_calls_join_the_fast_scheduler(tiny_dir):
     sched = llm.scheduler(fast=True, max_rows=8, max_seq_len=512)
     try:
         chat = ChatKV(**_kw(tiny_dir, temperature=0, fast=True))
-        done = threading.Event()
-        host = llm.submit([1, 2, 3], SamplingParams(max_new_tokens=400, temperature=0, ignore_eos=True),
-                          components=[_Until(done)])
-        got: dict[int, object] = {}
-
-        def call(i):
-            got[i] = chat.invoke(PROMPTS[i])
-
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(PROMPTS))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        done.set()
-        host.result(timeout=120)
+        got = _invoke_beside_a_long_request(chat, llm, 400)
         for i, w in enumerate(want):
             assert got[i].content == w.content
         assert isinstance(llm.scheduler(), FastScheduler) and sched.peak_rows >= 2
