@@ -7,6 +7,8 @@ probe folder in ``probe_run.tgz``; ``unpack`` rebuilds the work folder (float32 
 ``kvagents train probe ... --out DIR`` run here with the same settings resumes with every row done and only trains.
 
     python bench/pack_probe_work.py pack /tmp/probe.work /tmp/probe "$OUT"
+    python bench/pack_probe_work.py pack /tmp/probe.work /tmp/probe "$OUT" --tag .w16   # features recorded with
+                                                        # --record window:16 (one pooling per call: size limits)
     python bench/pack_probe_work.py unpack FILES_DIR out/probe.work      # FILES_DIR: what came back
 """
 
@@ -20,15 +22,16 @@ from pathlib import Path
 import numpy as np
 
 
-def pack(work: Path, probe: Path, out: Path, parts: int = 4) -> None:
+def pack(work: Path, probe: Path, out: Path, parts: int = 4, tag: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    rows = sorted(int(p.stem) for p in (work / "features").glob("*.npy"))
+    rows = sorted(int(p.name.split(".")[0]) for p in (work / "features").glob(f"*{tag}.npy")
+                  if p.name == f"{p.name.split('.')[0]}{tag}.npy")
     for k in range(parts):
         mine = rows[k::parts]
         if not mine:
             continue
-        feats = [np.load(work / "features" / f"{r}.npy") for r in mine]
-        np.savez(out / f"features_{k}.npz", rows=np.array(mine, dtype=np.int64),
+        feats = [np.load(work / "features" / f"{r}{tag}.npy") for r in mine]
+        np.savez(out / f"features{tag}_{k}.npz", rows=np.array(mine, dtype=np.int64),
                  counts=np.array([len(f) for f in feats], dtype=np.int64),
                  features=np.concatenate(feats).astype(np.float16))
     with tarfile.open(out / "probe_run.tgz", "w:gz") as tar:
@@ -43,11 +46,12 @@ def pack(work: Path, probe: Path, out: Path, parts: int = 4) -> None:
 def unpack(files: Path, work: Path) -> None:
     (work / "features").mkdir(parents=True, exist_ok=True)
     n = 0
-    for z in sorted(files.glob("features_*.npz")):
+    for z in sorted(files.glob("features*_*.npz")):
+        tag = z.name[len("features"): z.name.rindex("_")]
         d = np.load(z)
         at = 0
         for row, c in zip(d["rows"].tolist(), d["counts"].tolist()):
-            np.save(work / "features" / f"{row}.npy", d["features"][at: at + c].astype(np.float32))
+            np.save(work / "features" / f"{row}{tag}.npy", d["features"][at: at + c].astype(np.float32))
             at += c
             n += 1
     with tarfile.open(files / "probe_run.tgz") as tar:
@@ -68,11 +72,12 @@ def main() -> None:
     p.add_argument("work", type=Path)
     p.add_argument("probe", type=Path)
     p.add_argument("out", type=Path)
+    p.add_argument("--tag", default="", help="features of another pooling: .w16 (window:16), .last")
     u = sub.add_parser("unpack")
     u.add_argument("files", type=Path)
     u.add_argument("work", type=Path)
     a = ap.parse_args()
-    pack(a.work, a.probe, a.out) if a.cmd == "pack" else unpack(a.files, a.work)
+    pack(a.work, a.probe, a.out, tag=a.tag) if a.cmd == "pack" else unpack(a.files, a.work)
 
 
 if __name__ == "__main__":

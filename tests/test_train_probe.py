@@ -165,3 +165,32 @@ def test_built_in_graders_grade_by_the_parsed_answer(grader, text, ref, want):
     grade, parse = load_grader(grader)
     assert grade(text, ref) is want
     assert parse(text) is not None
+
+
+def test_recorded_poolings_are_the_tokens_they_name_and_train_without_sampling_again(tmp_path):
+    llm = KVModel(tiny_model("qwen2"), ByteTokenizer())
+    cfg = _cfg(tmp_path, record=["window:1", "last", "window:64", "window:2"], l2=[1.0])
+    train_probe(cfg, llm=llm)
+    work = tmp_path / "probe.work"
+    recs = {json.loads(x)["row"]: json.loads(x) for x in (work / "records.jsonl").read_text().splitlines()}
+    for row, rec in recs.items():
+        f = {t: np.load(work / "features" / f"{row}{t}.npy") for t in ("", ".w1", ".last", ".w64", ".w2")}
+        assert all(v.shape == f[""].shape for v in f.values())
+        np.testing.assert_allclose(f[".w1"], f[".last"], rtol=1e-6)  # the last fed token either way
+        np.testing.assert_allclose(f[".w64"], f[""], rtol=1e-5, atol=1e-6)  # 6 tokens < 64: the window is all of them
+        fed = [s["tokens"] - 1 for s in rec["samples"]]  # the last sampled token never enters the cache
+        for i, k in enumerate(fed):
+            if k >= 3:  # the mean of the last two rows is not the mean of three or more
+                assert not np.allclose(f[".w2"][i], f[""][i])
+    # a probe over the last two tokens, from the recorded features only: nothing is sampled again
+    before = (work / "records.jsonl").read_text()
+    cfg2 = TrainProbeConfig(**{**cfg.model_dump(), "positions": "window:2", "record": []})
+    report = train_probe(cfg2, llm=llm)
+    assert (work / "records.jsonl").read_text() == before and report["train"]["positions"] == "window:2"
+    probe = KVProbe.load(cfg.out, llm)
+    assert probe.config.pooling.positions == "window" and probe.config.pooling.window == 2
+    # a folder sampled without a pooling's features is refused, not sampled again over its records
+    with pytest.raises(ValueError, match=r"recorded without the features \['.w8.npy'\]"):
+        train_probe(TrainProbeConfig(**{**cfg.model_dump(), "record": ["window:8"]}), llm=llm)
+    with pytest.raises(ValueError, match="probe positions 'window:0'"):
+        TrainProbeConfig(**{**cfg.model_dump(), "positions": "window:0"})

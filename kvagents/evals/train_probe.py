@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,6 +59,11 @@ class TrainProbeConfig(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1)
     batch_prompts: int = Field(16, ge=1)
     seed: int = Field(0, ge=0, lt=2**32)
+    positions: str = Field("mean", description="tokens the probe's KV features average: mean (every generated "
+                           "token), last (the last one) or window:K (the last K, where the final answer is written)")
+    record: list[str] = Field(default_factory=list, description="more poolings (mean, last, window:K) whose features "
+                              "are recorded beside the probe's, to train other probes later from the same samples "
+                              "(--positions P on a finished work folder only trains)")
     center: bool = Field(False, description="--center: a ranking probe that compares each question's samples with "
                          "each other (features minus the question's mean; as good for voting, but its probabilities "
                          "say nothing about how hard the question is); default: an absolute correctness probe")
@@ -72,6 +77,27 @@ class TrainProbeConfig(BaseModel):
     device: str = "auto"
     instruction: str = Field("Solve the problem step by step, then give the final answer after 'Answer:'.",
                              description="appended to every question")
+
+    @field_validator("positions")
+    @classmethod
+    def _check_positions(cls, v: str) -> str:
+        from ..signals.probe import pooling_tag
+
+        pooling_tag(v)
+        return v
+
+    @field_validator("record")
+    @classmethod
+    def _check_record(cls, v: list[str]) -> list[str]:
+        from ..signals.probe import pooling_tag
+
+        for p in v:
+            pooling_tag(p)
+        return v
+
+    def poolings(self) -> list[str]:
+        """Every pooling whose features a row needs: the probe's first, then ``record`` (no repeats)."""
+        return list(dict.fromkeys([self.positions, *self.record]))
 
 
 def load_grader(name: str) -> tuple[Callable[[str, str], bool], Callable[[str], str | None] | None]:
@@ -137,10 +163,14 @@ def split_rows(n_rows: int, holdout: float, seed: int) -> tuple[list[int], list[
     return sorted(order[k:]), sorted(order[:k])
 
 
-def read_records(work: Path, feature_suffix: str) -> dict[int, dict]:
-    """The whole records of a resumable work folder (``records.jsonl``) whose row's features file
-    (``features/<row><feature_suffix>``) exists, the first one of each row; the file is rewritten with only those,
-    so that appending starts on a fresh line (a line cut by a kill is dropped and its row done again)."""
+def read_records(work: Path, feature_suffix: str | list[str]) -> dict[int, dict]:
+    """The whole records of a resumable work folder (``records.jsonl``) whose row's features files
+    (``features/<row><suffix>`` for each suffix) exist, the first one of each row; the file is rewritten with only
+    those, so that appending starts on a fresh line (a line cut by a kill is dropped and its row done again).
+
+    A recorded row that has some of the features files but not all (the folder was sampled with other poolings)
+    raises rather than being dropped and sampled again."""
+    suffixes = [feature_suffix] if isinstance(feature_suffix, str) else list(feature_suffix)
     rec_path = work / "records.jsonl"
     done: dict[int, dict] = {}
     if not rec_path.exists():
@@ -151,7 +181,12 @@ def read_records(work: Path, feature_suffix: str) -> dict[int, dict]:
             r = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if (work / "features" / f"{r['row']}{feature_suffix}").exists() and r["row"] not in done:
+        have = [(work / "features" / f"{r['row']}{x}").exists() for x in suffixes]
+        if any(have) and not all(have):
+            lacking = [x for x, h in zip(suffixes, have) if not h]
+            raise ValueError(f"row {r['row']} of {work} was recorded without the features {lacking}: the folder was "
+                             "sampled with other poolings; record them when sampling (--record) or use another --out")
+        if all(have) and r["row"] not in done:
             done[r["row"]] = r
             kept.append(line)
     tmp = rec_path.with_suffix(".tmp")
@@ -167,13 +202,16 @@ def _collect(llm, cfg: TrainProbeConfig, rows: list[dict], work: Path, grade, pa
 
     from ..engine.params import SamplingParams
     from ..signals.embedding import KVEmbedding
-    from ..signals.probe import probe_pooling
+    from ..signals.probe import pooling_tag, probe_pooling
     from ..signals.scoring import ProbabilityScores
     from .selection import _attention_layers
 
     (work / "features").mkdir(parents=True, exist_ok=True)
     rec_path = work / "records.jsonl"
-    done: dict[int, list[dict]] = {row: r["samples"] for row, r in read_records(work, ".npy").items()}
+    poolings = cfg.poolings()
+    tags = {p: pooling_tag(p) for p in poolings}
+    done: dict[int, list[dict]] = {
+        row: r["samples"] for row, r in read_records(work, [tags[p] + ".npy" for p in poolings]).items()}
     todo = [r for r in rows if r["row"] not in done]
     params = SamplingParams(n=cfg.n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_p=cfg.top_p, seed=cfg.seed)
@@ -185,25 +223,28 @@ def _collect(llm, cfg: TrainProbeConfig, rows: list[dict], work: Path, grade, pa
     with open(rec_path, "a", encoding="utf-8") as out:
         for start in range(0, len(todo), cfg.batch_prompts):
             chunk = todo[start: start + cfg.batch_prompts]
-            comps = [KVEmbedding(probe_pooling(layers), name="features"), ProbabilityScores()]
+            comps = [KVEmbedding(probe_pooling(layers, p), name="features" + tags[p]) for p in poolings]
+            comps.append(ProbabilityScores())
             prompts = [f"{r['question']}\n\n{cfg.instruction}" for r in chunk]
             if getattr(llm.tokenizer, "chat_template", None):
                 prompts = [[{"role": "user", "content": p}] for p in prompts]
             res = llm.generate(prompts, params, components=comps)
             for r, group in zip(chunk, res.samples):
-                feats, samples = [], []
+                feats, samples = {p: [] for p in poolings}, []
                 for s in group:
                     try:
                         ok = bool(grade(s.text, r["reference"]))
                     except Exception as e:
                         raise ValueError(f"grader {cfg.grader!r} raised on row {r['row']} ({type(e).__name__}: {e})"
                                          ) from e
-                    f = s.outputs["features"]
-                    feats.append(np.full(dim, np.nan, np.float32) if f is None else f.numpy())
+                    for p in poolings:
+                        f = s.outputs["features" + tags[p]]
+                        feats[p].append(np.full(dim, np.nan, np.float32) if f is None else f.numpy())
                     samples.append({"correct": ok, "answer": parse(s.text) if parse else None,
                                     "tokens": s.generated_tokens, "scores": s.outputs["probability"],
                                     "has_features": f is not None})
-                np.save(work / "features" / f"{r['row']}.npy", np.stack(feats).astype(np.float32))
+                for p in poolings:  # every features file before the record: a record means its row is complete
+                    np.save(work / "features" / f"{r['row']}{tags[p]}.npy", np.stack(feats[p]).astype(np.float32))
                 out.write(json.dumps({"row": r["row"], "samples": samples}) + "\n")
                 out.flush()
                 done[r["row"]] = samples
@@ -332,7 +373,7 @@ def _report(records: list[dict], probs: dict[int, list[float]]) -> dict[str, Any
             "auroc": {"probe": auroc(p_all, labels), "mean_log_max_prob": auroc(lp_all, labels)}}
 
 
-def _fit(feats: dict, by_row: dict, rows: list[int], layers: int, l2: float, center: bool):
+def _fit(feats: dict, by_row: dict, rows: list[int], layers: int, l2: float, center: bool, positions: str = "mean"):
     import numpy as np
 
     from ..signals.probe import KVProbe, probe_pooling
@@ -340,7 +381,7 @@ def _fit(feats: dict, by_row: dict, rows: list[int], layers: int, l2: float, cen
     x = np.nan_to_num(np.concatenate([feats[r] for r in rows]))
     y = np.array([s["correct"] for r in rows for s in by_row[r]["samples"]], dtype=float)
     groups = np.concatenate([np.full(len(feats[r]), r) for r in rows]) if center else None
-    return KVProbe.fit(x, y, probe_pooling(layers), l2=l2, groups=groups)
+    return KVProbe.fit(x, y, probe_pooling(layers, positions), l2=l2, groups=groups)
 
 
 def _predict(probe, feats: dict, rows: list[int]) -> dict[int, list[float]]:
@@ -367,7 +408,7 @@ def choose_l2(feats: dict, by_row: dict, rows: list[int], layers: int, cfg: Trai
         probs: dict[int, list[float]] = {}
         for i, test in enumerate(folds):
             fit_rows = [r for j, f in enumerate(folds) if j != i for r in f]
-            probs.update(_predict(_fit(feats, by_row, fit_rows, layers, l2, cfg.center), feats, test))
+            probs.update(_predict(_fit(feats, by_row, fit_rows, layers, l2, cfg.center, cfg.positions), feats, test))
         acc[l2] = float(rule_hits([by_row[r] for r in rows], probs)["probe vote"].mean())
     best = max(sorted(acc, reverse=True), key=lambda k: acc[k])
     return {"l2": best, "cv_vote_accuracy": {str(k): v for k, v in acc.items()}, "folds": cfg.folds}
@@ -390,28 +431,32 @@ def train_probe(cfg: TrainProbeConfig, llm=None) -> dict[str, Any]:
     work = out.with_name(out.name + ".work")
     records, layers = _collect(llm, cfg, rows, work, grade, parse)
     by_row = {r["row"]: r for r in records}
-    feats = {row: np.load(work / "features" / f"{row}.npy") for row in by_row}
+    from ..signals.probe import pooling_tag
+
+    tag = pooling_tag(cfg.positions)
+    feats = {row: np.load(work / "features" / f"{row}{tag}.npy") for row in by_row}
     y = np.array([s["correct"] for r in train_rows for s in by_row[r]["samples"]], dtype=float)
     if not 0 < y.mean() < 1:
         raise ValueError(f"the {len(y)} training samples are all {'right' if y.mean() else 'wrong'}: a probe needs "
                          "both; use harder or easier questions, more rows, or check the grader")
     chosen = choose_l2(feats, by_row, train_rows, layers, cfg)
-    probe = _fit(feats, by_row, train_rows, layers, chosen["l2"], cfg.center)
+    probe = _fit(feats, by_row, train_rows, layers, chosen["l2"], cfg.center, cfg.positions)
     report = _report([by_row[r] for r in held_rows], _predict(probe, feats, held_rows))
     report["train"] = {"rows": len(train_rows), "samples": int(len(y)), "positive_rate": float(y.mean()),
-                       "l2": chosen["l2"], "cv_vote_accuracy": chosen["cv_vote_accuracy"], "center": cfg.center}
+                       "l2": chosen["l2"], "cv_vote_accuracy": chosen["cv_vote_accuracy"], "center": cfg.center,
+                       "positions": cfg.positions}
     if cfg.crossfit:
         all_rows = sorted(by_row)
         probs: dict[int, list[float]] = {}
         for test in _folds(all_rows, cfg.folds, cfg.seed):
             fit_rows = sorted(set(all_rows) - set(test))
             l2 = choose_l2(feats, by_row, fit_rows, layers, cfg)["l2"]  # nested: chosen without the test fold
-            probs.update(_predict(_fit(feats, by_row, fit_rows, layers, l2, cfg.center), feats, test))
+            probs.update(_predict(_fit(feats, by_row, fit_rows, layers, l2, cfg.center, cfg.positions), feats, test))
         report["crossfit"] = _report([by_row[r] for r in all_rows], probs)
     training = {"data": cfg.data, "question_field": cfg.question_field, "answer_field": cfg.answer_field,
                 "grader": cfg.grader, "n": cfg.n, "train_rows": train_rows, "holdout_rows": held_rows,
                 "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                "instruction": cfg.instruction}
+                "instruction": cfg.instruction, "positions": cfg.positions}
     probe.save(out, fingerprint(llm, None), training=training, metrics=report)
     return report
 
@@ -434,7 +479,8 @@ def format_report(report: dict[str, Any]) -> str:
 
     t = report["train"]
     lines = [f"trained on {t['rows']} questions ({t['positive_rate']:.0%} of samples correct), "
-             f"{'centred' if t.get('center') else 'absolute'} probe, l2 {t['l2']:g}"]
+             f"{'centred' if t.get('center') else 'absolute'} probe over {t.get('positions', 'mean')} KV, "
+             f"l2 {t['l2']:g}"]
     lines += table(report, "held-out")
     if "crossfit" in report:
         lines += table(report["crossfit"], "every row, cross-fitted")

@@ -28,10 +28,32 @@ from .pooling import KVPooling
 FORMAT_VERSION = 1
 
 
-def probe_pooling(num_attention_layers: int) -> KVPooling:
-    """The probe's feature pooling: every attention layer, generated segment, mean over tokens and heads."""
-    return KVPooling(layers=num_attention_layers, part="kv", positions="mean", heads="mean", layer_agg="flatten",
-                     normalize=False, segment="generated")
+def probe_pooling(num_attention_layers: int, positions: str = "mean") -> KVPooling:
+    """The probe's feature pooling: every attention layer, generated segment, heads averaged, [K; V] per layer.
+
+    ``positions``: ``"mean"`` (every generated token, the default), ``"last"`` (the last token fed to the model) or
+    ``"window:K"`` (the mean of the last ``K`` generated tokens: the end of the answer, where the final answer is
+    written).
+
+    Example:
+        >>> probe_pooling(24, "window:16").window
+        16
+    """
+    kind, _, k = positions.partition(":")
+    if kind == "window" and k.isdigit() and int(k) >= 1:
+        extra = {"positions": "window", "window": int(k)}
+    elif kind in ("mean", "last") and not k:
+        extra = {"positions": kind}
+    else:
+        raise ValueError(f"probe positions {positions!r}: use mean, last or window:K (K >= 1, e.g. window:16)")
+    return KVPooling(layers=num_attention_layers, part="kv", heads="mean", layer_agg="flatten", normalize=False,
+                     segment="generated", **extra)
+
+
+def pooling_tag(positions: str) -> str:
+    """The file-name tag of a probe pooling's features: ``""`` for mean, ``".last"``, ``".w16"`` for window:16."""
+    probe_pooling(1, positions)  # validates
+    return "" if positions == "mean" else "." + positions.replace("window:", "w")
 
 
 def center_by_group(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
