@@ -15,7 +15,8 @@
 # More training samples (after setup, instead of 3-4): `more` samples GSM8K rows 0-999 again with seed 1 (8 more
 # samples a row for training; the held-out split is the seed-0 one of `train`) and MATH500 rows 0-399 (n = 8,
 # \boxed{} answers) side by side; it returns the GSM8K work folder, `fetch-math` the MATH500 one. bench/
-# merge_probe_work.py joins work folders here. `load` runs bench/serve_load.py on the random Qwen3-8B shape.
+# merge_probe_work.py joins work folders here. `poolings` samples the `train` rows again recording the KV of the
+# last 16 tokens and the last token beside the mean (then `fetch-tag .w16`, `fetch-tag .last`). `load` runs bench/serve_load.py on the random Qwen3-8B shape.
 # The data folder must hold gsm8k.jsonl, commonsenseqa.jsonl and math500.jsonl (.carry/data).
 set -euo pipefail
 export PYTHONPATH=/tmp/pylib:/tmp/src
@@ -80,6 +81,23 @@ case "${1:-train}" in
     tr '\r' '\n' < /tmp/log_probe_s1.txt | grep -v "it/s\]$" | tail -n 8
     tr '\r' '\n' < /tmp/log_probe_math.txt | grep -v "it/s\]$" | tail -n 8
     python3 bench/pack_probe_work.py pack /tmp/probe_s1.work /tmp/probe_s1 "$OUT"
+    ;;
+  poolings)  # GSM8K rows 0-999, n = 8, seed 0 (the `train` samples again), with the KV features of three poolings:
+    # every generated token (the probe's), the last 16 (where the answer is written) and the last one; resumable.
+    # Returns the records, the probe and the mean features; `fetch-tag .w16` / `fetch-tag .last` the others.
+    [ -f /tmp/m/model.gguf ] || cat /tmp/m/q? > /tmp/m/model.gguf
+    echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  /tmp/m/model.gguf" | sha256sum -c
+    cd /tmp/src
+    export KVAGENTS_CACHE=/tmp/kvcache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+    R=0; timeout "${T_PROBE:-540}" python3 -m kvagents.cli train probe --model /tmp/m/model.gguf \
+      --data gsm8k.jsonl --rows 0:1000 --question-field question --answer-field answer --grader gsm8k \
+      --n 8 --holdout 0.5 --max-new-tokens 384 --batch-prompts 128 --dtype bfloat16 --out /tmp/probe \
+      --record window:16 last > /tmp/log_probe.txt 2>&1 || R=$?
+    echo "probe rc=$R"; tr '\r' '\n' < /tmp/log_probe.txt | grep -v "it/s\]$" | tail -n 40
+    if [ "$R" = 0 ]; then python3 bench/pack_probe_work.py pack /tmp/probe.work /tmp/probe "$OUT"; fi
+    ;;
+  fetch-tag)  # features of another pooling from the `poolings` work folder: fetch-tag .w16 | .last
+    cd /tmp/src && python3 bench/pack_probe_work.py pack /tmp/probe.work /tmp/probe "$OUT" --tag "$2"
     ;;
   fetch-math)
     cd /tmp/src && python3 bench/pack_probe_work.py pack /tmp/probe_math.work /tmp/probe_math "$OUT"
