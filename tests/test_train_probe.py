@@ -189,6 +189,17 @@ def test_recorded_poolings_are_the_tokens_they_name_and_train_without_sampling_a
     assert (work / "records.jsonl").read_text() == before and report["train"]["positions"] == "window:2"
     probe = KVProbe.load(cfg.out, llm)
     assert probe.config.pooling.positions == "window" and probe.config.pooling.window == 2
+    # served: the probe scoring inside the decode loop gives what it was trained on (the first batch again)
+    from kvagents import SamplingParams
+    from kvagents.signals.probe import KVProbeScore
+
+    prompts = [f"question number {i}\n\n{cfg.instruction}" for i in range(3)]
+    res = llm.generate(prompts, SamplingParams(n=4, max_new_tokens=6, temperature=1.0, top_p=0.95, seed=0),
+                       components=[KVProbeScore(probe)])
+    for row, group in enumerate(res.samples):
+        assert [s.generated_tokens for s in group] == [s["tokens"] for s in recs[row]["samples"]]
+        want = probe.predict(np.load(work / "features" / f"{row}.w2.npy"))
+        np.testing.assert_allclose([s.outputs["kv_probe"]["kv_probe"] for s in group], want, rtol=1e-4, atol=1e-6)
     # a folder sampled without a pooling's features is refused, not sampled again over its records
     with pytest.raises(ValueError, match=r"recorded without the features \['.w8.npy'\]"):
         train_probe(TrainProbeConfig(**{**cfg.model_dump(), "record": ["window:8"]}), llm=llm)
