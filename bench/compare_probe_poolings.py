@@ -18,9 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
-from kvagents.evals.train_probe import (TrainProbeConfig, _fit, _predict, _rows, bootstrap_se, choose_l2,
-                                        read_records, rule_hits, split_rows)
 from kvagents.evals.metrics import auroc
+from kvagents.evals.train_probe import (
+    TrainProbeConfig,
+    _fit,
+    _predict,
+    _rows,
+    bootstrap_se,
+    choose_l2,
+    read_records,
+    rule_hits,
+    split_rows,
+)
 
 
 def main() -> None:

@@ -219,6 +219,40 @@ def check_action(component, action, sequences: int, vocab_size: int | None) -> N
 Action = StopSequence | ForceTokens | LookAhead
 
 
+def queue_prefill_forces(actions, sequences: int, vocab_size: int | None, queues: dict) -> None:
+    """Put the token ids of ``ForceTokens`` returned by ``on_prefill`` (``actions``: ``(component, action)``
+    pairs) into ``queues[index]`` (deques, created as needed); any other action there is refused."""
+    from collections import deque  # noqa: PLC0415
+
+    for c, action in actions:
+        if not isinstance(action, ForceTokens):
+            raise TypeError(f"component {c.name!r} returned {action!r} from on_prefill; only ForceTokens is "
+                            "allowed there")
+        check_action(c, action, sequences, vocab_size)
+        queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
+
+
+def apply_step_actions(components, view, sequences: int, vocab_size: int | None, queues: dict,
+                       custom_reason: dict, stop) -> None:
+    """Run every component's ``on_step(view)`` and apply what it returns, as a scheduler does for one request:
+    ``ForceTokens`` go into ``queues[index]``, ``StopSequence`` records its reason (the first one wins) and calls
+    ``stop(index)``; any other action is refused."""
+    from collections import deque  # noqa: PLC0415
+
+    for c in components:
+        for action in c.on_step(view) or ():
+            if isinstance(action, (StopSequence, ForceTokens)):
+                check_action(c, action, sequences, vocab_size)
+            if isinstance(action, StopSequence):
+                custom_reason.setdefault(action.index, action.reason)
+                stop(action.index)
+            elif isinstance(action, ForceTokens):
+                queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
+            else:
+                raise TypeError(f"component {c.name!r} returned {action!r}: the scheduler applies StopSequence "
+                                "and ForceTokens actions only")
+
+
 @dataclass
 class LayerInfo:
     """Which decoder layers carry KV and their cache geometry."""

@@ -68,14 +68,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from .components import FinishView, ForceTokens, PrefillView, StopSequence, check_action
+from .components import FinishView, PrefillView, apply_step_actions, queue_prefill_forces
 from .decode import COMPONENT, EOS, LENGTH, RUNNING, STOP, DecodeEngine, NonFiniteLogitsError, _TextTracker, layer_info
 from .fast_decode import FastDecodeEngine
 from .fast_sampling import _M32, hash_exponential, top_p_keep_rows
@@ -410,12 +409,7 @@ class FastScheduler(Scheduler):
         pview = PrefillView(cache=cache, input_ids=ids, attention_mask=torch.ones_like(ids), n=n, layers=req.info)
         actions = [(c, a) for c in req.components for a in (c.on_prefill(pview) or ())]
         req.prefill_ran = True
-        for c, action in actions:
-            if not isinstance(action, ForceTokens):
-                raise TypeError(f"component {c.name!r} returned {action!r} from on_prefill; only ForceTokens is "
-                                "allowed there")
-            check_action(c, action, n, req.logits.shape[-1])
-            req.force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
+        queue_prefill_forces(actions, n, req.logits.shape[-1], req.force_queues)
 
     def _fill_slots(self, req: _Request, cache: DynamicCache, slots: list[int], c: int, stop_ids: list[int],
                     eos_ids: list[int]) -> None:
@@ -639,22 +633,13 @@ class FastScheduler(Scheduler):
         view = _SlotStepView(r.hstep, torch.where(pm, st.tok[sl], pad), None, rows["logits"], st.forced[sl] & pm,
                              st.alive[sl] & pm, st.finished[sl] | ~pm, rows["fed_ids"], rows["fed_valid"],
                              rows["positions"], None, r.info, src=(st.K, st.V, sl, self._c - 1, pm))
-        vocab = st.logits.shape[-1]
-        for c in r.components:
-            for action in c.on_step(view) or ():
-                if isinstance(action, (StopSequence, ForceTokens)):
-                    check_action(c, action, r.n, vocab)
-                if isinstance(action, StopSequence):
-                    i = action.index
-                    r.custom_reason.setdefault(i, action.reason)
-                    if i in r.present:
-                        b = r.slots[i]
-                        st.reason[b] = torch.where(st.reason[b] == RUNNING, COMPONENT, st.reason[b])
-                elif isinstance(action, ForceTokens):
-                    r.force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
-                else:
-                    raise TypeError(f"component {c.name!r} returned {action!r}: the scheduler applies StopSequence "
-                                    "and ForceTokens actions only")
+
+        def stop(i: int) -> None:
+            if i in r.present:
+                b = r.slots[i]
+                st.reason[b] = torch.where(st.reason[b] == RUNNING, COMPONENT, st.reason[b])
+
+        apply_step_actions(r.components, view, r.n, st.logits.shape[-1], r.force_queues, r.custom_reason, stop)
 
     def _compact(self) -> None:
         """Slide every row's columns left so that the write column is ``R`` again (see the module docstring)."""

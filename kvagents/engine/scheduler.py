@@ -59,12 +59,11 @@ from transformers.cache_utils import DynamicLayer
 
 from .components import (
     FinishView,
-    ForceTokens,
     PrefillView,
     StepView,
-    StopSequence,
-    check_action,
+    apply_step_actions,
     check_components,
+    queue_prefill_forces,
 )
 from .decode import (
     COMPONENT,
@@ -555,14 +554,8 @@ class Scheduler:
         prefill_actions = []
         for c in req.components:
             prefill_actions.extend((c, a) for a in (c.on_prefill(pview) or ()))
-        vocab = req.logits.shape[-1]
         req.force_queues: dict[int, deque[int]] = {}
-        for c, action in prefill_actions:
-            if not isinstance(action, ForceTokens):
-                raise TypeError(f"component {c.name!r} returned {action!r} from on_prefill; only ForceTokens is "
-                                "allowed there")
-            check_action(c, action, n, vocab)
-            req.force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
+        queue_prefill_forces(prefill_actions, n, req.logits.shape[-1], req.force_queues)
         if req.max_new == 0:
             self._release(req)
             self._finish(req)
@@ -718,19 +711,11 @@ class Scheduler:
         view = _RequestStepView(step=t, token_ids=tok, _logprobs=None, logits=logits, forced=forced, alive=alive,
                                 finished=r.reason != RUNNING, fed_ids=r.fed_ids, fed_valid=r.fed_valid,
                                 positions=r.fed_pos, cache=None, layers=r.info, rows=rows)
-        for c in r.components:
-            for action in c.on_step(view) or ():
-                if isinstance(action, (StopSequence, ForceTokens)):
-                    check_action(c, action, n, logits.shape[-1])
-                if isinstance(action, StopSequence):
-                    i = action.index
-                    r.reason[i] = torch.where(r.reason[i] == RUNNING, COMPONENT, r.reason[i])
-                    r.custom_reason.setdefault(i, action.reason)
-                elif isinstance(action, ForceTokens):
-                    r.force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
-                else:
-                    raise TypeError(f"component {c.name!r} returned {action!r}: the scheduler applies StopSequence "
-                                    "and ForceTokens actions only")
+
+        def stop(i: int) -> None:
+            r.reason[i] = torch.where(r.reason[i] == RUNNING, COMPONENT, r.reason[i])
+
+        apply_step_actions(r.components, view, n, logits.shape[-1], r.force_queues, r.custom_reason, stop)
         r.tok = tok
 
     def _host_work(self, r: _Request, toks: list[int], reasons: list[int], nans: list[int]) -> list[int]:
