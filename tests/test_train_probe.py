@@ -203,5 +203,8 @@ def test_recorded_poolings_are_the_tokens_they_name_and_train_without_sampling_a
     # a folder sampled without a pooling's features is refused, not sampled again over its records
     with pytest.raises(ValueError, match=r"recorded without the features \['.w8.npy'\]"):
         train_probe(TrainProbeConfig(**{**cfg.model_dump(), "record": ["window:8"]}), llm=llm)
+    with pytest.raises(ValueError, match=r"recorded without the features \['.w8.npy'\]"):
+        train_probe(TrainProbeConfig(**{**cfg.model_dump(), "positions": "window:8", "record": []}), llm=llm)
+    assert (work / "records.jsonl").read_text() == before  # nothing dropped
     with pytest.raises(ValueError, match="probe positions 'window:0'"):
         TrainProbeConfig(**{**cfg.model_dump(), "positions": "window:0"})

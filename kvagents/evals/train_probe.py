@@ -168,8 +168,8 @@ def read_records(work: Path, feature_suffix: str | list[str]) -> dict[int, dict]
     (``features/<row><suffix>`` for each suffix) exist, the first one of each row; the file is rewritten with only
     those, so that appending starts on a fresh line (a line cut by a kill is dropped and its row done again).
 
-    A recorded row that has some of the features files but not all (the folder was sampled with other poolings)
-    raises rather than being dropped and sampled again."""
+    A recorded row that lacks one of these files but has other features (the folder was sampled with other
+    poolings) raises rather than being dropped and sampled again."""
     suffixes = [feature_suffix] if isinstance(feature_suffix, str) else list(feature_suffix)
     rec_path = work / "records.jsonl"
     done: dict[int, dict] = {}
@@ -182,7 +182,7 @@ def read_records(work: Path, feature_suffix: str | list[str]) -> dict[int, dict]
         except json.JSONDecodeError:
             continue
         have = [(work / "features" / f"{r['row']}{x}").exists() for x in suffixes]
-        if any(have) and not all(have):
+        if not all(have) and next((work / "features").glob(f"{r['row']}.*"), None) is not None:
             lacking = [x for x, h in zip(suffixes, have) if not h]
             raise ValueError(f"row {r['row']} of {work} was recorded without the features {lacking}: the folder was "
                              "sampled with other poolings; record them when sampling (--record) or use another --out")
