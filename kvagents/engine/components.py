@@ -23,6 +23,7 @@ return :class:`StopSequence` / :class:`ForceTokens` actions (applied from the ne
 from __future__ import annotations
 
 import operator
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,8 +223,6 @@ Action = StopSequence | ForceTokens | LookAhead
 def queue_prefill_forces(actions, sequences: int, vocab_size: int | None, queues: dict) -> None:
     """Put the token ids of ``ForceTokens`` returned by ``on_prefill`` (``actions``: ``(component, action)``
     pairs) into ``queues[index]`` (deques, created as needed); any other action there is refused."""
-    from collections import deque  # noqa: PLC0415
-
     for c, action in actions:
         if not isinstance(action, ForceTokens):
             raise TypeError(f"component {c.name!r} returned {action!r} from on_prefill; only ForceTokens is "
@@ -237,8 +236,6 @@ def apply_step_actions(components, view, sequences: int, vocab_size: int | None,
     """Run every component's ``on_step(view)`` and apply what it returns, as a scheduler does for one request:
     ``ForceTokens`` go into ``queues[index]``, ``StopSequence`` records its reason (the first one wins) and calls
     ``stop(index)``; any other action is refused."""
-    from collections import deque  # noqa: PLC0415
-
     for c in components:
         for action in c.on_step(view) or ():
             if isinstance(action, (StopSequence, ForceTokens)):

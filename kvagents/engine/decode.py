@@ -34,6 +34,7 @@ from .components import (
     StepView,
     StopSequence,
     check_action,
+    queue_prefill_forces,
 )
 from .devices import TensorParallel, gather_layer_rows, shared_seed
 from .params import SamplingParams
@@ -461,11 +462,7 @@ class DecodeEngine:
         host_every_step = stream or bool(params.stop)
         trackers = [_TextTracker(self.tokenizer, params.stop) for _ in range(B)] if host_every_step else None
         force_queues: dict[int, deque[int]] = {}
-        for c, action in prefill_actions:
-            if not isinstance(action, ForceTokens):
-                raise TypeError(f"component {c.name!r} returned {action!r} from on_prefill; only ForceTokens is allowed there")
-            check_action(c, action, B, logits.shape[-1])
-            force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
+        queue_prefill_forces(prefill_actions, B, logits.shape[-1], force_queues)
         custom_reason: dict[int, str] = {}
         host_reason = [RUNNING] * B
         fed_ids = fed_valid = fed_pos = None

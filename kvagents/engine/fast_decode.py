@@ -76,7 +76,16 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .components import Component, FinishView, ForceTokens, LookAhead, PrefillView, StopSequence, check_action
+from .components import (
+    Component,
+    FinishView,
+    ForceTokens,
+    LookAhead,
+    PrefillView,
+    StopSequence,
+    check_action,
+    queue_prefill_forces,
+)
 from .decode import (
     COMPONENT,
     EOS,
@@ -494,12 +503,7 @@ class FastDecodeEngine:
         trackers = [_TextTracker(self.tokenizer, params.stop) for _ in range(B)] if (stream or host_stops) else None
         check_every = 1 if ((plain or hosted or procs) and host_stops) else self.sync_every
         force_queues: dict[int, deque[int]] = {}
-        for c, action in prefill_actions:
-            if not isinstance(action, ForceTokens):
-                raise TypeError(f"component {c.name!r} returned {action!r} from on_prefill; only ForceTokens is "
-                                "allowed there")
-            check_action(c, action, B, st.logits.shape[-1])
-            force_queues.setdefault(action.index, deque()).extend(int(x) for x in action.token_ids)
+        queue_prefill_forces(prefill_actions, B, st.logits.shape[-1], force_queues)
         custom_reason: dict[int, str] = {}
         host_reason = [RUNNING] * B
         applied_stop: dict[int, int] = {}  # row -> step at which a stop string completed
