@@ -24,8 +24,9 @@ import numpy as np
 
 def pack(work: Path, probe: Path, out: Path, parts: int = 4, tag: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    rows = sorted(int(p.name.split(".")[0]) for p in (work / "features").glob(f"*{tag}.npy")
-                  if p.name == f"{p.name.split('.')[0]}{tag}.npy")
+    suffix = f"{tag}.npy"  # "<row>.npy" for the mean features, "<row>.w16.npy" for window:16, ...
+    stems = (p.name[: -len(suffix)] for p in (work / "features").glob(f"*{suffix}"))
+    rows = sorted(int(x) for x in stems if x.isdigit())
     for k in range(parts):
         mine = rows[k::parts]
         if not mine:

@@ -78,20 +78,12 @@ class TrainProbeConfig(BaseModel):
     instruction: str = Field("Solve the problem step by step, then give the final answer after 'Answer:'.",
                              description="appended to every question")
 
-    @field_validator("positions")
+    @field_validator("positions", "record")
     @classmethod
-    def _check_positions(cls, v: str) -> str:
+    def _check_poolings(cls, v: str | list[str]) -> str | list[str]:
         from ..signals.probe import pooling_tag
 
-        pooling_tag(v)
-        return v
-
-    @field_validator("record")
-    @classmethod
-    def _check_record(cls, v: list[str]) -> list[str]:
-        from ..signals.probe import pooling_tag
-
-        for p in v:
+        for p in [v] if isinstance(v, str) else v:
             pooling_tag(p)
         return v
 
@@ -237,12 +229,12 @@ def _collect(llm, cfg: TrainProbeConfig, rows: list[dict], work: Path, grade, pa
                     except Exception as e:
                         raise ValueError(f"grader {cfg.grader!r} raised on row {r['row']} ({type(e).__name__}: {e})"
                                          ) from e
-                    for p in poolings:
+                    for p in poolings:  # every pooling is None together: nothing was fed to the model
                         f = s.outputs["features" + tags[p]]
                         feats[p].append(np.full(dim, np.nan, np.float32) if f is None else f.numpy())
                     samples.append({"correct": ok, "answer": parse(s.text) if parse else None,
                                     "tokens": s.generated_tokens, "scores": s.outputs["probability"],
-                                    "has_features": f is not None})
+                                    "has_features": s.outputs["features" + tags[poolings[0]]] is not None})
                 for p in poolings:  # every features file before the record: a record means its row is complete
                     np.save(work / "features" / f"{r['row']}{tags[p]}.npy", np.stack(feats[p]).astype(np.float32))
                 out.write(json.dumps({"row": r["row"], "samples": samples}) + "\n")
@@ -421,6 +413,7 @@ def train_probe(cfg: TrainProbeConfig, llm=None) -> dict[str, Any]:
 
     from ..model import KVModel
     from ..signals.artifact import fingerprint
+    from ..signals.probe import pooling_tag
 
     grade, parse = load_grader(cfg.grader)
     rows = _rows(cfg)
@@ -431,8 +424,6 @@ def train_probe(cfg: TrainProbeConfig, llm=None) -> dict[str, Any]:
     work = out.with_name(out.name + ".work")
     records, layers = _collect(llm, cfg, rows, work, grade, parse)
     by_row = {r["row"]: r for r in records}
-    from ..signals.probe import pooling_tag
-
     tag = pooling_tag(cfg.positions)
     feats = {row: np.load(work / "features" / f"{row}{tag}.npy") for row in by_row}
     y = np.array([s["correct"] for r in train_rows for s in by_row[r]["samples"]], dtype=float)
